@@ -1,0 +1,109 @@
+"""The `optim` section: Muon + AdamW groups, the learning-rate schedule and the batch-size schedule (PAPER.md 4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from trinity.spec.base import SpecModel
+from trinity.spec.rules import Rules
+
+
+class MuonSpec(SpecModel):
+    """Muon for hidden 2-D matrices and stacked expert matrices."""
+
+    lr: PositiveFloat = 1e-3
+    """Peak learning rate of the Muon group."""
+    momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    """Momentum coefficient."""
+    nesterov: bool = True
+    """Nesterov momentum."""
+    ns_steps: PositiveInt = 5
+    """Newton-Schulz iterations."""
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    """Quintic Newton-Schulz coefficients (a, b, c)."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay ([open])."""
+    lr_scaling: Literal["sqrt_fan_ratio", "none"] = "sqrt_fan_ratio"
+    """Per-matrix lr multiplier: sqrt(max(1, fan_out / fan_in)) (Trinity) or none."""
+    eps: PositiveFloat = 1e-7
+    """Added to the Frobenius norm before Newton-Schulz."""
+
+
+class AdamWSpec(SpecModel):
+    """AdamW for the embedding, the LM head and every 1-D parameter."""
+
+    lr: PositiveFloat = 3e-4
+    """Peak learning rate of the AdamW group."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas ([open])."""
+    eps: PositiveFloat = 1e-8
+    """Adam epsilon ([open])."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay for matrices in this group (1-D parameters get none) ([open])."""
+
+
+class ScheduleSpec(SpecModel):
+    """Warmup, stable, decay: linear warmup in steps, then constant, then decay over the last tokens."""
+
+    warmup_steps: NonNegativeInt = 2000
+    """Linear warmup from 0 to the peak over this many optimizer steps."""
+    decay: Literal["linear", "cosine"] = "linear"
+    """Shape of the final decay (Nano/Mini: linear; Large: cosine)."""
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0)
+    """Fraction of all pretraining tokens, at the end, over which the lr decays ([open])."""
+    final_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """The lr at the end of pretraining, as a fraction of the peak (Large: 0.1)."""
+
+
+class BatchStep(SpecModel):
+    """From `start_tokens` tokens seen on, each optimizer step uses `sequences` sequences."""
+
+    start_tokens: NonNegativeInt = 0
+    """Pretraining tokens seen (across phases) when this batch size takes over."""
+    sequences: PositiveInt
+    """Global batch, in sequences, per optimizer step."""
+
+
+class OptimSpec(SpecModel):
+    """Optimizers, the learning-rate schedule and the global batch-size schedule of pretraining."""
+
+    muon: MuonSpec = MuonSpec()
+    """The Muon group."""
+    adamw: AdamWSpec = AdamWSpec()
+    """The AdamW group."""
+    router_optimizer: Literal["muon", "adamw"] = "adamw"
+    """Which group the router matrix belongs to ([open])."""
+    schedule: ScheduleSpec = ScheduleSpec()
+    """Learning-rate schedule of pretraining (shared by both groups, as a multiplier of their peaks)."""
+    batch: tuple[BatchStep, ...] = (BatchStep(sequences=4096),)
+    """Global batch-size schedule by tokens seen; the first entry must start at 0."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> OptimSpec:
+        rules = Rules()
+        rules.check(len(self.batch) > 0, "batch", "must have at least one entry")
+        if self.batch:
+            rules.check(
+                self.batch[0].start_tokens == 0,
+                ("batch", 0, "start_tokens"),
+                f"= {self.batch[0].start_tokens} must be 0 (the first batch size applies from the start)",
+            )
+        for i in range(1, len(self.batch)):
+            rules.check(
+                self.batch[i].start_tokens > self.batch[i - 1].start_tokens,
+                ("batch", i, "start_tokens"),
+                f"= {self.batch[i].start_tokens} must be greater than the previous entry's "
+                f"({self.batch[i - 1].start_tokens})",
+            )
+        rules.raise_if_any()
+        return self
+
+    def batch_sequences_at(self, tokens_seen: int) -> int:
+        """Global batch (sequences) in force after `tokens_seen` pretraining tokens."""
+        current = self.batch[0].sequences
+        for step in self.batch:
+            if tokens_seen >= step.start_tokens:
+                current = step.sequences
+        return current
