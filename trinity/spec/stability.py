@@ -55,5 +55,7 @@ class StabilitySpec(SpecModel):
     """In packed sequences a token attends only within its own document."""
     reset_positions_per_document: bool = False
     """With intra-document masking: restart RoPE positions at each document start ([open])."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of training: bf16 autocast (Trinity: bf16, no fp8) or full fp32 (the CPU tiny run)."""
     grad_clip: PositiveFloat | None = 1.0
     """Clip the global gradient norm to this value; None disables clipping ([open])."""

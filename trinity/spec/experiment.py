@@ -1,0 +1,175 @@
+"""A whole experiment graph file: every section, an optional sweep, and the rules that span sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from trinity.spec.base import SpecModel, execution_only
+from trinity.spec.data import DataSpec, check_mix
+from trinity.spec.execution import ExecutionSpec
+from trinity.spec.model import ModelSpec
+from trinity.spec.optim import OptimSpec
+from trinity.spec.parallel import ParallelSpec
+from trinity.spec.rules import Rules
+from trinity.spec.stability import StabilitySpec
+from trinity.spec.stages import StagesSpec
+from trinity.spec.tokenizer import TokenizerSpec
+
+STAGE_REFERENCES = ("pretrain", "extend", "sft", "rl")
+
+
+class SweepSpec(SpecModel):
+    """A grid over field paths: one branch per combination; unchanged upstream nodes are shared."""
+
+    grid: dict[str, tuple[Any, ...]] = Field(min_length=1)
+    """Dotted field path -> values, e.g. {'optim.muon.lr': [1e-3, 2e-3]}."""
+
+
+class ExperimentSpec(SpecModel):
+    """An experiment graph: the recipe from tokenizer to RL, its layout, and how it is executed."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Experiment name (letters, digits, '.', '-', '_')."""
+    description: str = ""
+    """Free text shown by `trinity plan`."""
+    seed: int = 0
+    """Seed of model init, data order and sampling."""
+    model: ModelSpec
+    """Architecture."""
+    tokenizer: TokenizerSpec
+    """Tokenizer training."""
+    data: DataSpec
+    """Sources and pretraining phases."""
+    stability: StabilitySpec = StabilitySpec()
+    """Balancing and stability settings."""
+    optim: OptimSpec = OptimSpec()
+    """Optimizers and schedules of pretraining."""
+    parallel: ParallelSpec = ParallelSpec()
+    """The GPU layout."""
+    stages: StagesSpec = StagesSpec()
+    """Context extension, SFT, RL and evals."""
+    execution: ExecutionSpec = execution_only(ExecutionSpec())
+    """Executor, cadences and paths (never part of identity)."""
+    sweep: SweepSpec | None = None
+    """Optional grid sweep."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> ExperimentSpec:
+        rules = Rules()
+        self._check_lengths(rules)
+        self._check_batches(rules)
+        self._check_references(rules)
+        rules.raise_if_any()
+        return self
+
+    def _check_lengths(self, rules: Rules) -> None:
+        rules.check(
+            self.tokenizer.vocab_size <= self.model.vocab_size,
+            "tokenizer.vocab_size",
+            f"= {self.tokenizer.vocab_size} must be <= model.vocab_size ({self.model.vocab_size})",
+        )
+        rules.check(
+            self.model.moe.n_experts % self.parallel.ep == 0,
+            "model.moe.n_experts",
+            f"= {self.model.moe.n_experts} must be divisible by parallel.ep ({self.parallel.ep})",
+        )
+        longest = self.longest_seq_len
+        rules.check(
+            self.model.sliding_window <= longest,
+            "model.sliding_window",
+            f"= {self.model.sliding_window} must be <= the longest sequence length ({longest})",
+        )
+        extend = self.stages.extend
+        if extend is not None:
+            pretrain_len = self.data.max_seq_len
+            rules.check(
+                extend.seq_len > pretrain_len,
+                "stages.extend.seq_len",
+                f"= {extend.seq_len} must be greater than the pretraining sequence length ({pretrain_len})",
+            )
+            rules.check(
+                extend.target_len > pretrain_len,
+                "stages.extend.target_len",
+                f"= {extend.target_len} must be greater than the pretraining sequence length ({pretrain_len})",
+            )
+
+    def _check_batches(self, rules: Rules) -> None:
+        par = self.parallel
+        unit = par.dp_ranks() * par.micro_batch
+        for i, step in enumerate(self.optim.batch):
+            rules.check(
+                par.divides_batch(step.sequences),
+                ("optim", "batch", i, "sequences"),
+                f"= {step.sequences} must be divisible by data-parallel ranks x micro_batch "
+                f"({par.dp_ranks()} x {par.micro_batch} = {unit})",
+            )
+        extend = self.stages.extend
+        if extend is not None:
+            cp = extend.cp or par.cp
+            rules.check(
+                par.total_ranks % cp == 0,
+                "stages.extend.cp",
+                f"= {cp} must divide the world size ({par.total_ranks})",
+            )
+            if par.total_ranks % cp == 0:
+                unit_cp = par.dp_ranks(cp) * par.micro_batch
+                rules.check(
+                    par.divides_batch(extend.global_batch_sequences, cp),
+                    "stages.extend.global_batch_sequences",
+                    f"= {extend.global_batch_sequences} must be divisible by data-parallel ranks x micro_batch "
+                    f"({par.dp_ranks(cp)} x {par.micro_batch} = {unit_cp})",
+                )
+        sft = self.stages.sft
+        if sft is not None:
+            rules.check(
+                par.divides_batch(sft.global_batch_sequences),
+                "stages.sft.global_batch_sequences",
+                f"= {sft.global_batch_sequences} must be divisible by data-parallel ranks x micro_batch "
+                f"({par.dp_ranks()} x {par.micro_batch} = {unit})",
+            )
+
+    def _check_references(self, rules: Rules) -> None:
+        sources = self.data.sources
+        for name in self.tokenizer.sources or ():
+            rules.check(
+                name in sources,
+                ("tokenizer", "sources"),
+                f"names source {name!r}, which data.sources does not define "
+                f"(defined: {', '.join(sorted(sources))})",
+            )
+        if self.stages.extend is not None:
+            check_mix(rules, ("stages", "extend", "mix"), self.stages.extend.mix, sources)
+        if self.stages.rl is not None:
+            rules.check(
+                self.stages.sft is not None,
+                "stages.rl",
+                "needs stages.sft: RL starts from the SFT checkpoint",
+            )
+        allowed = self.stage_references()
+        names: set[str] = set()
+        for i, ev in enumerate(self.stages.evals):
+            rules.check(ev.name not in names, ("stages", "evals", i, "name"), f"= {ev.name!r} is used twice")
+            names.add(ev.name)
+            for ref in ev.after:
+                rules.check(
+                    ref in allowed,
+                    ("stages", "evals", i, "after"),
+                    f"names stage {ref!r}, which this graph does not have (allowed: {', '.join(allowed)})",
+                )
+
+    def stage_references(self) -> tuple[str, ...]:
+        """Names an eval may refer to: 'pretrain', 'pretrain:PHASE' for each phase, and present stages."""
+        refs = ["pretrain", *(f"pretrain:{p.name}" for p in self.data.phases)]
+        refs += [s for s in ("extend", "sft", "rl") if getattr(self.stages, s) is not None]
+        return tuple(refs)
+
+    @property
+    def longest_seq_len(self) -> int:
+        lengths = [self.data.max_seq_len]
+        if self.stages.extend is not None:
+            lengths.append(self.stages.extend.seq_len)
+        if self.stages.sft is not None:
+            lengths.append(self.stages.sft.seq_len)
+        return max(lengths)

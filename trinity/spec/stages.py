@@ -1,0 +1,165 @@
+"""The `stages` section: what follows pretraining, and the evaluations (PAPER.md 6-7).
+
+Pretraining phases live in `data.phases`; each stage here continues from the one before it:
+pretraining -> extend -> sft -> rl. Evals name the stage whose checkpoints they evaluate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from trinity.spec.base import SpecModel, execution_only
+from trinity.spec.data import MixSpec
+
+
+class RewarmLR(SpecModel):
+    """Re-warm to a fraction of the pretraining peak, then decay linearly to 0 (Nano, Mini)."""
+
+    kind: Literal["rewarm"] = "rewarm"
+    peak_fraction: PositiveFloat = 0.1
+    """Peak lr as a fraction of the pretraining peak (of each optimizer group)."""
+    warmup_steps: NonNegativeInt = 100
+    """Linear warm-up steps."""
+
+
+class ContinueLR(SpecModel):
+    """Continue the pretraining decay from one fraction of the peak to another (Large: cosine 0.1 -> 0.05)."""
+
+    kind: Literal["continue"] = "continue"
+    from_fraction: PositiveFloat = 0.1
+    """Starting lr as a fraction of the pretraining peak."""
+    to_fraction: float = Field(0.05, ge=0.0)
+    """Final lr as a fraction of the pretraining peak."""
+    decay: Literal["linear", "cosine"] = "cosine"
+    """Shape of the decay."""
+
+
+ExtendLR = Annotated[RewarmLR | ContinueLR, Field(discriminator="kind")]
+
+
+class ExtendSpec(MixSpec):
+    """Context extension: continue from the last pretraining checkpoint at a longer sequence length."""
+
+    target_len: PositiveInt = 131_072
+    """Context length the model is meant to serve (training may use a longer `seq_len`)."""
+    global_batch_sequences: PositiveInt = 64
+    """Sequences per optimizer step."""
+    long_doc_bias: float = Field(1.0, ge=0.0)
+    """Documents are drawn with probability proportional to length**long_doc_bias (0: uniform)."""
+    lr: ExtendLR = RewarmLR()
+    """Learning-rate rule of the stage."""
+    cp: PositiveInt | None = execution_only(None)
+    """Context-parallel degree during extension (None: parallel.cp)."""
+    changed_layers: Literal["global"] = "global"
+    """Only the global (NoPE) layers are treated as changed: local RoPE theta and window stay."""
+
+
+class ChatJsonlSource(SpecModel):
+    """Chat conversations from JSON Lines: {"messages": [{"role": ..., "content": ...}, ...]}."""
+
+    paths: tuple[str, ...]
+    """Files or glob patterns (relative to the graph file)."""
+
+
+class SFTSpec(SpecModel):
+    """Supervised fine-tuning on chat data, loss on assistant tokens only."""
+
+    chat_sources: tuple[ChatJsonlSource, ...] = ()
+    """Chat JSONL datasets."""
+    math_conversations: NonNegativeInt = 2000
+    """Built-in conversations from the math generator (0: none)."""
+    seq_len: PositiveInt = 65_536
+    """Packed sequence length (greedy packing, padded)."""
+    tokens: PositiveInt = 1_000_000_000
+    """Tokens to train on (padding included)."""
+    global_batch_sequences: PositiveInt = 64
+    """Sequences per optimizer step."""
+    peak_fraction: PositiveFloat = 0.1
+    """Peak lr as a fraction of the pretraining peak of each group."""
+    warmup_steps: NonNegativeInt = 50
+    """Linear warm-up steps, then linear decay to 0."""
+
+
+class RLSpec(SpecModel):
+    """Reinforcement learning with verifiable rewards: GRPO-style group-relative advantages ([open])."""
+
+    algorithm: Literal["grpo"] = "grpo"
+    """Policy-gradient algorithm."""
+    steps: PositiveInt = 200
+    """Optimizer steps."""
+    prompts_per_step: PositiveInt = 64
+    """Distinct prompts per step."""
+    group_size: PositiveInt = 8
+    """Samples per prompt; advantages are relative to the group mean."""
+    max_new_tokens: PositiveInt = 1024
+    """Longest sampled response."""
+    temperature: PositiveFloat = 1.0
+    """Sampling temperature of rollouts."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling threshold of rollouts."""
+    clip_eps: PositiveFloat = 0.2
+    """PPO-style ratio clipping."""
+    kl_weight: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to the SFT policy (0: none)."""
+    lr: PositiveFloat = 1e-6
+    """Learning rate (both groups; constant)."""
+    format_reward: float = Field(0.1, ge=0.0)
+    """Reward for a well-formed answer, added to the exact-answer reward of 1."""
+
+
+class HeldoutLossEval(SpecModel):
+    """Loss on documents held out of training, per source."""
+
+    kind: Literal["heldout_loss"] = "heldout_loss"
+    name: str = "heldout"
+    """Eval name."""
+    after: tuple[str, ...] = ("pretrain",)
+    """Stages whose final checkpoints are evaluated: 'pretrain', 'pretrain:PHASE', 'extend', 'sft', 'rl'."""
+    seq_len: PositiveInt = 4096
+    """Sequence length of the evaluated windows."""
+
+
+class NiahEval(SpecModel):
+    """MK-NIAH: several key-value needles hidden in filler; the model is asked one key's value."""
+
+    kind: Literal["mk_niah"] = "mk_niah"
+    name: str = "mk_niah"
+    """Eval name."""
+    after: tuple[str, ...] = ("extend",)
+    """Stages whose final checkpoints are evaluated."""
+    lengths: tuple[PositiveInt, ...] = (131_072,)
+    """Haystack lengths, in tokens."""
+    n_keys: PositiveInt = 4
+    """Needles per haystack."""
+    samples: PositiveInt = 50
+    """Haystacks per length."""
+
+
+class ArithmeticEval(SpecModel):
+    """Exact-match accuracy on held-out generated arithmetic."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    name: str = "arithmetic"
+    """Eval name."""
+    after: tuple[str, ...] = ("sft", "rl")
+    """Stages whose final checkpoints are evaluated."""
+    problems: PositiveInt = 200
+    """Problems to answer (greedy decoding)."""
+
+
+Eval = Annotated[HeldoutLossEval | NiahEval | ArithmeticEval, Field(discriminator="kind")]
+
+
+class StagesSpec(SpecModel):
+    """The stages after pretraining, each optional, and the evals."""
+
+    extend: ExtendSpec | None = None
+    """Context extension (after the last pretraining phase)."""
+    sft: SFTSpec | None = None
+    """Supervised fine-tuning (after extension, or pretraining)."""
+    rl: RLSpec | None = None
+    """RL with verifiable rewards (after SFT)."""
+    evals: tuple[Eval, ...] = ()
+    """Evaluations of stage checkpoints."""
