@@ -1,0 +1,135 @@
+"""Feed-forward layers: dense SwiGLU, and the sigmoid-routed MoE with one shared expert (PAPER.md 2).
+
+Routing: s = sigmoid(x W_r^T) in fp32; top-k SELECTION on s + b (b: per-layer expert bias, a
+no-grad fp32 buffer moved by SMEBU / the sign update); GATES from the unbiased s of the chosen
+experts, normalised over the k, times route_scale. No capacity limit, no token dropping.
+
+Fast path (`MoE`): the T*K (token, expert) pairs are sorted by expert, gathered into one
+[T*K, D] matrix and run through grouped matmuls (torch._grouped_mm; one kernel per projection,
+however many experts), then un-sorted and summed over the k. `MoEReference` computes every
+expert on every token with a dense gate matrix: slow, obvious, used by tests.
+
+Legend: B batch, T tokens (flattened B*T where noted), D d_model, E routed experts, K top-k,
+F expert hidden, M = T*K routed rows, S shared hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trinity.model.losses import sequence_aux_loss
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense FFN and the shared expert."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e]^T, for every expert e, in one grouped kernel."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x_MD, w_EFD.transpose(-2, -1), offs=offsets_E)
+    # Fallback for torch builds without grouped mm: a loop over experts (never over tokens).
+    sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    return torch.cat([x @ w.T for x, w in zip(x_MD.split(sizes), w_EFD, strict=True)])
+
+
+class MoE(nn.Module):
+    """Routed experts stacked as 3-D weights, a sigmoid router, expert bias and the shared expert."""
+
+    expert_bias: torch.Tensor
+    expert_bias_momentum: torch.Tensor
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        top_k: int,
+        expert_hidden: int,
+        n_shared_experts: int = 1,
+        route_scale: float = 1.0,
+        score_function: str = "sigmoid",
+        normalize_gates: bool = True,
+    ) -> None:
+        super().__init__()
+        self.n_experts, self.top_k, self.route_scale = n_experts, top_k, route_scale
+        self.score_function, self.normalize_gates = score_function, normalize_gates
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # Per-expert [out, in] matrices, stacked: sharded along E, orthogonalised per expert by Muon.
+        self.w1_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.w3_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        # n shared experts of width F are one SwiGLU of width n*F (their outputs are summed).
+        self.shared = SwiGLU(d_model, n_shared_experts * expert_hidden) if n_shared_experts > 0 else None
+        # fp32 balancing state: no gradient, but saved and restored with the model.
+        self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+        self.register_buffer("expert_bias_momentum", torch.zeros(n_experts, dtype=torch.float32))
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores_TE fp32, topk_ids_TK, gates_TK fp32)."""
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        if self.score_function == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        _, topk_ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, k=self.top_k, dim=-1)
+        gates_TK = scores_TE.gather(1, topk_ids_TK)
+        if self.normalize_gates:
+            gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)  # 1e-20: as transformers
+        return scores_TE, topk_ids_TK, gates_TK * self.route_scale
+
+    def routed_experts(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over the k chosen experts of gate * expert(x), by sort + grouped matmul."""
+        T, D = x_TD.shape
+        ids_M = topk_ids_TK.reshape(-1)
+        order_M = torch.argsort(ids_M, stable=True)
+        counts_E = torch.bincount(ids_M, minlength=self.n_experts)
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        x_MD = x_TD[order_M // self.top_k]
+        h_MF = F.silu(grouped_linear(x_MD, self.w1_EFD, offsets_E)) * grouped_linear(
+            x_MD, self.w3_EFD, offsets_E
+        )
+        y_MD = grouped_linear(h_MF, self.w2_EDF, offsets_E)
+        y_MD = y_MD * gates_TK.reshape(-1)[order_M, None].to(y_MD.dtype)
+        # Un-sort: row m of y_MD belongs to flat pair order_M[m].
+        y_unsorted_MD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD)
+        return y_unsorted_MD.view(T, self.top_k, D).sum(dim=1)
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output_BTD, counts_E int64 on biased top-k, unweighted sequence aux loss)."""
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        scores_TE, topk_ids_TK, gates_TK = self.route(x_TD)
+        out_TD = self.routed_experts(x_TD, topk_ids_TK, gates_TK)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
+        aux = sequence_aux_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1))
+        return out_TD.view(B, T, D), counts_E, aux
+
+
+class MoEReference(MoE):
+    """Same parameters and routing; experts computed densely on every token (tests only)."""
+
+    def routed_experts(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+    ) -> torch.Tensor:
+        gates_TE = torch.zeros(x_TD.shape[0], self.n_experts, dtype=gates_TK.dtype, device=x_TD.device)
+        gates_TE = gates_TE.scatter(1, topk_ids_TK, gates_TK)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.n_experts):
+            h_TF = F.silu(x_TD @ self.w1_EFD[e].T) * (x_TD @ self.w3_EFD[e].T)
+            out_TD = out_TD + gates_TE[:, e : e + 1].to(x_TD.dtype) * (h_TF @ self.w2_EDF[e].T)
+        return out_TD

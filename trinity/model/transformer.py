@@ -1,0 +1,160 @@
+"""The Trinity transformer: sandwich-norm layers, embedding x sqrt(d), final norm, untied head.
+
+Reads top to bottom: TransformerBlock, TrinityModel (built from a ModelSpec alone), init_weights.
+
+Legend: B batch, T sequence, D d_model, V vocabulary, L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trinity.model.attention import Attention, AttentionMasks, build_attention_masks
+from trinity.model.losses import cross_entropy_and_z
+from trinity.model.moe import MoE, SwiGLU
+from trinity.model.norm import RMSNorm
+from trinity.model.output import TrinityOutput
+from trinity.model.rope import RotaryEmbedding
+from trinity.spec.model import ModelSpec
+
+
+class TransformerBlock(nn.Module):
+    """x = x + post_attn_norm(attn(attn_norm(x))); x = x + post_mlp_norm(mlp(mlp_norm(x))).
+
+    The post norms (initialised to 1/sqrt(n_layers)) bound what each sublayer adds to the stream.
+    """
+
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.is_moe = spec.is_moe_layer(layer)
+        eps = spec.norm_eps
+        self.attn_norm = RMSNorm(spec.d_model, eps)
+        self.attn = Attention(
+            spec.d_model,
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim,
+            is_local=spec.attention_types()[layer] == "local",
+            qk_norm=spec.qk_norm,
+            gated=spec.gated_attention,
+            norm_eps=eps,
+        )
+        self.post_attn_norm = RMSNorm(spec.d_model, eps)
+        self.mlp_norm = RMSNorm(spec.d_model, eps)
+        self.mlp: MoE | SwiGLU
+        if self.is_moe:
+            m = spec.moe
+            self.mlp = MoE(
+                spec.d_model,
+                m.n_experts,
+                m.top_k,
+                m.expert_hidden,
+                m.n_shared_experts,
+                m.route_scale,
+                m.score_function,
+                m.normalize_gates,
+            )
+        else:
+            self.mlp = SwiGLU(spec.d_model, spec.dense_hidden)
+        self.post_mlp_norm = RMSNorm(spec.d_model, eps)
+
+    def forward(
+        self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], masks: AttentionMasks
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x_BTD = x_BTD + self.post_attn_norm(self.attn(self.attn_norm(x_BTD), rope_cos_sin, masks))  # type: ignore[arg-type]
+        h_BTD = self.mlp_norm(x_BTD)
+        if isinstance(self.mlp, MoE):
+            y_BTD, counts_E, aux = self.mlp(h_BTD)
+            return x_BTD + self.post_mlp_norm(y_BTD), counts_E, aux
+        return x_BTD + self.post_mlp_norm(self.mlp(h_BTD)), None, None
+
+
+class TrinityModel(nn.Module):
+    """Decoder-only sparse MoE language model, single device, configured by a ModelSpec."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(spec, i) for i in range(spec.n_layers))
+        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.output = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.embed_scale = math.sqrt(spec.d_model) if spec.embedding_scale == "sqrt_d_model" else 1.0
+        init_weights(self)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules in layer order (row l of expert_counts belongs to the l-th)."""
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]  # type: ignore[union-attr]
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        doc_ids_BT: torch.Tensor | None = None,
+        labels_BT: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> TrinityOutput:
+        """One pass over a batch.
+
+        doc_ids_BT: document id (>= 0) of each token of a packed sequence; when given, attention
+            stays within documents (intra-document masking). None: one document per row.
+        position_ids_BT: RoPE positions; None means 0..T-1. For positions that restart at each
+            document pass `trinity.model.rope.positions_from_doc_ids(doc_ids_BT)`.
+        labels_BT: next-token targets (already shifted), -100 = ignore.
+        """
+        B, T = input_ids_BT.shape
+        x_BTD = self.tok_embeddings(input_ids_BT) * self.embed_scale
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(T, device=input_ids_BT.device)[None].expand(B, T)
+        rope_cos_sin = self.rope(position_ids_BT, x_BTD.dtype)
+        masks = build_attention_masks(T, self.spec.sliding_window, doc_ids_BT)
+
+        counts, auxes = [], []
+        for block in self.layers:
+            x_BTD, counts_E, aux = block(x_BTD, rope_cos_sin, masks)
+            if counts_E is not None and aux is not None:
+                counts.append(counts_E)
+                auxes.append(aux)
+        logits_BTV = self.output(self.norm(x_BTD))
+
+        ce = z = None
+        if labels_BT is not None:
+            ce, z = cross_entropy_and_z(logits_BTV, labels_BT)
+        E = self.spec.moe.n_experts
+        dev = input_ids_BT.device
+        expert_counts = torch.stack(counts) if counts else torch.zeros(0, E, dtype=torch.long, device=dev)
+        aux_per_layer = torch.stack(auxes) if auxes else torch.zeros(0, device=dev)
+        return TrinityOutput(logits_BTV, ce, z, expert_counts, aux_per_layer)
+
+
+@torch.no_grad()
+def init_weights(model: TrinityModel) -> None:
+    """Initialise every parameter and balancing buffer of `model` from its spec.
+
+    Scheme (PAPER.md 1-2, ModelSpec.init):
+    - every weight matrix: embedding, q/k/v/gate/o projections, dense and shared SwiGLU, router,
+      each expert's stacked w1/w3/w2, and the LM head: truncated normal, mean 0,
+      std = init.std or init.std_factor / sqrt(d_model) (0.5/sqrt(d) by default), cut at
+      +- init.truncation x std;
+    - RMSNorm gains: 1 for the input norms (attn_norm, mlp_norm), q/k norms and the final norm;
+      1/sqrt(n_layers) for the post norms (post_attn_norm, post_mlp_norm);
+    - expert bias and its SMEBU momentum: 0 (fp32).
+    """
+    spec = model.spec
+    std = spec.init.resolved_std(spec.d_model)
+    cut = spec.init.truncation * std
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            nn.init.trunc_normal_(p, mean=0.0, std=std, a=-cut, b=cut)
+        elif name.endswith(("post_attn_norm.weight", "post_mlp_norm.weight")):
+            p.fill_(1.0 / math.sqrt(spec.n_layers))
+        else:
+            p.fill_(1.0)
+    for moe in model.moe_layers():
+        moe.expert_bias.zero_()
+        moe.expert_bias_momentum.zero_()
