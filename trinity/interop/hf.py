@@ -6,9 +6,11 @@ The architectures agree on everything PAPER.md 2 describes, so the mapping is a 
 - global ("full_attention") layers skip RoPE in transformers too;
 - embedding x sqrt(d_model) is transformers' `mup_enabled=True`;
 - n shared experts of width F are one SwiGLU of width n*F on both sides;
-- expert weights: transformers fuses gate and up as gate_up_proj [E, 2F, D] (gate first) and
-  stores down_proj [E, D, F]; trinity keeps w1_EFD, w3_EFD, w2_EDF separately so that Muon
-  orthogonalises gate and up as the separate matrices they are.
+- expert weights: transformers fuses gate and up in memory as gate_up_proj [E, 2F, D] (gate
+  first) with down_proj [E, D, F], but its save_pretrained writes one gate/up/down matrix per
+  expert (`experts.{e}.gate_proj.weight`, ...). We write that on-disk layout and read both.
+  trinity keeps w1_EFD, w3_EFD, w2_EDF separately so that Muon orthogonalises gate and up as
+  the separate matrices they are.
 Differences, handled honestly:
 - transformers has no intra-document masking or per-document positions; an exported model
   behaves like trinity called without doc_ids (the training-time option is not a weight).
@@ -53,7 +55,6 @@ _MOE_NAMES = {
     "mlp.shared.w1.weight": "mlp.shared_experts.gate_proj.weight",
     "mlp.shared.w3.weight": "mlp.shared_experts.up_proj.weight",
     "mlp.shared.w2.weight": "mlp.shared_experts.down_proj.weight",
-    "mlp.w2_EDF": "mlp.experts.down_proj",
 }
 
 
@@ -149,10 +150,29 @@ def to_hf_state_dict(model: TrinityModel) -> dict[str, torch.Tensor]:
         names.update(_MOE_NAMES if block.is_moe else _DENSE_NAMES)
         for ours, theirs in names.items():
             out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
-        if block.is_moe:
-            w1, w3 = sd[f"layers.{i}.mlp.w1_EFD"], sd[f"layers.{i}.mlp.w3_EFD"]
-            out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+        if block.is_moe:  # transformers' on-disk layout: one gate/up/down matrix per expert
+            w1, w3, w2 = (sd[f"layers.{i}.mlp.{n}"] for n in ("w1_EFD", "w3_EFD", "w2_EDF"))
+            for e in range(w1.shape[0]):
+                prefix = f"model.layers.{i}.mlp.experts.{e}"
+                out[f"{prefix}.gate_proj.weight"] = w1[e]
+                out[f"{prefix}.up_proj.weight"] = w3[e]
+                out[f"{prefix}.down_proj.weight"] = w2[e]
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _experts_from_hf(hf_sd: dict[str, torch.Tensor], layer: int, n_experts: int) -> dict[str, torch.Tensor]:
+    """Stacked w1/w3/w2 from either transformers layout: fused 3-D or one matrix per expert."""
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if f"{prefix}.gate_up_proj" in hf_sd:  # in-memory layout: gate_up [E, 2F, D] (gate first), down [E, D, F]
+        w1, w3 = hf_sd[f"{prefix}.gate_up_proj"].chunk(2, dim=1)
+        w2 = hf_sd[f"{prefix}.down_proj"]
+    else:  # on-disk layout written by transformers' save_pretrained
+        w1, w3, w2 = (
+            torch.stack([hf_sd[f"{prefix}.{e}.{name}.weight"] for e in range(n_experts)])
+            for name in ("gate_proj", "up_proj", "down_proj")
+        )
+    ours = f"layers.{layer}.mlp"
+    return {f"{ours}.w1_EFD": w1, f"{ours}.w3_EFD": w3, f"{ours}.w2_EDF": w2}
 
 
 def from_hf_state_dict(model: TrinityModel, hf_sd: dict[str, torch.Tensor]) -> None:
@@ -168,8 +188,7 @@ def from_hf_state_dict(model: TrinityModel, hf_sd: dict[str, torch.Tensor]) -> N
         for ours, theirs in names.items():
             sd[f"layers.{i}.{ours}"] = hf_sd[f"model.layers.{i}.{theirs}"]
         if block.is_moe:
-            w13 = hf_sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]
-            sd[f"layers.{i}.mlp.w1_EFD"], sd[f"layers.{i}.mlp.w3_EFD"] = w13.chunk(2, dim=1)
+            sd.update(_experts_from_hf(hf_sd, i, model.spec.moe.n_experts))
             sd[f"layers.{i}.mlp.expert_bias_momentum"] = torch.zeros_like(sd[f"layers.{i}.mlp.expert_bias"])
     model.load_state_dict(sd, strict=True)
 

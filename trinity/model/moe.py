@@ -37,9 +37,11 @@ class SwiGLU(nn.Module):
 
 def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows offsets[e-1]:offsets[e] of x times w[e]^T, for every expert e, in one grouped kernel."""
-    if hasattr(torch, "_grouped_mm"):
+    size = x_MD.element_size()
+    aligned = all(n * size % 16 == 0 for n in (x_MD.shape[-1], *w_EFD.shape[-2:]))  # the kernel's rule
+    if hasattr(torch, "_grouped_mm") and aligned:
         return torch._grouped_mm(x_MD, w_EFD.transpose(-2, -1), offs=offsets_E)
-    # Fallback for torch builds without grouped mm: a loop over experts (never over tokens).
+    # Fallback (no grouped mm, or rows not 16-byte aligned): a loop over experts, never over tokens.
     sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([x @ w.T for x, w in zip(x_MD.split(sizes), w_EFD, strict=True)])
 

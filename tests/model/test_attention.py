@@ -1,0 +1,80 @@
+"""Attention against a dense, obvious reference: explicit T x T masks, repeat-interleaved KV heads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trinity.model.attention import Attention, build_attention_masks
+from trinity.model.rope import RotaryEmbedding, apply_rope, positions_from_doc_ids
+
+
+def reference_attention(
+    attn: Attention,
+    x_BTD: torch.Tensor,
+    window: int | None,
+    doc_ids_BT: torch.Tensor | None,
+    pos_BT: torch.Tensor,
+) -> torch.Tensor:
+    B, T, _ = x_BTD.shape
+    H, G, K = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.q_norm(attn.wq(x_BTD).view(B, T, H, K)).transpose(1, 2)
+    k = attn.k_norm(attn.wk(x_BTD).view(B, T, G, K)).transpose(1, 2)
+    v = attn.wv(x_BTD).view(B, T, G, K).transpose(1, 2)
+    if window is not None:
+        cos, sin = RotaryEmbedding(K, 10_000.0)(pos_BT, x_BTD.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    t = torch.arange(T)
+    allowed = t[None, :] <= t[:, None]
+    if window is not None:
+        allowed &= t[None, :] > t[:, None] - window
+    allowed = allowed[None].expand(B, T, T)
+    if doc_ids_BT is not None:
+        allowed = allowed & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(K)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * K)
+    return attn.wo(o * torch.sigmoid(attn.wg(x_BTD)))
+
+
+@pytest.mark.parametrize("is_local", [True, False])
+@pytest.mark.parametrize("T,window", [(37, 8), (16, 8), (5, 8), (64, 16)])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_attention_matches_dense_reference(is_local: bool, T: int, window: int, with_docs: bool) -> None:
+    torch.manual_seed(T + window)
+    B, D = 2, 32
+    attn = Attention(D, n_heads=4, n_kv_heads=2, head_dim=8, is_local=is_local)
+    x = torch.randn(B, T, D)
+    docs = torch.sort(torch.randint(0, 3, (B, T)), dim=1).values if with_docs else None
+    pos = positions_from_doc_ids(docs) if docs is not None else torch.arange(T)[None].expand(B, T)
+    cos_sin = RotaryEmbedding(8, 10_000.0)(pos, x.dtype)
+    got = attn(x, cos_sin, build_attention_masks(T, window, docs))
+    want = reference_attention(attn, x, window if is_local else None, docs, pos)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_local_masks_are_linear_in_sequence_length() -> None:
+    """No T x T mask without documents: the local mask is [B, N, 1, w, 2w], i.e. O(T * w)."""
+    w = 64
+    for T in (1024, 4096):
+        masks = build_attention_masks(T, w, None)
+        assert masks.global_B1TT is None
+        assert masks.local_BN1CS is not None
+        assert masks.local_BN1CS.numel() == (T // w) * w * 2 * w
+        assert masks.local_BN1CS.dtype == torch.bool
+
+
+def test_window_counts_the_current_token() -> None:
+    """With w = 2 a token sees itself and exactly one predecessor."""
+    masks = build_attention_masks(6, 2, None)
+    assert masks.local_BN1CS is not None
+    m = masks.local_BN1CS[0, 1, 0]  # block 1 = positions 2, 3; keys are positions 0..3
+    assert m.tolist() == [[False, True, True, False], [False, False, True, True]]
+
+
+def test_positions_restart_per_document() -> None:
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert positions_from_doc_ids(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]

@@ -1,0 +1,128 @@
+"""Muon: momentum, then Newton-Schulz orthogonalisation, for 2-D matrices and stacked 3-D experts.
+
+Per step, for every parameter W of shape [..., out, in] (PAPER.md 4; the same update as
+torch.optim.Muon on 2-D weights):
+    B <- mu B + (1 - mu) G                       (momentum buffer, an EMA as in torch.optim.Muon)
+    U <- (1 - mu) G + mu B  if nesterov else B
+    O <- NS5(U)                                  (per trailing matrix: a [E, out, in] expert stack
+                                                  is orthogonalised as E separate matrices, batched)
+    W <- W (1 - lr wd)                           (decoupled weight decay, unscaled lr as in torch)
+    W <- W - lr * sqrt(max(1, out / in)) * O     (lr_scaling 'sqrt_fan_ratio'; 'none' drops the factor)
+
+Scheduling: each group keeps its peak lr in `base_lr`; a scheduler sets
+`group["lr"] = group["base_lr"] * factor` (see `TrinityOptimizer.set_lr_factor`).
+
+Legend: E experts (leading batch dims), A rows, C cols of the matrix being orthogonalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+def zeropower_via_newtonschulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """Approximately orthogonalise each trailing [A, C] matrix of `g` (in bf16, quintic NS).
+
+    Works on a wide matrix (A <= C) so the Gram matrix is the small one; the Frobenius norm
+    normalisation is per matrix, so stacked experts never influence each other. For a 2-D input
+    this is operation for operation torch.optim.Muon's `_zeropower_via_newtonschulz`.
+    """
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    if x.ndim == 2:
+        x = x.div(x.norm().clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.T
+            gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, gram_update, x, beta=a)
+    else:
+        lead = x.shape[:-2]
+        x = x.reshape(-1, *x.shape[-2:])
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, gram_update, x, beta=a)
+        x = x.reshape(*lead, *x.shape[-2:])
+    return x.mT if tall else x
+
+
+def lr_multiplier(shape: torch.Size, lr_scaling: str) -> float:
+    """sqrt(max(1, fan_out / fan_in)) of the trailing [out, in] matrix, or 1 for lr_scaling 'none'."""
+    if lr_scaling == "none":
+        return 1.0
+    fan_out, fan_in = shape[-2], shape[-1]
+    return math.sqrt(max(1.0, fan_out / fan_in))
+
+
+class Muon(Optimizer):
+    """Muon over parameters with ndim >= 2 (the last two dims are the matrix)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        lr_scaling: str = "sqrt_fan_ratio",
+    ) -> None:
+        if lr_scaling not in ("sqrt_fan_ratio", "none"):
+            raise ValueError(f"lr_scaling = {lr_scaling!r} must be 'sqrt_fan_ratio' or 'none'")
+        defaults = {
+            "lr": lr,
+            "base_lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": tuple(ns_coefficients),
+            "ns_steps": ns_steps,
+            "eps": eps,
+            "lr_scaling": lr_scaling,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"Muon needs matrices (ndim >= 2); got a parameter of shape {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mu)
+                update = grad.lerp(buf, mu) if group["nesterov"] else buf
+                ortho = zeropower_via_newtonschulz(
+                    update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                )
+                p.mul_(1 - lr * wd)
+                p.add_(ortho.to(p.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
+        return loss
