@@ -130,9 +130,7 @@ class DataSpec(SpecModel):
         return max(p.seq_len for p in self.phases)
 
 
-def check_mix(
-    rules: Rules, path: tuple[str | int, ...], mix: dict[str, float], sources: dict[str, Source]
-) -> None:
+def check_mix(rules: Rules, path: tuple[str | int, ...], mix: dict[str, float], sources: dict[str, Source]) -> None:
     """Mix weights must be non-empty and name defined sources (weights are positive by type)."""
     rules.check(len(mix) > 0, path, "must name at least one source")
     allowed = ", ".join(sorted(sources)) or "none defined"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from trinity.spec.base import SpecModel
 
@@ -18,7 +18,7 @@ class SlurmSpec(SpecModel):
     """Account to charge."""
     qos: str | None = None
     """Quality of service."""
-    time_min: dict[str, PositiveInt] = {"default": 60 * 24}
+    time_min: dict[str, PositiveInt] = Field(default_factory=lambda: {"default": 60 * 24})
     """Time limit in minutes by node kind ('tokenizer', 'prepare', 'pretrain', ...); 'default' for the rest."""
     signal_delay_s: PositiveInt = 120
     """Seconds before the time limit at which the job is signalled to checkpoint and requeue."""
@@ -30,7 +30,7 @@ class SlurmSpec(SpecModel):
     """CPUs per task (None: a default by node kind)."""
     mem_gb: PositiveInt | None = None
     """Memory per node in GB (None: the cluster's default)."""
-    extra_sbatch: dict[str, str] = {}
+    extra_sbatch: dict[str, str] = Field(default_factory=dict)
     """Extra sbatch options, name -> value (e.g. {'constraint': 'h200'})."""
 
 

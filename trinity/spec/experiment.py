@@ -136,8 +136,7 @@ class ExperimentSpec(SpecModel):
             rules.check(
                 name in sources,
                 ("tokenizer", "sources"),
-                f"names source {name!r}, which data.sources does not define "
-                f"(defined: {', '.join(sorted(sources))})",
+                f"names source {name!r}, which data.sources does not define (defined: {', '.join(sorted(sources))})",
             )
         if self.stages.extend is not None:
             check_mix(rules, ("stages", "extend", "mix"), self.stages.extend.mix, sources)

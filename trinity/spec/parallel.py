@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel, execution_only
 from trinity.spec.rules import Rules
@@ -79,9 +79,7 @@ class ParallelSpec(SpecModel):
             "ep",
             f"= {self.ep} must divide fsdp_group ({self.fsdp_group}): experts are sharded inside FSDP groups",
         )
-        rules.check(
-            product % self.cp == 0, "cp", f"= {self.cp} must divide the world size ({product})"
-        )
+        rules.check(product % self.cp == 0, "cp", f"= {self.cp} must divide the world size ({product})")
         rules.raise_if_any()
         return self
 

@@ -34,7 +34,12 @@ def model_at(root: type[BaseModel], path: Path_, data: Any) -> type[BaseModel] |
             annotation = _element(annotation)
             if annotation is None:
                 return None
-        node = node.get(part) if isinstance(node, dict) else (node[part] if isinstance(node, list) else None)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
     return _pick_model(annotation, node)
 
 

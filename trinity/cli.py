@@ -1,0 +1,159 @@
+"""The `trinity` command line: validate, plan, graph, schema, diff.
+
+Every command that reads a graph file takes `--set FIELD.PATH=VALUE` (repeatable). A bad spec
+prints one line per problem (`file:line: field message`) and exits with status 2; other failures
+print one line and exit 1. `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from trinity.spec.errors import SpecError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Declarative experiment graphs for training Trinity-style sparse MoE language models.",
+)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: FIELD.PATH=VALUE (repeatable; list items by index or name)."),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+GraphArg = Annotated[Path, typer.Argument(help="Graph file (YAML).")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(fn: F) -> F:
+    """Turn SpecError into located lines + exit 2, anything else into one line + exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            if debug:
+                raise
+            for line in exc.lines:
+                err.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            err.print(
+                f"[bold red]error[/]: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(graph: Path, sets: list[str] | None) -> Any:
+    from trinity.spec.loading import load_experiment
+
+    return load_experiment(graph, sets or [])
+
+
+@app.command()
+@handles_errors
+def validate(graph: GraphArg, set_: SetOption = None, debug: DebugOption = False) -> None:
+    """Check a graph file against the spec models and the cross-field rules."""
+    from trinity.graph.compile import compile_graph
+
+    loaded = _load(graph, set_)
+    n = compile_graph(loaded).number_of_nodes()
+    out.print(f"[green]ok[/]: {graph} ({loaded.spec.name}: {n} nodes)", highlight=False)
+
+
+@app.command()
+@handles_errors
+def plan(
+    graph: GraphArg,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show the nodes to run, their identities and what the experiment will cost."""
+    from trinity.graph.plan import build_plan
+
+    result = build_plan(_load(graph, set_))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    from trinity.cli_render import print_plan
+
+    print_plan(out, result)
+
+
+@app.command("graph")
+@handles_errors
+def graph_cmd(
+    graph: GraphArg,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="mermaid or dot.")] = "mermaid",
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Print the DAG as Mermaid or Graphviz dot."""
+    from trinity.graph.compile import compile_graph
+    from trinity.graph.render import to_dot, to_mermaid
+
+    renderers = {"mermaid": to_mermaid, "dot": to_dot}
+    if fmt not in renderers:
+        raise SpecError([f"--format {fmt!r}: allowed: mermaid, dot"])
+    sys.stdout.write(renderers[fmt](compile_graph(_load(graph, set_))))
+
+
+@app.command()
+@handles_errors
+def schema(debug: DebugOption = False) -> None:
+    """Print the JSON Schema of graph files (for editors and external checks)."""
+    from trinity.spec.schema import graph_file_schema
+
+    sys.stdout.write(json.dumps(graph_file_schema(), indent=2) + "\n")
+
+
+@app.command()
+@handles_errors
+def diff(
+    graph_a: Annotated[Path, typer.Argument(help="The graph before.")],
+    graph_b: Annotated[Path, typer.Argument(help="The graph after.")],
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show changed fields between two graphs and which nodes the change re-runs. --set applies to B."""
+    from trinity.graph.diff import diff_specs
+
+    result = diff_specs(_load(graph_a, None), _load(graph_b, set_))
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        return
+    from trinity.cli_render import print_diff
+
+    print_diff(out, result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Compile an experiment spec into a networkx DAG of typed nodes.
+
+    tokenizer -> prepare/PHASE -> pretrain/PHASE1 -> pretrain/PHASE2 -> ... -> extend -> sft -> rl
+                                                       eval/NAME@STAGE hang off the checkpoints they read
+
+Each node carries its identity: a hash of the spec fields that change its result plus its
+upstream identities (`trinity.graph.identity`). A sweep compiles one branch per grid point;
+nodes whose identity is the same in every branch (the tokenizer, prepare nodes) are shared,
+the others get the branch label in their id: `pretrain/phase1[muon.lr=0.002]`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+
+from trinity.graph.identity import identity_payload, node_identity
+from trinity.spec.data import MixSpec
+from trinity.spec.errors import SpecError
+from trinity.spec.experiment import ExperimentSpec
+from trinity.spec.loading import LoadedSpec, set_path, validate
+from trinity.spec.yaml_source import Located
+
+NodeKind = Literal["tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval"]
+NODE_KINDS: tuple[NodeKind, ...] = ("tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One unit of work in the DAG."""
+
+    id: str
+    """Unique, readable id: kind/name, with a [branch] label when a sweep makes it differ."""
+    kind: NodeKind
+    identity: str
+    """sha256 of the result-affecting spec fields and the upstream identities."""
+    deps: tuple[str, ...]
+    """Ids of the nodes whose outputs this one reads."""
+    payload: dict[str, Any] = field(repr=False)
+    """The spec fields that entered the identity."""
+    target: str = ""
+    """What the node works on: a phase name, a stage name, an eval's stage reference."""
+    branch: str = ""
+    """The sweep branch label ('' for the only branch)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "identity": self.identity,
+            "deps": list(self.deps),
+            "target": self.target,
+            "branch": self.branch,
+        }
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One point of a sweep (or the whole experiment when there is no sweep)."""
+
+    label: str
+    spec: ExperimentSpec
+
+
+@dataclass
+class _Draft:
+    base_id: str
+    kind: NodeKind
+    payload: dict[str, Any]
+    deps: list[str]
+    target: str
+    identity: str = ""
+
+
+def branches(loaded: LoadedSpec) -> list[Branch]:
+    """The experiment's sweep branches, each validated (errors point at the sweep's line)."""
+    sweep = loaded.spec.sweep
+    if sweep is None:
+        return [Branch("", loaded.spec)]
+    keys = list(sweep.grid)
+    out: list[Branch] = []
+    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+        data = copy.deepcopy(loaded.source.data)
+        data.pop("sweep", None)
+        located = Located(data, dict(loaded.source.locations))
+        for key, value in zip(keys, values, strict=True):
+            where = loaded.source.location_of(("sweep", "grid", key))
+            path = set_path(data, key, value, str(where))
+            if where is not None:
+                located.locations[path] = where
+        try:
+            spec = validate(located)
+        except SpecError as exc:
+            raise SpecError([f"{line} (in sweep branch {_label(keys, values)})" for line in exc.lines]) from None
+        out.append(Branch(_label(keys, values), spec))
+    return out
+
+
+def _label(keys: list[str], values: tuple[Any, ...]) -> str:
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return ".".join(parts[-2:]) if len(parts) > 1 else key
+
+    return ",".join(f"{short(k)}={v}" for k, v in zip(keys, values, strict=True))
+
+
+def _mix_sources(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
+    return {name: identity_payload(spec.data.sources[name]) for name in sorted(mix.mix)}
+
+
+def _prepare_payload(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
+    """Prepare nodes tokenize a mix into a flat store: loader and sequence length don't matter to them."""
+    return {
+        "tokens": mix.tokens,
+        "mix": dict(mix.mix),
+        "sources": _mix_sources(spec, mix),
+        "holdout_documents": spec.data.holdout_documents,
+        "seed": spec.seed,
+    }
+
+
+def _drafts(spec: ExperimentSpec) -> list[_Draft]:
+    """The nodes of one branch, in topological order."""
+    tok_sources = spec.tokenizer.sources or tuple(spec.data.sources)
+    drafts = [
+        _Draft(
+            "tokenizer",
+            "tokenizer",
+            {
+                "tokenizer": identity_payload(spec.tokenizer),
+                "sources": {n: identity_payload(spec.data.sources[n]) for n in sorted(tok_sources)},
+                "seed": spec.seed,
+            },
+            [],
+            "tokenizer",
+        )
+    ]
+    training = {
+        "model": identity_payload(spec.model),
+        "stability": identity_payload(spec.stability),
+        "optim": identity_payload(spec.optim),
+        "seed": spec.seed,
+    }
+    horizon = [{"name": p.name, "tokens": p.tokens, "seq_len": p.seq_len} for p in spec.data.phases]
+    previous = ""
+    for index, phase in enumerate(spec.data.phases):
+        drafts.append(
+            _Draft(f"prepare/{phase.name}", "prepare", _prepare_payload(spec, phase), ["tokenizer"], phase.name)
+        )
+        payload = {**training, "phase": identity_payload(phase), "index": index, "horizon": horizon}
+        deps = [f"prepare/{phase.name}", *([previous] if previous else [])]
+        drafts.append(_Draft(f"pretrain/{phase.name}", "pretrain", payload, deps, phase.name))
+        previous = f"pretrain/{phase.name}"
+    stage_node = {
+        "pretrain": previous,
+        **{f"pretrain:{p.name}": f"pretrain/{p.name}" for p in spec.data.phases},
+    }
+    if (ext := spec.stages.extend) is not None:
+        drafts.append(_Draft("prepare/extend", "prepare", _prepare_payload(spec, ext), ["tokenizer"], "extend"))
+        payload = {**training, "extend": identity_payload(ext)}
+        drafts.append(_Draft("extend", "extend", payload, ["prepare/extend", previous], "extend"))
+        previous = stage_node["extend"] = "extend"
+    if (sft := spec.stages.sft) is not None:
+        payload = {**training, "sft": identity_payload(sft)}
+        drafts.append(_Draft("sft", "sft", payload, [previous, "tokenizer"], "sft"))
+        previous = stage_node["sft"] = "sft"
+    if (rl := spec.stages.rl) is not None:
+        payload = {"stability": training["stability"], "rl": identity_payload(rl), "seed": spec.seed}
+        drafts.append(_Draft("rl", "rl", payload, [previous], "rl"))
+        stage_node["rl"] = "rl"
+    for ev in spec.stages.evals:
+        for ref in ev.after:
+            deps = [stage_node[ref]]
+            if ev.kind == "heldout_loss":
+                deps += [f"prepare/{p.name}" for p in spec.data.phases]
+            payload = {"eval": {k: v for k, v in identity_payload(ev).items() if k != "after"}, "stage": ref}
+            drafts.append(_Draft(f"eval/{ev.name}@{ref}", "eval", payload, deps, ref))
+    return drafts
+
+
+def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
+    """The DAG of the experiment: node attribute `node` holds a `Node`; edges point downstream."""
+    per_branch: list[tuple[Branch, list[_Draft]]] = []
+    identities_of: dict[str, set[str]] = {}
+    for branch in branches(loaded):
+        drafts = _drafts(branch.spec)
+        by_id = {d.base_id: d for d in drafts}
+        for d in drafts:
+            d.identity = node_identity(d.kind, d.payload, [by_id[x].identity for x in d.deps])
+            identities_of.setdefault(d.base_id, set()).add(d.identity)
+        per_branch.append((branch, drafts))
+
+    graph = nx.DiGraph(name=loaded.spec.name)
+    for branch, drafts in per_branch:
+        final = {
+            d.base_id: d.base_id if len(identities_of[d.base_id]) == 1 else f"{d.base_id}[{branch.label}]"
+            for d in drafts
+        }
+        for d in drafts:
+            node_id = final[d.base_id]
+            if node_id in graph:
+                continue
+            node = Node(
+                id=node_id,
+                kind=d.kind,
+                identity=d.identity,
+                deps=tuple(final[x] for x in d.deps),
+                payload=d.payload,
+                target=d.target,
+                branch=branch.label if node_id != d.base_id else "",
+            )
+            graph.add_node(node_id, node=node, spec=branch.spec)
+            for dep in node.deps:
+                graph.add_edge(dep, node_id)
+    assert nx.is_directed_acyclic_graph(graph)
+    return graph
+
+
+def nodes_in_order(graph: nx.DiGraph) -> list[Node]:
+    """Nodes in a deterministic topological order."""
+    return [graph.nodes[n]["node"] for n in nx.lexicographical_topological_sort(graph, key=_order_key(graph))]
+
+
+def _order_key(graph: nx.DiGraph) -> Any:
+    def key(node_id: str) -> tuple[int, str]:
+        return (NODE_KINDS.index(graph.nodes[node_id]["node"].kind), node_id)
+
+    return key
