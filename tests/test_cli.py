@@ -1,0 +1,95 @@
+"""The CLI end to end, as a user runs it: exit codes, rendered graphs, diff, and the model check of counts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from tests.conftest import ROOT, SMALL_GRAPH, mutate
+from trinity.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trinity.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_bad_spec_exits_2_without_traceback(tmp_path: Path) -> None:
+    text, line = mutate(SMALL_GRAPH, "top_k: 2", "top_k: 9")
+    (tmp_path / "bad.yaml").write_text(text)
+    proc = run_cli("plan", str(tmp_path / "bad.yaml"))
+    assert proc.returncode == 2
+    assert f"bad.yaml:{line}: model.moe.top_k = 9 must be <= n_experts (8)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    debug = run_cli("plan", str(tmp_path / "bad.yaml"), "--debug")
+    assert "Traceback" in debug.stderr
+
+
+def test_missing_file_exits_2_with_its_name() -> None:
+    proc = run_cli("validate", "graphs/nope.yaml")
+    assert proc.returncode == 2
+    assert "graphs/nope.yaml: cannot read" in proc.stderr
+
+
+def test_plan_human_output_lists_nodes_and_estimates() -> None:
+    result = runner.invoke(app, ["plan", str(ROOT / "graphs" / "trinity-nano.yaml")])
+    assert result.exit_code == 0, result.output
+    for text in ("pretrain/phase1", "prepare/phase3", "eval/mk_niah@extend", "6.12B", "1.02B", "GPU-hours"):
+        assert text in result.stdout
+
+
+def test_graph_formats(small_graph: Path) -> None:
+    mermaid = runner.invoke(app, ["graph", str(small_graph), "--format", "mermaid"])
+    assert mermaid.exit_code == 0
+    assert mermaid.stdout.startswith("flowchart LR")
+    assert "prepare_phase1 --> pretrain_phase1" in mermaid.stdout
+    dot = runner.invoke(app, ["graph", str(small_graph), "--format", "dot"])
+    assert '"pretrain/phase1" -> "extend";' in dot.stdout
+    bad = runner.invoke(app, ["graph", str(small_graph), "--format", "png"])
+    assert bad.exit_code == 2 and "allowed: mermaid, dot" in bad.stderr
+
+
+def test_diff_reports_fields_and_invalidated_nodes(small_graph: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "diff",
+            str(small_graph),
+            str(small_graph),
+            "--set",
+            "optim.adamw.lr=0.001",
+            "--set",
+            "execution.checkpoint_every=5",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    changes = {c["path"]: c for c in out["changes"]}
+    assert changes["optim.adamw.lr"]["after"] == 0.001 and not changes["optim.adamw.lr"]["execution_only"]
+    assert changes["execution.checkpoint_every"]["execution_only"]
+    assert set(out["rerun"]) == {"pretrain/phase1", "extend", "sft", "eval/heldout@pretrain"}
+    assert {"tokenizer", "prepare/phase1", "prepare/extend"} <= set(out["reused"])
+
+
+def test_schema_command_prints_json_schema() -> None:
+    result = runner.invoke(app, ["schema"])
+    assert json.loads(result.stdout)["title"] == "trinity experiment graph"
+
+
+def test_parameter_count_matches_the_built_model() -> None:
+    """The estimate's count equals the parameters torch allocates for the same spec."""
+    from trinity.graph.estimates import count_params
+    from trinity.model import TrinityModel
+    from trinity.spec.loading import load_experiment
+
+    for sets in ([], ["model.tie_embeddings=true"], ["model.qk_norm=false", "model.gated_attention=false"]):
+        spec = load_experiment(ROOT / "graphs" / "tiny.yaml", sets).spec.model
+        model = TrinityModel(spec)
+        assert count_params(spec).total == sum(p.numel() for p in model.parameters()), sets
