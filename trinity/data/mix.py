@@ -63,7 +63,7 @@ def _stream(source: Source, base_dir: Path, holdout: int, name: str) -> Iterator
     while True:
         passes += 1
         if passes > MAX_PASSES:
-            raise MixError(f"source {name!r} would be repeated more than {MAX_PASSES} times to fill its quota")
+            raise MixError(f"source {name!r} would need more than {MAX_PASSES} passes to fill its quota")
         for text in islice(iter_documents(source, base_dir), holdout, None):
             yield text, False, passes
 

@@ -95,15 +95,13 @@ class StoreWriter:
         """Write the remaining tokens, the offsets, the source ids and the attributes (not the marker)."""
         self._flush(final=True)
         offsets = np.asarray(self._offsets, dtype=np.int64)
-        self.group.create_array(
-            "doc_offsets", shape=offsets.shape, chunks=(OFFSET_CHUNK,), dtype="int64", compressors=_compressor()
-        )[:] = offsets
         doc_source = np.asarray(self._doc_source, dtype=np.int16)
-        arr = self.group.create_array(
-            "doc_source", shape=doc_source.shape, chunks=(OFFSET_CHUNK,), dtype="int16", compressors=_compressor()
-        )
-        if len(doc_source):
-            arr[:] = doc_source
+        for name, data in (("doc_offsets", offsets), ("doc_source", doc_source)):
+            arr = self.group.create_array(
+                name, shape=data.shape, chunks=(OFFSET_CHUNK,), dtype=data.dtype, compressors=_compressor()
+            )
+            if len(data):
+                arr[:] = data
         attrs = {
             "format": FORMAT,
             "sources": self.sources,

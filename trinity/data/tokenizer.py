@@ -90,7 +90,9 @@ def build_untrained(spec: TokenizerSpec) -> tuple[HFTokenizer, trainers.BpeTrain
     splits: list[pre_tokenizers.PreTokenizer] = []
     if spec.digit_group > 0:
         g = spec.digit_group
-        splits.append(pre_tokenizers.Split(Regex(rf"\p{{N}}{{1,{g}}}(?=(?:\p{{N}}{{{g}}})*(?!\p{{N}}))"), "isolated"))
+        # A run of 1..g digits followed by a multiple of g digits: groups aligned to the right.
+        digits = rf"\p{{N}}{{1,{g}}}(?=(?:\p{{N}}{{{g}}})*(?!\p{{N}}))"
+        splits.append(pre_tokenizers.Split(Regex(digits), "isolated"))
     if spec.isolate_scripts:
         splits.append(pre_tokenizers.Split(Regex(_SCRIPTS), "isolated"))
     splits.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
