@@ -13,7 +13,7 @@ A `Problem` holds:
 
 `extract_answer(text)` reads the number after the last `Answer:` (or, failing that, the last number
 in the text); `check(answer, response)` compares it with the exact answer as rational numbers, so
-`"0.5"`, `"1/2"` and `"2/4"` all match `"1/2"`. Generation is deterministic for a given
+`"0.5"`, `"1/2"` and `"2/4"` all match `"1/2"` (and `"1,234"` matches `"1234"`). Generation is deterministic for a given
 `numpy.random.Generator` state; `problems(seed, n)` gives a reproducible list.
 """
 
@@ -27,7 +27,7 @@ from fractions import Fraction
 import numpy as np
 
 KINDS = ("add", "sub", "mul", "div", "expr", "frac", "linear", "system", "power")
-_NUMBER = r"-?\d+(?:\.\d+)?(?:\s*/\s*-?\d+)?"
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*-?\d+)?"
 _ANSWER_RE = re.compile(r"Answer:\s*(" + _NUMBER + ")")
 _NUMBER_RE = re.compile(_NUMBER)
 
