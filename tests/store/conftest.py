@@ -1,0 +1,123 @@
+"""Synthetic run directories, written the way the executor writes them (docs/telemetry.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trinity.execute.rundir import RunDir, atomic_write_json
+from trinity.store.telemetry import TelemetryWriter
+
+L, E = 3, 8  # MoE layers and experts of the synthetic model
+
+FLAT_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "model.d_model": 64,
+    "model.moe.n_experts": E,
+    "model.moe.top_k": 2,
+    "optim.muon.lr": 0.02,
+    "optim.adamw.betas": [0.9, 0.95],
+    "stability.balancing.kind": "smebu",
+    "stability.z_loss_weight": 1e-4,
+    "model.tie_embeddings": False,
+}
+
+
+def make_run(
+    root: Path,
+    run_id: str,
+    nodes: Sequence[tuple[str, str, dict[str, Any]]],
+) -> RunDir:
+    """A run directory with run.json and graph.json; nodes are (id, kind, flat_spec overrides)."""
+    run = RunDir(root)
+    atomic_write_json(
+        run.run_json,
+        {"run_id": run_id, "name": run_id, "created": "2025-01-02T03:04:05+00:00", "trinity_version": "0.1.0"},
+    )
+    graph = {
+        "nodes": [
+            {
+                "id": node_id,
+                "kind": kind,
+                "identity": f"{run_id}-{i:04d}",
+                "deps": [nodes[i - 1][0]] if i else [],
+                "target": "",
+                "branch": "",
+                "flat_spec": FLAT_SPEC | overrides,
+            }
+            for i, (node_id, kind, overrides) in enumerate(nodes)
+        ]
+    }
+    atomic_write_json(run.graph_json, graph)
+    for node_id, _, _ in nodes:
+        atomic_write_json(run.node(node_id).status, {"state": "PENDING", "identity": "x", "updated": 0})
+    return run
+
+
+def write_attempt(
+    run: RunDir,
+    run_id: str,
+    node_id: str,
+    attempt: int,
+    steps: Sequence[int],
+    *,
+    resumed_from_step: int | None = None,
+    state: str = "SUCCEEDED",
+    loss_offset: float = 0.0,
+    record: bool = True,
+    phase: str = "phase1",
+    tensorboard: bool = False,
+) -> None:
+    """One attempt's record and telemetry: loss = 10 / step + loss_offset + attempt / 1000."""
+    node = run.node(node_id)
+    if record:
+        atomic_write_json(
+            node.attempt_record(attempt),
+            {
+                "attempt": attempt,
+                "executor": "local",
+                "job_id": None,
+                "array_index": None,
+                "host": "h",
+                "pid": 123,
+                "start": "2025-01-02T03:04:05+00:00",
+                "end": "2025-01-02T03:05:05+00:00",
+                "state": state,
+                "exit_code": 0,
+                "signal": None,
+                "resumed_from_step": resumed_from_step,
+            },
+        )
+    rng = np.random.default_rng(attempt)
+    with TelemetryWriter(
+        node, node_id, attempt, run_id, flush_rows=4, tensorboard=tensorboard, expert_load_every=2
+    ) as w:
+        for s in steps:
+            w.log_step(
+                s,
+                tokens=1024 * s,
+                loss=10.0 / s + loss_offset + attempt / 1000,
+                ce_loss=10.0 / s,
+                lr_muon=0.02,
+                lr_adamw=0.003,
+                grad_norm=1.0,
+                batch_het=0.1,
+                phase=phase,
+            )
+            counts = rng.integers(0, 100, size=(L, E))
+            counts[0, 0] = 0
+            w.log_moe(s, counts, rng.normal(size=(L, E)))
+    atomic_write_json(node.status, {"state": state, "identity": "x", "updated": "2025-01-02T03:05:05+00:00"})
+
+
+@pytest.fixture
+def synthetic_run(tmp_path: Path) -> Callable[..., RunDir]:
+    def make(name: str = "run-a", **overrides: Any) -> RunDir:
+        return make_run(tmp_path / "runs" / name, name, [("pretrain/phase1", "pretrain", overrides)])
+
+    return make

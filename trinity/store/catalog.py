@@ -1,0 +1,554 @@
+"""DuckDB over one run or a folder of runs: metadata tables, telemetry views, read-only SQL.
+
+Nothing here writes. `open_catalog` builds a fresh in-memory DuckDB database each time: the run
+metadata (run.json, graph.json, status and attempt records) is loaded with Python's json module
+into small tables, and the telemetry Parquet parts of every node attempt become views, so a
+query always sees every part committed so far, while nodes keep appending. Writers never wait for
+readers and readers never lock a file (there is no shared database file to lock).
+
+A resumed attempt rewrites the steps after the checkpoint it restored, so the views come in two
+kinds: `<table>_history` holds every row ever written (keyed by run, node, attempt, step), and
+`<table>` shows each step once. A row of attempt a at step s is superseded when a later attempt
+of the same node started at or before s: its start is `resumed_from_step` from its attempt
+record, or, when the record lacks it, one before the first step it logged. Should two rows
+survive that (inconsistent records), the higher attempt wins.
+
+The SQL entry point (`run_sql`) is read-only twice over: statements other than SELECT and EXPLAIN
+are refused before they run, and the connection itself may touch no file but the Parquet parts
+it was built from (DuckDB's external access is off, with those files allowed, and the
+configuration is locked), so even a statement the check missed cannot write anything on disk.
+The column-by-column reference is docs/telemetry.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+
+from trinity.execute.rundir import NodeDir, RunDir, read_json
+from trinity.store.telemetry import PART_RE, SCHEMAS, TABLES
+
+MAX_DEPTH = 3
+"""How deep below a folder `find_runs` looks for run directories (folders holding graph.json)."""
+
+Format = Literal["table", "csv", "json"]
+
+# Columns (besides run_id, node, attempt) that identify one row of a table within a step.
+_ROW_KEY: dict[str, tuple[str, ...]] = {
+    "steps": ("step",),
+    "moe_layers": ("step", "layer"),
+    "expert_load": ("step", "layer", "expert"),
+    "evals": ("step", "task", "metric", "length"),
+}
+
+_ALLOWED = {duckdb.StatementType.SELECT: "SELECT", duckdb.StatementType.EXPLAIN: "EXPLAIN"}
+ALLOWED_HELP = "SELECT, WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN"
+
+
+class CatalogError(Exception):
+    """A path without runs, or a query that cannot run; the message says what to do."""
+
+
+class ReadOnlyViolation(CatalogError):
+    """A statement other than a read was given to the read-only SQL entry point."""
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+    run_id: str
+    meta: dict[str, Any]
+    graph: dict[str, Any]
+
+
+# -- finding and reading runs ------------------------------------------------------------------
+
+
+def find_runs(path: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
+    """`path` itself when it is a run directory, else the run directories below it (sorted)."""
+    path = Path(path)
+    if RunDir(path).exists():
+        return [path]
+    if not path.is_dir():
+        raise CatalogError(f"{path}: no such directory (give a run directory or a folder of runs)")
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+                continue
+            sub = Path(entry.path)
+            if RunDir(sub).exists():
+                found.append(sub)  # never descend into a run: its nodes hold no further runs
+            elif depth < max_depth:
+                walk(sub, depth + 1)
+
+    walk(path, 1)
+    if not found:
+        raise CatalogError(f"{path}: no run directories (folders with graph.json) up to {max_depth} levels down")
+    return found
+
+
+def load_run(root: Path) -> Run:
+    meta = read_json(RunDir(root).run_json) if RunDir(root).run_json.is_file() else {}
+    graph = read_json(RunDir(root).graph_json)
+    run_id = str(meta.get("run_id") or meta.get("id") or root.name)
+    return Run(root, run_id, meta, graph)
+
+
+def _time(value: Any) -> datetime | None:
+    """ISO 8601 (naive means UTC) or seconds since the epoch -> aware UTC datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    t = datetime.fromisoformat(str(value))
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    """A JSON record, or {} when it is missing or unreadable (a node that never started)."""
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _node_ids(run: Run) -> list[str]:
+    return [str(n["id"]) for n in run.graph.get("nodes", [])]
+
+
+def _attempt_numbers(node: NodeDir) -> list[int]:
+    numbers: set[int] = set()
+    if node.attempts.is_dir():
+        numbers |= {int(p.stem) for p in node.attempts.glob("*.json") if p.stem.isdigit()}
+    telemetry = node.root / "telemetry"
+    if telemetry.is_dir():
+        numbers |= {int(p.name[8:]) for p in telemetry.glob("attempt-*") if p.name[8:].isdigit()}
+    return sorted(numbers)
+
+
+# -- metadata tables ---------------------------------------------------------------------------
+
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("name", pa.string()),
+        ("created", pa.timestamp("us", tz="UTC")),
+        ("trinity_version", pa.string()),
+        ("path", pa.string()),
+        ("n_nodes", pa.int32()),
+        ("meta", pa.string()),
+    ]
+)
+NODES_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("node", pa.string()),
+        ("kind", pa.string()),
+        ("identity", pa.string()),
+        ("deps", pa.list_(pa.string())),
+        ("target", pa.string()),
+        ("branch", pa.string()),
+        ("position", pa.int32()),
+        ("state", pa.string()),
+        ("state_updated", pa.timestamp("us", tz="UTC")),
+        ("status_identity", pa.string()),
+        ("n_attempts", pa.int32()),
+    ]
+)
+ATTEMPTS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("node", pa.string()),
+        ("attempt", pa.int32()),
+        ("executor", pa.string()),
+        ("job_id", pa.string()),
+        ("array_index", pa.int64()),
+        ("host", pa.string()),
+        ("pid", pa.int64()),
+        ("start", pa.timestamp("us", tz="UTC")),
+        ("end", pa.timestamp("us", tz="UTC")),
+        ("duration_s", pa.float64()),
+        ("state", pa.string()),
+        ("exit_code", pa.int64()),
+        ("signal", pa.string()),
+        ("resumed_from_step", pa.int64()),
+        ("has_record", pa.bool_()),
+    ]
+)
+
+
+def _runs_table(runs: Sequence[Run]) -> pa.Table:
+    rows = [
+        {
+            "run_id": r.run_id,
+            "name": _str(r.meta.get("name")),
+            "created": _time(r.meta.get("created")),
+            "trinity_version": _str(r.meta.get("trinity_version") or r.meta.get("version")),
+            "path": str(r.root.resolve()),
+            "n_nodes": len(r.graph.get("nodes", [])),
+            "meta": json.dumps(r.meta, sort_keys=True, default=str),
+        }
+        for r in runs
+    ]
+    return pa.Table.from_pylist(rows, RUNS_SCHEMA)
+
+
+def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
+    nodes, attempts = [], []
+    for run in runs:
+        for position, n in enumerate(run.graph.get("nodes", [])):
+            node = RunDir(run.root).node(str(n["id"]))
+            status = _read_optional(node.status)
+            numbers = _attempt_numbers(node)
+            nodes.append(
+                {
+                    "run_id": run.run_id,
+                    "node": str(n["id"]),
+                    "kind": _str(n.get("kind")),
+                    "identity": _str(n.get("identity")),
+                    "deps": [str(d) for d in n.get("deps", [])],
+                    "target": _str(n.get("target")),
+                    "branch": _str(n.get("branch")),
+                    "position": position,
+                    "state": _str(status.get("state")) or ("PENDING" if not status else None),
+                    "state_updated": _time(status.get("updated")),
+                    "status_identity": _str(status.get("identity")),
+                    "n_attempts": len(numbers),
+                }
+            )
+            for a in numbers:
+                rec = _read_optional(node.attempt_record(a))
+                start, end = _time(rec.get("start")), _time(rec.get("end"))
+                attempts.append(
+                    {
+                        "run_id": run.run_id,
+                        "node": str(n["id"]),
+                        "attempt": a,
+                        "executor": _str(rec.get("executor")),
+                        "job_id": _str(rec.get("job_id")),
+                        "array_index": _int(rec.get("array_index")),
+                        "host": _str(rec.get("host")),
+                        "pid": _int(rec.get("pid")),
+                        "start": start,
+                        "end": end,
+                        "duration_s": (end - start).total_seconds() if start and end else None,
+                        "state": _str(rec.get("state")),
+                        "exit_code": _int(rec.get("exit_code")),
+                        "signal": _str(rec.get("signal")),
+                        "resumed_from_step": _int(rec.get("resumed_from_step")),
+                        "has_record": bool(rec),
+                    }
+                )
+    return pa.Table.from_pylist(nodes, NODES_SCHEMA), pa.Table.from_pylist(attempts, ATTEMPTS_SCHEMA)
+
+
+def _spec_type(values: list[Any]) -> pa.DataType:
+    """One Arrow type for a spec field across nodes and runs (JSON text when they disagree)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return pa.string()
+    if all(isinstance(v, bool) for v in present):
+        return pa.bool_()
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pa.int64()
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return pa.float64()
+    if all(isinstance(v, str) for v in present):
+        return pa.string()
+    return pa.string()  # lists, dicts, mixed: canonical JSON text
+
+
+def _spec_value(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if typ == pa.string():
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if typ == pa.float64():
+        return float(value)
+    return value
+
+
+def _spec_tables(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
+    """`spec`: one row per (run, node), a typed column per dotted path; `spec_fields`: the same, long."""
+    keys: list[tuple[str, str]] = []
+    flats: list[dict[str, Any]] = []
+    for run in runs:
+        for n in run.graph.get("nodes", []):
+            keys.append((run.run_id, str(n["id"])))
+            flats.append(dict(n.get("flat_spec") or {}))
+    paths = sorted({p for f in flats for p in f})
+    columns: dict[str, pa.Array] = {
+        "run_id": pa.array([k[0] for k in keys], pa.string()),
+        "node": pa.array([k[1] for k in keys], pa.string()),
+    }
+    long: dict[str, list[Any]] = {"run_id": [], "node": [], "path": [], "value": [], "type": []}
+    for path in paths:
+        if path in ("run_id", "node"):
+            continue
+        values = [f.get(path) for f in flats]
+        typ = _spec_type(values)
+        columns[path] = pa.array([_spec_value(v, typ) for v in values], typ)
+    for (run_id, node), flat in zip(keys, flats, strict=True):
+        for path in sorted(flat):
+            value = flat[path]
+            long["run_id"].append(run_id)
+            long["node"].append(node)
+            long["path"].append(path)
+            long["value"].append(json.dumps(value, sort_keys=True))
+            long["type"].append(type(value).__name__ if value is not None else "null")
+    return pa.table(columns), pa.table(long, schema=pa.schema([(k, pa.string()) for k in long]))
+
+
+# -- telemetry views ---------------------------------------------------------------------------
+
+
+def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Path]]:
+    """Committed Parquet parts of every table, over every node attempt of every run."""
+    parts: dict[str, list[Path]] = {t: [] for t in TABLES}
+    for run in runs:
+        for node_id in _node_ids(run):
+            telemetry = RunDir(run.root).node(node_id).root / "telemetry"
+            if not telemetry.is_dir():
+                continue
+            for attempt_dir in sorted(telemetry.glob("attempt-*")):
+                for p in sorted(attempt_dir.iterdir()):
+                    m = PART_RE.match(p.name)
+                    if m and m["table"] in parts:
+                        parts[m["table"]].append(p.resolve())
+    return parts
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _create_history(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> None:
+    if files:
+        listing = ", ".join(_sql_str(str(f)) for f in files)
+        con.execute(f"CREATE VIEW {table}_history AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+    else:
+        con.from_arrow(SCHEMAS[table].empty_table()).create(f"{table}_history")
+
+
+def _create_current(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    key = ", ".join(("h.run_id", "h.node", *(f"h.{c}" for c in _ROW_KEY[table])))
+    con.execute(
+        f"""
+        CREATE VIEW {table} AS
+        SELECT h.* FROM {table}_history h
+        LEFT JOIN attempt_spans s ON s.run_id = h.run_id AND s.node = h.node AND s.attempt = h.attempt
+        WHERE s.superseded_after IS NULL OR h.step <= s.superseded_after
+        QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY h.attempt DESC) = 1
+        """
+    )
+
+
+_ATTEMPT_SPANS = """
+CREATE VIEW attempt_spans AS
+WITH logged AS (
+    SELECT run_id, node, attempt, min(step) AS first_step, max(step) AS last_step
+    FROM steps_history GROUP BY ALL
+), known AS (
+    SELECT run_id, node, attempt FROM attempts
+    UNION SELECT run_id, node, attempt FROM logged
+), spans AS (
+    SELECT k.run_id, k.node, k.attempt, a.resumed_from_step, l.first_step, l.last_step,
+           coalesce(a.resumed_from_step, l.first_step - 1) AS start_step
+    FROM known k
+    LEFT JOIN attempts a USING (run_id, node, attempt)
+    LEFT JOIN logged l USING (run_id, node, attempt)
+)
+SELECT *,
+       min(start_step) OVER (
+           PARTITION BY run_id, node ORDER BY attempt ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING
+       ) AS superseded_after
+FROM spans
+"""
+
+
+def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection over the run at `path` or every run below it.
+
+    lock: turn off DuckDB's file access except to the telemetry parts and lock the configuration,
+    so nothing run on this connection can write a file.
+    """
+    runs = [load_run(r) for r in find_runs(Path(path))]
+    seen: dict[str, Path] = {}
+    for r in runs:
+        if r.run_id in seen:
+            raise CatalogError(f"run id {r.run_id!r} appears twice: {seen[r.run_id]} and {r.root}")
+        seen[r.run_id] = r.root
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone = 'UTC'")
+    runs_t = _runs_table(runs)
+    nodes_t, attempts_t = _nodes_and_attempts(runs)
+    spec_t, spec_fields_t = _spec_tables(runs)
+    for name, arrow in (("runs", runs_t), ("nodes", nodes_t), ("attempts", attempts_t), ("spec_fields", spec_fields_t)):
+        con.from_arrow(arrow).create(name)
+    # spec: the dotted columns, then a '__' spelling of each for queries that avoid quoting.
+    con.from_arrow(spec_t).create("spec_dotted")
+    extra = [
+        f"{_ident(c)} AS {_ident(c.replace('.', '__'))}"
+        for c in spec_t.column_names
+        if "." in c and c.replace(".", "__") not in spec_t.column_names
+    ]
+    con.execute(f"CREATE TABLE spec AS SELECT *{''.join(', ' + e for e in extra)} FROM spec_dotted")
+    con.execute("DROP TABLE spec_dotted")
+    parts = telemetry_parts(runs)
+    for table in TABLES:
+        _create_history(con, table, parts[table])
+    con.execute(_ATTEMPT_SPANS)
+    for table in _ROW_KEY:
+        _create_current(con, table)
+    con.execute("CREATE VIEW events AS SELECT * FROM events_history")
+    if lock:
+        allowed = ", ".join(_sql_str(str(p)) for files in parts.values() for p in files)
+        con.execute(f"SET allowed_paths = [{allowed}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+# -- read-only SQL -----------------------------------------------------------------------------
+
+
+def check_read_only(query: str) -> None:
+    """Raise ReadOnlyViolation unless `query` is exactly one read statement."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise CatalogError(f"cannot parse the query: {exc}") from None
+    if not statements:
+        raise CatalogError("the query is empty")
+    if len(statements) > 1:
+        raise CatalogError(f"give one statement at a time (got {len(statements)})")
+    st = statements[0]
+    if st.type not in _ALLOWED:
+        kind = str(st.type).rsplit(".", 1)[-1]
+        verb = st.query.strip().split(None, 1)[0].upper() if st.query.strip() else kind
+        raise ReadOnlyViolation(f"trinity sql is read-only: {verb} statements are refused (allowed: {ALLOWED_HELP})")
+    if st.type == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE runs its statement: check what it explains.
+        words = st.query.strip().split(None, 2)
+        rest = words[2] if len(words) > 2 and words[1].upper() == "ANALYZE" else st.query.strip()[len(words[0]) :]
+        check_read_only(rest)
+
+
+def query(path: Path | str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of a read-only query over the run(s) at `path`."""
+    check_read_only(sql)
+    con = open_catalog(path)
+    try:
+        cursor = con.execute(sql)
+        names = [d[0] for d in cursor.description or []]
+        return names, cursor.fetchall()
+    except duckdb.Error as exc:
+        raise CatalogError(f"query failed: {exc}") from None
+    finally:
+        con.close()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able Python value (timestamps as ISO 8601, NaN as null)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(_plain(value))
+
+
+def format_rows(
+    names: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    fmt: Format,
+    *,
+    max_rows: int = 1000,
+    width: int | None = None,
+) -> str:
+    """Rows as an aligned table (at most `max_rows`), CSV with a header, or a JSON list of objects."""
+    if fmt == "json":
+        return json.dumps([{n: _plain(v) for n, v in zip(names, row, strict=True)} for row in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(names)
+        w.writerows([[_cell(v) if not isinstance(v, int | str) else v for v in row] for row in rows])
+        return out.getvalue()
+    if fmt != "table":
+        raise CatalogError(f"unknown format {fmt!r} (choose table, csv or json)")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for n in names:
+        table.add_column(n, overflow="fold")
+    for row in rows[:max_rows]:
+        table.add_row(*(_cell(v) for v in row))
+    more = len(rows) - max_rows
+    table.caption = f"{len(rows)} rows" + (f"; first {max_rows} shown (use --format csv for all)" if more > 0 else "")
+    out = io.StringIO()
+    Console(file=out, width=width or 200, color_system=None, force_terminal=False).print(table)
+    return out.getvalue()
+
+
+def run_sql(
+    path: Path | str, sql: str, fmt: Format = "table", *, max_rows: int = 1000, width: int | None = None
+) -> str:
+    """The text `trinity sql PATH QUERY --format FMT` prints (ReadOnlyViolation for a write)."""
+    names, rows = query(path, sql)
+    return format_rows(names, rows, fmt, max_rows=max_rows, width=width)
+
+
+def iter_tables(con: duckdb.DuckDBPyConnection) -> Iterator[tuple[str, str]]:
+    """(name, 'table'|'view') of what a catalog connection exposes, for docs and `SHOW TABLES`."""
+    for name, kind in con.execute(
+        "SELECT table_name, table_type FROM information_schema.tables ORDER BY table_name"
+    ).fetchall():
+        yield str(name), "view" if "VIEW" in str(kind) else "table"
