@@ -31,9 +31,7 @@ def build_loader(
 ) -> PackedLoader:
     """The loader a phase's spec asks for, serving data-parallel `rank` of `world`."""
     if isinstance(loader_spec, data_spec.RsdbLoader):
-        return RsdbLoader(
-            store, seq_len, micro_batch, rank, world, loader_spec.workers, seed, loader_spec.buffer_size
-        )
+        return RsdbLoader(store, seq_len, micro_batch, rank, world, loader_spec.workers, seed, loader_spec.buffer_size)
     if isinstance(loader_spec, data_spec.SequentialLoader):
         return SequentialLoader(store, seq_len, micro_batch, rank, world, loader_spec.workers, seed)
     raise TypeError(f"unknown loader kind {type(loader_spec).__name__}")

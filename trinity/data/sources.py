@@ -59,9 +59,7 @@ def _iter_parquet(source: ParquetSource, base_dir: Path) -> Iterator[str]:
     for path in expand_paths(source.paths, base_dir):
         pf = pq.ParquetFile(path)
         if source.text_column not in pf.schema_arrow.names:
-            raise SourceError(
-                f"{path}: no column {source.text_column!r} (columns: {', '.join(pf.schema_arrow.names)})"
-            )
+            raise SourceError(f"{path}: no column {source.text_column!r} (columns: {', '.join(pf.schema_arrow.names)})")
         for batch in pf.iter_batches(batch_size=1024, columns=[source.text_column]):
             for text in batch.column(0).to_pylist():
                 if isinstance(text, str) and text:

@@ -121,16 +121,22 @@ class TokenStore:
         self.path = path
         self.group = zarr.open_group(str(path), mode="r", zarr_format=3)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
-        self.doc_offsets: np.ndarray = np.asarray(self.group["doc_offsets"][:], dtype=np.int64)
-        self.doc_source: np.ndarray = np.asarray(self.group["doc_source"][:], dtype=np.int16)
+        self.doc_offsets: np.ndarray = np.asarray(self._array("doc_offsets")[:], dtype=np.int64)
+        self.doc_source: np.ndarray = np.asarray(self._array("doc_source")[:], dtype=np.int16)
         self._tokens: np.ndarray | None = None
 
     @property
     def tokens(self) -> np.ndarray:
         """All tokens (uint32), loaded once."""
         if self._tokens is None:
-            self._tokens = np.asarray(self.group["tokens"][:], dtype=np.uint32)
+            self._tokens = np.asarray(self._array("tokens")[:], dtype=np.uint32)
         return self._tokens
+
+    def _array(self, name: str) -> Any:
+        arr = self.group[name]
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{self.path}/{name} is not an array")
+        return arr
 
     @property
     def n_docs(self) -> int:

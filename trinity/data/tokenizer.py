@@ -108,9 +108,7 @@ def build_untrained(spec: TokenizerSpec) -> tuple[HFTokenizer, trainers.BpeTrain
     return tok, trainer
 
 
-def sample_documents(
-    spec: TokenizerSpec, sources: dict[str, Source], base_dir: Path | str
-) -> dict[str, list[str]]:
+def sample_documents(spec: TokenizerSpec, sources: dict[str, Source], base_dir: Path | str) -> dict[str, list[str]]:
     """The training sample: per source, documents in stream order up to its share of `sample_bytes`."""
     names = list(spec.sources) if spec.sources is not None else sorted(sources)
     share = spec.sample_bytes // max(1, len(names))
