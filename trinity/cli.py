@@ -17,6 +17,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from trinity.execute.run import RunError
+from trinity.execute.scheduler import Interrupted
 from trinity.spec.errors import SpecError
 
 app = typer.Typer(
@@ -51,6 +53,18 @@ def handles_errors(fn: F) -> F:
             for line in exc.lines:
                 err.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except RunError as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (KeyboardInterrupt, Interrupted):
+            err.print(
+                "[yellow]interrupted[/]: running nodes were stopped at a checkpoint; "
+                "continue with `trinity resume RUN_DIR`",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
         except typer.Exit:
             raise
         except Exception as exc:
@@ -149,6 +163,71 @@ def diff(
     from trinity.cli_render import print_diff
 
     print_diff(out, result)
+
+
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory.")]
+NodesOption = Annotated[
+    list[str] | None,
+    typer.Option("--nodes", help="Run only nodes matching this glob (and what they depend on); repeatable."),
+]
+JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Nodes run at once (local executor).")]
+
+
+@app.command()
+@handles_errors
+def run(
+    graph: GraphArg,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: RUN_ROOT/NAME).")] = None,
+    set_: SetOption = None,
+    nodes: NodesOption = None,
+    jobs: JobsOption = 1,
+    debug: DebugOption = False,
+) -> None:
+    """Run a graph: create (or continue) its run directory and execute the nodes that must run."""
+    from trinity.execute.commands import run_graph
+
+    raise typer.Exit(run_graph(graph, set_ or [], run_dir, out, nodes, jobs))
+
+
+@app.command()
+@handles_errors
+def resume(run_dir: RunDirArg, nodes: NodesOption = None, jobs: JobsOption = 1, debug: DebugOption = False) -> None:
+    """Continue a run with its own spec: failed, killed and stale nodes re-run from their last checkpoint."""
+    from trinity.execute.commands import resume_run
+
+    raise typer.Exit(resume_run(run_dir, out, nodes, jobs))
+
+
+@app.command()
+@handles_errors
+def status(
+    run_dir: RunDirArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show every node's state, attempts and progress."""
+    from trinity.execute.commands import status_report
+
+    report = status_report(run_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    from trinity.cli_render import print_status
+
+    print_status(out, report)
+
+
+@app.command()
+@handles_errors
+def explain(
+    run_dir: RunDirArg, node: Annotated[str, typer.Argument(help="Node id.")], debug: DebugOption = False
+) -> None:
+    """Say why a node will run or be reused on `trinity resume`."""
+    from trinity.execute.commands import explain as explain_node
+
+    decision = explain_node(run_dir, node)
+    verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy"}[decision.action]
+    out.print(f"{node} {verb}: {decision.reason}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -75,3 +75,25 @@ def print_diff(console: Console, result: SpecDiff) -> None:
     console.print(f"[bold]reused[/] ({len(result.reused)}): {', '.join(result.reused) or 'nothing'}")
     if result.removed:
         console.print(f"[bold]removed[/] ({len(result.removed)}): {', '.join(result.removed)}")
+
+
+def print_status(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['run'].get('name', '')}  {report['root']}", title_justify="left")
+    for col in ("node", "state", "attempts", "last attempt", "progress", "message"):
+        table.add_column(col)
+    for n in report["nodes"]:
+        attempts = n["attempts"]
+        last = attempts[-1] if attempts else None
+        how = ""
+        if last:
+            how = f"#{last['attempt']} {last['executor']} {last['state']}"
+            if last.get("signal"):
+                how += f" (signal {last['signal']})"
+            elif last.get("exit_code") not in (None, 0):
+                how += f" (exit {last['exit_code']})"
+            if last.get("resumed_from_step") is not None:
+                how += f", resumed at step {last['resumed_from_step']}"
+        p = n["progress"]
+        progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
+        table.add_row(n["id"], n["state"], str(len(attempts)), how, progress, n["message"])
+    console.print(table)

@@ -56,6 +56,8 @@ class ExecutionSpec(SpecModel):
     """Committed checkpoints kept per node (the last committed one is never deleted)."""
     log_every: PositiveInt = 1
     """Write telemetry every this many steps."""
+    expert_load_every: PositiveInt = 10
+    """Write per-expert load rows every this many steps (MaxVio and bias statistics are written every step)."""
     heartbeat_s: PositiveInt = 30
     """Heartbeat lease period; a lease older than 3 periods means the node died."""
     activations: tuple[str, ...] = ()

@@ -29,21 +29,23 @@ class LoadedSpec:
     spec: ExperimentSpec
     source: Located
     path: Path
+    base: Path | None = None
+    """Where relative data paths start, when not the graph file's folder (a resumed run's)."""
 
     @property
     def base_dir(self) -> Path:
         """Relative data paths in the spec are relative to the graph file's folder."""
-        return self.path.resolve().parent
+        return self.base if self.base is not None else self.path.resolve().parent
 
 
-def load_experiment(path: Path, sets: list[str] | tuple[str, ...] = ()) -> LoadedSpec:
-    """Load, override and validate the graph file at `path`."""
+def load_experiment(path: Path, sets: list[str] | tuple[str, ...] = (), base: Path | None = None) -> LoadedSpec:
+    """Load, override and validate the graph file at `path` (relative data paths start at `base` if given)."""
     located = load_yaml(path)
     if not isinstance(located.data, dict):
         raise SpecError([f"{display_path(path)}:1: a graph file must be a mapping of sections"])
     for i, assignment in enumerate(sets):
         apply_set(located, assignment, Location(f"--set #{i + 1} ({assignment})", 0))
-    return LoadedSpec(validate(located), located, path)
+    return LoadedSpec(validate(located), located, path, base)
 
 
 def parse_assignment(assignment: str) -> tuple[str, Any]:

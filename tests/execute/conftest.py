@@ -1,0 +1,64 @@
+"""A very small end-to-end graph for executor tests: seconds per node on 2 cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MICRO_GRAPH = """\
+name: micro
+seed: 0
+model:
+  vocab_size: 512
+  d_model: 64
+  n_layers: 4
+  n_dense_layers: 1
+  n_heads: 4
+  n_kv_heads: 2
+  head_dim: 16
+  dense_hidden: 128
+  global_every: 4
+  sliding_window: 32
+  moe: {n_experts: 8, top_k: 2, expert_hidden: 32, route_scale: 2.0}
+tokenizer:
+  vocab_size: 512
+  sample_bytes: 300000
+  sources: [docs, math]
+data:
+  sources:
+    docs: {kind: demo, corpus: stdlib_docs, max_documents: 300}
+    math: {kind: demo, corpus: math}
+    extra: {kind: jsonl, paths: [extra.jsonl]}
+  holdout_documents: 4
+  phases:
+    - {name: phase1, tokens: 30000, seq_len: 64, mix: {docs: 2.0, math: 1.0},
+       loader: {kind: rsdb, buffer_size: 16, workers: 1}}
+    - {name: phase2, tokens: 15000, seq_len: 64, mix: {docs: 1.0, math: 1.0},
+       loader: {kind: rsdb, buffer_size: 16, workers: 1}}
+stability:
+  balancing: {kind: smebu}
+  aux_loss_weight: 1.0e-4
+  z_loss_weight: 1.0e-5
+  intra_document_masking: true
+optim:
+  muon: {lr: 0.01}
+  adamw: {lr: 0.003}
+  schedule: {warmup_steps: 5, decay_fraction: 0.3}
+  batch:
+    - {start_tokens: 0, sequences: 8}
+parallel: {nodes: 1, gpus_per_node: 1, fsdp_group: 1, ep: 1, micro_batch: 4,
+           accelerator: {name: cpu, peak_bf16_tflops: 0.2, memory_gib: 24}}
+execution:
+  checkpoint_every: 20
+  keep_last: 2
+  heartbeat_s: 2
+  local: {threads: 1}
+"""
+
+
+@pytest.fixture
+def micro_graph(tmp_path: Path) -> Path:
+    path = tmp_path / "micro.yaml"
+    path.write_text(MICRO_GRAPH)
+    return path

@@ -1,0 +1,131 @@
+"""`trinity run`, `resume`, `status` and `explain`: the run-level operations behind the CLI."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from rich.console import Console
+
+from trinity.execute.display import RunDisplay, node_table
+from trinity.execute.local import LocalExecutor
+from trinity.execute.run import (
+    Decision,
+    RunError,
+    RunLock,
+    decide,
+    default_run_dir,
+    load_run_graph,
+    write_run,
+)
+from trinity.execute.rundir import RunDir, read_json
+from trinity.execute.scheduler import execute
+from trinity.execute.status import NodeStatus, list_attempts
+from trinity.spec.loading import LoadedSpec, load_experiment
+
+
+def select(graph: nx.DiGraph, patterns: list[str] | None) -> nx.DiGraph:
+    """The nodes matching any glob in `patterns`, with everything they depend on (all if None)."""
+    if not patterns:
+        return graph
+    chosen = {n for n in graph.nodes if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not chosen:
+        raise RunError(f"--nodes {' '.join(patterns)} matches no node (nodes: {', '.join(sorted(graph.nodes))})")
+    for n in list(chosen):
+        chosen |= nx.ancestors(graph, n)
+    return graph.subgraph(chosen).copy()
+
+
+def run_loaded(
+    loaded: LoadedSpec, run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1
+) -> int:
+    """Write/refresh the run directory, decide, execute; returns the exit status."""
+    run = RunDir(run_dir.resolve())
+    with RunLock(run):
+        run, full = write_run(loaded, run.root)
+        graph = select(full, nodes)
+        decisions = decide(run, graph)
+        busy = [d for d in decisions.values() if d.action == "busy"]
+        if busy:
+            raise RunError("; ".join(f"{d.node}: {d.reason}" for d in busy) + " — stop it before re-running")
+        reused = {n for n, d in decisions.items() if d.action == "reuse"}
+        to_run = [n for n, d in decisions.items() if d.action == "run"]
+        console.print(f"run directory: {run.root}", highlight=False)
+        console.print(f"{len(to_run)} node(s) to run, {len(reused)} reused", highlight=False)
+        executor = LocalExecutor(run)
+        order = [n for n in nx.lexicographical_topological_sort(graph)]
+        with RunDisplay(run, order, reused, console) as display:
+            states = execute(run, graph, decisions, executor, jobs=jobs, on_tick=display.tick)
+    if not console.is_terminal:
+        console.print(node_table(run, order, reused))
+    failed = [n for n, s in states.items() if s != "SUCCEEDED"]
+    if failed:
+        console.print(
+            f"[red]{len(failed)} node(s) did not succeed[/]: {', '.join(failed)}. "
+            f"See `trinity status {run.root}`; continue with `trinity resume {run.root}`."
+        )
+        return 1
+    console.print(
+        f"[green]all {len(states)} node(s) SUCCEEDED[/]. Telemetry: "
+        f'trinity sql {run.root} "select node, step, loss from steps order by node, step"'
+    )
+    return 0
+
+
+def run_graph(
+    graph_file: Path,
+    sets: list[str],
+    run_dir: Path | None,
+    console: Console,
+    nodes: list[str] | None = None,
+    jobs: int = 1,
+) -> int:
+    loaded = load_experiment(graph_file, sets)
+    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs)
+
+
+def load_run_spec(run: RunDir) -> LoadedSpec:
+    """The run's own resolved spec (spec.yaml), with the run's base folder for data paths."""
+    load_run_graph(run)  # refuses a folder that is not a run
+    meta = read_json(run.run_json)
+    return load_experiment(run.spec_yaml, base=Path(meta["base_dir"]))
+
+
+def resume_run(run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1) -> int:
+    run = RunDir(run_dir.resolve())
+    return run_loaded(load_run_spec(run), run.root, console, nodes, jobs)
+
+
+def explain(run_dir: Path, node_id: str) -> Decision:
+    run = RunDir(run_dir.resolve())
+    loaded = load_run_spec(run)
+    from trinity.graph.compile import compile_graph
+
+    graph = compile_graph(loaded)
+    if node_id not in graph:
+        raise RunError(f"{run.root}: no node {node_id!r} (nodes: {', '.join(sorted(graph.nodes))})")
+    return decide(run, graph.subgraph(nx.ancestors(graph, node_id) | {node_id}))[node_id]
+
+
+def status_report(run_dir: Path) -> dict[str, Any]:
+    run = RunDir(run_dir.resolve())
+    graph = load_run_graph(run)
+    nodes = []
+    for node_id, entry in graph.items():
+        node_dir = run.node(node_id)
+        status = NodeStatus.read(node_dir)
+        nodes.append(
+            {
+                "id": node_id,
+                "kind": entry["kind"],
+                "state": status.state,
+                "identity": entry["identity"],
+                "message": status.message,
+                "progress": status.progress,
+                "attempts": [asdict(a) for a in list_attempts(node_dir)],
+            }
+        )
+    return {"run": read_json(run.run_json), "root": str(run.root), "nodes": nodes}

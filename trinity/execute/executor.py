@@ -1,0 +1,36 @@
+"""What every executor offers the scheduler: launch a node attempt, poll it, stop it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How an attempt ended, as the executor saw it."""
+
+    exit_code: int | None
+    signal: int | None
+    message: str = ""
+
+
+class Handle(Protocol):
+    """A launched attempt."""
+
+    node_id: str
+    attempt: int
+
+    def poll(self) -> Finished | None:
+        """None while it runs; how it ended once it has."""
+        ...
+
+    def stop(self) -> None:
+        """Ask it to stop (commit a checkpoint and exit); escalate if it does not."""
+        ...
+
+
+class Executor(Protocol):
+    name: str
+
+    def launch(self, node_id: str, attempt: int) -> Handle: ...

@@ -1,0 +1,230 @@
+"""Create or reuse a run directory, and decide for every node whether it runs or is reused.
+
+A node is reused when it SUCCEEDED with the identity it has now and nothing upstream runs.
+Otherwise it runs, and `explain` says why: never ran, failed, died (stale lease), identity
+changed (and which parts of its spec), or an upstream node runs. A node whose identity changed
+has its old folder moved to RUN/superseded/ first: its checkpoints belong to another result
+and must not be resumed, but nothing trained is ever deleted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import networkx as nx
+import yaml
+
+import trinity
+from trinity.execute.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from trinity.execute.status import NodeStatus, lease_is_stale, list_attempts, now_iso
+from trinity.graph.compile import Node, branches, compile_graph, nodes_in_order
+from trinity.graph.diff import flatten
+from trinity.graph.identity import canonical_json
+from trinity.spec.experiment import ExperimentSpec
+from trinity.spec.loading import LoadedSpec
+
+Action = Literal["reuse", "run", "busy"]
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    node: str
+    action: Action
+    reason: str
+
+
+def default_run_dir(spec: ExperimentSpec) -> Path:
+    """runs/<name>: running the same graph again continues the same run."""
+    return Path(spec.execution.run_root) / spec.name
+
+
+def payload_digests(node: Node) -> dict[str, str]:
+    """A short digest of each top-level part of a node's identity payload (for `explain`)."""
+    return {k: hashlib.sha256(canonical_json(v).encode()).hexdigest()[:12] for k, v in node.payload.items()}
+
+
+def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
+    """Create `root` (or update it) with run.json, spec.yaml, branch specs and graph.json."""
+    run = RunDir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    graph = compile_graph(loaded)
+    if not run.run_json.is_file():
+        atomic_write_json(
+            run.run_json,
+            {
+                "run_id": f"{loaded.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                "name": loaded.spec.name,
+                "created": now_iso(),
+                "trinity_version": trinity.__version__,
+            },
+        )
+    meta = read_json(run.run_json)
+    if loaded.path.resolve() != run.spec_yaml.resolve():  # a resume re-reads spec.yaml: keep the origin
+        meta["graph_file"] = str(loaded.path.resolve())
+    meta.update(base_dir=str(loaded.base_dir), updated=now_iso())
+    atomic_write_json(run.run_json, meta)
+    atomic_write_text(
+        run.spec_yaml, yaml.safe_dump(loaded.spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    )
+    spec_files: dict[str, str] = {}
+    for i, branch in enumerate(branches(loaded)):
+        name = "spec.yaml" if loaded.spec.sweep is None else f"branches/{i:03d}.yaml"
+        if loaded.spec.sweep is not None:
+            atomic_write_text(
+                root / name, yaml.safe_dump(branch.spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+            )
+        spec_files[branch.label] = name
+    first_label = next(iter(spec_files))
+    nodes = []
+    for node in nodes_in_order(graph):
+        spec: ExperimentSpec = graph.nodes[node.id]["spec"]
+        # A node shared by all sweep branches has the same identity in each: it runs with the first one's spec.
+        label = node.branch or first_label
+        flat = {k: v for k, (v, _) in flatten(spec).items()}
+        nodes.append(
+            {
+                **node.to_json(),
+                "spec_file": spec_files[label],
+                "flat_spec": flat,
+                "payload_digests": payload_digests(node),
+            }
+        )
+    atomic_write_json(run.graph_json, {"name": loaded.spec.name, "nodes": nodes})
+    return run, graph
+
+
+def load_run_graph(run: RunDir) -> dict[str, dict[str, Any]]:
+    """graph.json's nodes by id."""
+    if not run.exists():
+        raise RunError(f"{run.root}: not a trinity run directory (no graph.json); start one with `trinity run GRAPH`")
+    return {n["id"]: n for n in read_json(run.graph_json)["nodes"]}
+
+
+def load_node_spec(run: RunDir, node: dict[str, Any]) -> ExperimentSpec:
+    """The (branch) spec a node runs with, as resolved when the run was written."""
+    data = yaml.safe_load((run.root / node["spec_file"]).read_text())
+    data.pop("sweep", None)
+    return ExperimentSpec.model_validate(data)
+
+
+def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:
+    """For each node, in topological order: reuse, run, or busy (running in another live process)."""
+    decisions: dict[str, Decision] = {}
+    for node in nodes_in_order(graph):
+        status = NodeStatus.read(run.node(node.id))
+        upstream = [d for d in node.deps if decisions[d].action != "reuse"]
+        decisions[node.id] = _decide_one(run, node, status, upstream)
+    return decisions
+
+
+def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]) -> Decision:
+    node_dir = run.node(node.id)
+    if status.state == "RUNNING" and not lease_is_stale(node_dir):
+        return Decision(node.id, "busy", f"RUNNING in attempt {status.attempt} with a live heartbeat")
+    if status.identity and status.identity != node.identity and status.state != "PENDING":
+        changed = _changed_parts(node_dir, node)
+        return Decision(
+            node.id, "run", f"its identity changed ({changed}); was {status.identity[:12]}, now {node.identity[:12]}"
+        )
+    if upstream:
+        return Decision(node.id, "run", f"upstream {', '.join(upstream)} will run")
+    if status.state == "SUCCEEDED":
+        return Decision(
+            node.id, "reuse", f"SUCCEEDED in attempt {status.attempt} with identity {node.identity[:12]}, unchanged"
+        )
+    resume = _resume_note(node_dir)
+    if status.state == "FAILED":
+        return Decision(node.id, "run", f"FAILED in attempt {status.attempt}: {status.message}{resume}")
+    if status.state == "RUNNING":
+        return Decision(node.id, "run", f"died in attempt {status.attempt} (stale heartbeat lease){resume}")
+    if status.state == "DEP_FAILED":
+        return Decision(node.id, "run", "a dependency had failed; it never ran")
+    return Decision(node.id, "run", "it never ran")
+
+
+def _changed_parts(node_dir: Any, node: Node) -> str:
+    path = node_dir.root / "payload_digests.json"
+    if not path.is_file():
+        return "spec fields changed"
+    before = read_json(path)
+    now = payload_digests(node)
+    parts = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return "changed: " + ", ".join(parts) if parts else "upstream identities changed"
+
+
+def _resume_note(node_dir: Any) -> str:
+    if not node_dir.checkpoints.is_dir():
+        return ""
+    from trinity.nodes.checkpoints import last_committed_step
+
+    step = last_committed_step(node_dir)
+    return f"; will resume from its checkpoint at step {step}" if step is not None else ""
+
+
+def supersede(run: RunDir, node: Node) -> Path | None:
+    """Move a node folder whose identity changed aside (RUN/superseded/...), keeping what it trained."""
+    node_dir = run.node(node.id)
+    status = NodeStatus.read(node_dir)
+    if not node_dir.root.exists() or not status.identity or status.identity == node.identity:
+        return None
+    target = run.root / "superseded" / f"{node.id}@{status.identity[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(node_dir.root), str(target))
+    return target
+
+
+def mark_pending(run: RunDir, node: Node) -> None:
+    """Before a node runs: PENDING with its current identity, attempt count kept."""
+    node_dir = run.node(node.id)
+    node_dir.root.mkdir(parents=True, exist_ok=True)
+    old = NodeStatus.read(node_dir)
+    attempts = list_attempts(node_dir)
+    NodeStatus(
+        state="PENDING",
+        identity=node.identity,
+        attempt=attempts[-1].attempt if attempts else 0,
+        message="",
+        progress=old.progress,
+    ).write(node_dir)
+    atomic_write_json(node_dir.root / "payload_digests.json", payload_digests(node))
+
+
+class RunLock:
+    """One scheduler per run directory: an exclusive flock on RUN/.lock."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.path = run.root / ".lock"
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunError(f"{self.path.parent}: already being run by {holder}; wait for it or stop it first") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps({"pid": os.getpid(), "since": now_iso()}))
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()

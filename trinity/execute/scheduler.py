@@ -1,0 +1,131 @@
+"""The scheduler loop: run the nodes that must run, in dependency order, on an executor.
+
+A node starts when all its dependencies SUCCEEDED. When one fails, everything downstream of it
+is DEP_FAILED (and re-runs on resume). Ctrl-C asks running nodes to stop: a training node
+commits a checkpoint at its next step and exits; the run can be resumed from there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import networkx as nx
+
+from trinity.execute.executor import Executor, Finished, Handle
+from trinity.execute.run import Decision, mark_pending, supersede
+from trinity.execute.rundir import RunDir
+from trinity.execute.status import AttemptRecord, NodeStatus, next_attempt
+from trinity.graph.compile import nodes_in_order
+
+POLL_S = 0.5
+
+
+class Interrupted(Exception):
+    """The user stopped the run (Ctrl-C); nodes were asked to stop and have stopped."""
+
+
+def execute(
+    run: RunDir,
+    graph: nx.DiGraph,
+    decisions: dict[str, Decision],
+    executor: Executor,
+    jobs: int = 1,
+    on_tick: Callable[[], None] = lambda: None,
+) -> dict[str, str]:
+    """Run every node whose decision is 'run'; returns the final state of each node."""
+    order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
+    for node in order:
+        supersede(run, node)
+        mark_pending(run, node)
+    pending = [n.id for n in order]
+    running: dict[str, Handle] = {}
+    try:
+        while pending or running:
+            for node_id, handle in list(running.items()):
+                finished = handle.poll()
+                if finished is not None:
+                    del running[node_id]
+                    if not _settle(run, graph, node_id, handle.attempt, finished):
+                        pending = _fail_downstream(run, graph, node_id, pending)
+            for node_id in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(NodeStatus.read(run.node(d)).state == "SUCCEEDED" for d in graph.predecessors(node_id)):
+                    pending.remove(node_id)
+                    running[node_id] = _launch(run, graph, executor, node_id)
+            if pending and not running:  # nothing can start: dependencies are not satisfiable
+                for node_id in pending:
+                    _set_state(run, node_id, "DEP_FAILED", "a dependency did not succeed")
+                pending = []
+            on_tick()
+            time.sleep(POLL_S if running else 0)
+    except KeyboardInterrupt:
+        _stop_all(run, graph, running, on_tick)
+        raise Interrupted() from None
+    on_tick()
+    return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
+
+
+def _launch(run: RunDir, graph: nx.DiGraph, executor: Executor, node_id: str) -> Handle:
+    node = graph.nodes[node_id]["node"]
+    node_dir = run.node(node_id)
+    attempt = next_attempt(node_dir)
+    AttemptRecord(attempt=attempt, executor=executor.name, identity=node.identity).write(node_dir)
+    status = NodeStatus.read(node_dir)
+    status.attempt, status.message = attempt, f"launched attempt {attempt}"
+    status.write(node_dir)
+    return executor.launch(node_id, attempt)
+
+
+def _settle(run: RunDir, graph: nx.DiGraph, node_id: str, attempt: int, finished: Finished) -> bool:
+    """Record how an attempt ended; True if the node SUCCEEDED."""
+    node_dir = run.node(node_id)
+    status = NodeStatus.read(node_dir)
+    record = AttemptRecord.read(node_dir, attempt)
+    if finished.exit_code == 0 and status.state == "SUCCEEDED":
+        return True
+    message = status.message if status.state == "FAILED" and status.message else finished.message
+    if record.end is None or record.state == "RUNNING":
+        record.finish(node_dir, "FAILED", finished.exit_code, finished.signal, message)
+    elif record.exit_code is None and record.signal is None:  # the node wrote its end; add how it exited
+        record.exit_code, record.signal = finished.exit_code, finished.signal
+        record.write(node_dir)
+    if status.state != "FAILED":
+        status.state, status.message = "FAILED", message or "the node process ended without success"
+        status.write(node_dir)
+    return False
+
+
+def _fail_downstream(run: RunDir, graph: nx.DiGraph, node_id: str, pending: list[str]) -> list[str]:
+    blocked = nx.descendants(graph, node_id)
+    for other in pending:
+        if other in blocked:
+            _set_state(run, other, "DEP_FAILED", f"dependency {node_id} failed")
+    return [p for p in pending if p not in blocked]
+
+
+def _set_state(run: RunDir, node_id: str, state: str, message: str) -> None:
+    node_dir = run.node(node_id)
+    status = NodeStatus.read(node_dir)
+    status.state, status.message = state, message  # type: ignore[assignment]
+    status.write(node_dir)
+
+
+def _stop_all(run: RunDir, graph: nx.DiGraph, running: dict[str, Handle], on_tick: Callable[[], None]) -> None:
+    for handle in running.values():
+        handle.stop()
+    while running:
+        for node_id, handle in list(running.items()):
+            finished = handle.poll()
+            if finished is not None:
+                del running[node_id]
+                _settle(
+                    run,
+                    graph,
+                    node_id,
+                    handle.attempt,
+                    Finished(finished.exit_code, finished.signal, "interrupted by the user (Ctrl-C)"),
+                )
+        on_tick()
+        time.sleep(POLL_S)
