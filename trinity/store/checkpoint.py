@@ -100,7 +100,7 @@ def _stored_array(leaf: Leaf) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
             t = t.view(_BITS_AS[t.element_size()])
         arr = t.numpy()
         return arr, {"kind": "tensor", "dtype": dtype, "shape": list(v.shape), "stored": arr.dtype.str}
-    arr = np.ascontiguousarray(v)
+    arr = v if v.flags.c_contiguous else v.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
     return arr, {"kind": "ndarray", "dtype": arr.dtype.str, "shape": list(arr.shape), "stored": arr.dtype.str}
 
 
@@ -108,7 +108,7 @@ def _leaf_value(arr: np.ndarray[Any, Any], rec: dict[str, Any], map_location: st
     arr = np.asarray(arr).reshape(tuple(rec["shape"]))
     if rec["kind"] == "ndarray":
         return arr.astype(np.dtype(rec["dtype"]), copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
     dtype = getattr(torch, rec["dtype"])
     if t.dtype != dtype:
         t = t.view(dtype)
@@ -158,11 +158,25 @@ async def _write_group(
     sem = asyncio.Semaphore(_CONCURRENT_ARRAYS)
     compressors = _compressors(compression)
 
-    async def one(name: str, arr: np.ndarray[Any, Any]) -> None:
-        async with sem:
-            await _write_array(root, name, arr, compressors)
+    failed = False
 
-    await asyncio.gather(*(one(n, a) for n, a in arrays))
+    async def one(name: str, arr: np.ndarray[Any, Any]) -> None:
+        nonlocal failed
+        async with sem:
+            if failed:
+                return
+            try:
+                await _write_array(root, name, arr, compressors)
+            except BaseException:
+                failed = True
+                raise
+
+    # No cancellation on the first error: let in-flight writes finish (a cancelled task's thread
+    # would keep writing), start no new ones, then raise, so the caller removes a quiet folder.
+    results = await asyncio.gather(*(one(n, a) for n, a in arrays), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
     await root.update_attributes({ATTR: attrs})  # metadata last
 
 
