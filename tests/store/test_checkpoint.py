@@ -148,7 +148,7 @@ def test_round_trip_equals_torch_save(tmp_path: Path, pack_below_bytes: int) -> 
     assert_same(reference, ours)
     assert_same(state, ours)
     # Tied or repeated tensors come back as one tensor, as with torch.load.
-    assert (ours["model"]["scale"].data_ptr() != ours["model"]["inp.weight"].data_ptr())
+    assert ours["model"]["scale"].data_ptr() != ours["model"]["inp.weight"].data_ptr()
     marker = json.loads((path / MARKER).read_text())
     assert marker["step"] == 2 and marker["n_leaves"] > 20 and marker["nbytes"] > 300 * 300 * 2
     if pack_below_bytes == 0:
@@ -316,9 +316,14 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
 
 def _fake_writer(folder: Path, host: str, pid: int, age_s: float = 0.0) -> None:
     folder.mkdir()
-    (folder / ckpt.WRITER).write_text(json.dumps({"host": host, "pid": pid}))
+    meta = folder / "zarr.json"  # as a writer leaves it before its first array
+    meta.write_text(
+        json.dumps(
+            {"zarr_format": 3, "node_type": "group", "attributes": {ckpt.WRITER_ATTR: {"host": host, "pid": pid}}}
+        )
+    )
     t = time.time() - age_s
-    for p in (folder / ckpt.WRITER, folder):
+    for p in (meta, folder):
         os.utime(p, (t, t))
 
 

@@ -3,13 +3,13 @@
 Layout of one checkpoint (a Zarr v3 group):
 
     ckpt_root/step-00000100/
-      zarr.json            root group; attribute `trinity_checkpoint` = {format, step, meta,
-                           skeleton, leaves} is written LAST (see trinity.store.tree)
+      zarr.json            root group: attribute `trinity_writer` = {host, pid} written first,
+                           attribute `trinity_checkpoint` = {format, step, meta, skeleton,
+                           leaves} written LAST (see trinity.store.tree)
       model/<name>         one array per large tensor, e.g. model/layers.0.attn.wq.weight
       optimizer/state.3.exp_avg ...
       %packed              every leaf under `pack_below_bytes`, concatenated as bytes (one
                            array instead of hundreds of tiny ones: zarr costs ~1 ms per array)
-      writer.json          {host, pid} of the process that wrote it
       COMMITTED            the commit marker: {step, time, n_arrays, n_leaves, nbytes, skeleton_sha256}
 
 Protocol (a checkpoint without its marker does not exist):
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import zarr
 import zarr.api.asynchronous as za
+from zarr import AsyncArray
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -55,7 +56,7 @@ from zarr.storage import LocalStore
 from trinity.store.tree import Leaf, flatten, unflatten
 
 MARKER = "COMMITTED"
-WRITER = "writer.json"
+WRITER_ATTR = "trinity_writer"
 ATTR = "trinity_checkpoint"
 PACKED = "%packed"
 FORMAT = 1
@@ -154,7 +155,8 @@ async def _write_array(root: Any, name: str, arr: np.ndarray[Any, Any], compress
 async def _write_group(
     folder: Path, arrays: list[tuple[str, np.ndarray[Any, Any]]], attrs: dict[str, Any], compression: Compression
 ) -> None:
-    root = await za.open_group(store=LocalStore(str(folder)), mode="a", zarr_format=3)  # the folder is new: ours alone
+    writer = {"host": socket.gethostname(), "pid": os.getpid()}  # first, so pruning can tell if we are alive
+    root = await za.create_group(store=LocalStore(str(folder)), attributes={WRITER_ATTR: writer}, zarr_format=3)
     sem = asyncio.Semaphore(_CONCURRENT_ARRAYS)
     compressors = _compressors(compression)
 
@@ -196,11 +198,14 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _write_json_durable(path: Path, value: Any) -> None:
-    with open(path, "w") as f:
+    """Write, fsync, rename into place, fsync the folder: the file is whole or absent, even after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
     _fsync_path(path.parent)
 
 
@@ -242,7 +247,6 @@ def write_tree(
         arrays.append((PACKED, np.concatenate(packed)))
     attrs = {"format": FORMAT, "step": step, "meta": meta or {}, "skeleton": skeleton, "leaves": records}
     folder.mkdir(parents=True)
-    _write_json_durable(folder / WRITER, {"host": socket.gethostname(), "pid": os.getpid()})
     sync(_write_group(folder, arrays, attrs, compression))
     if fsync:
         _fsync_tree(folder)
@@ -348,8 +352,10 @@ def _writer_gone(folder: Path, pid_hint: int | None, stale_after_s: float) -> bo
     with _active_lock:
         if folder in _active:
             return False
+    host: str
+    pid: int | None
     try:
-        writer = json.loads((folder / WRITER).read_text())
+        writer = json.loads((folder / "zarr.json").read_text())["attributes"][WRITER_ATTR]
         host, pid = str(writer["host"]), int(writer["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         host, pid = socket.gethostname(), pid_hint
@@ -437,7 +443,8 @@ async def _read_arrays(path: Path, names: list[str]) -> list[np.ndarray[Any, Any
     async def one(name: str) -> np.ndarray[Any, Any]:
         async with sem:
             arr = await root.getitem(name)
-            return np.asarray(await arr.getitem(Ellipsis))  # type: ignore[union-attr]
+            assert isinstance(arr, AsyncArray)
+            return np.asarray(await arr.getitem(Ellipsis))
 
     return list(await asyncio.gather(*(one(n) for n in names)))
 

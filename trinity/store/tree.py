@@ -157,7 +157,7 @@ def unflatten(skeleton: JSON, leaves: list[Any]) -> Any:
     if not isinstance(skeleton, dict) or "t" not in skeleton:
         raise ValueError(f"malformed checkpoint skeleton node: {skeleton!r:.200}")
     tag = skeleton["t"]
-    v = skeleton.get("v")
+    v: Any = skeleton.get("v")
     if tag == "leaf":
         return leaves[skeleton["i"]]
     if tag == "float":
@@ -172,7 +172,8 @@ def unflatten(skeleton: JSON, leaves: list[Any]) -> Any:
     if tag in ("dict", "odict"):
         keys = [unflatten(k, leaves) for k in skeleton["k"]]
         vals = [unflatten(x, leaves) for x in v]
-        out: dict[Any, Any] = OrderedDict(zip(keys, vals, strict=True)) if tag == "odict" else dict(zip(keys, vals, strict=True))
+        pairs = zip(keys, vals, strict=True)
+        out: dict[Any, Any] = OrderedDict(pairs) if tag == "odict" else dict(pairs)
         if "m" in skeleton:
             out._metadata = unflatten(skeleton["m"], leaves)  # type: ignore[attr-defined]
         return out
