@@ -28,7 +28,7 @@ FLAT_SPEC: dict[str, Any] = {
 }
 
 
-def make_run(
+def _make_run(
     root: Path,
     run_id: str,
     nodes: Sequence[tuple[str, str, dict[str, Any]]],
@@ -59,7 +59,7 @@ def make_run(
     return run
 
 
-def write_attempt(
+def _write_attempt(
     run: RunDir,
     run_id: str,
     node_id: str,
@@ -116,8 +116,10 @@ def write_attempt(
 
 
 @pytest.fixture
-def synthetic_run(tmp_path: Path) -> Callable[..., RunDir]:
-    def make(name: str = "run-a", **overrides: Any) -> RunDir:
-        return make_run(tmp_path / "runs" / name, name, [("pretrain/phase1", "pretrain", overrides)])
+def make_run() -> Callable[..., RunDir]:
+    return _make_run
 
-    return make
+
+@pytest.fixture
+def write_attempt() -> Callable[..., None]:
+    return _write_attempt

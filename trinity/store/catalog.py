@@ -126,6 +126,20 @@ def _int(value: Any) -> int | None:
     return None if value is None or value == "" else int(value)
 
 
+def _signal(value: Any) -> int | None:
+    """A signal number (records hold ints; a name such as 'SIGTERM' is converted)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) or str(value).lstrip("-").isdigit():
+        return int(value)
+    import signal
+
+    try:
+        return int(signal.Signals[str(value)])
+    except KeyError:
+        return None
+
+
 def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -179,6 +193,9 @@ NODES_SCHEMA = pa.schema(
         ("state", pa.string()),
         ("state_updated", pa.timestamp("us", tz="UTC")),
         ("status_identity", pa.string()),
+        ("message", pa.string()),
+        ("latest_attempt", pa.int32()),
+        ("progress", pa.string()),
         ("n_attempts", pa.int32()),
     ]
 )
@@ -197,8 +214,10 @@ ATTEMPTS_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("state", pa.string()),
         ("exit_code", pa.int64()),
-        ("signal", pa.string()),
+        ("signal", pa.int64()),
         ("resumed_from_step", pa.int64()),
+        ("identity", pa.string()),
+        ("message", pa.string()),
         ("has_record", pa.bool_()),
     ]
 )
@@ -240,6 +259,9 @@ def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
                     "state": _str(status.get("state")) or ("PENDING" if not status else None),
                     "state_updated": _time(status.get("updated")),
                     "status_identity": _str(status.get("identity")),
+                    "message": _str(status.get("message")),
+                    "latest_attempt": _int(status.get("attempt")) or (max(numbers) if numbers else None),
+                    "progress": json.dumps(status["progress"], sort_keys=True) if status.get("progress") else None,
                     "n_attempts": len(numbers),
                 }
             )
@@ -261,8 +283,10 @@ def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
                         "duration_s": (end - start).total_seconds() if start and end else None,
                         "state": _str(rec.get("state")),
                         "exit_code": _int(rec.get("exit_code")),
-                        "signal": _str(rec.get("signal")),
+                        "signal": _signal(rec.get("signal")),
                         "resumed_from_step": _int(rec.get("resumed_from_step")),
+                        "identity": _str(rec.get("identity")),
+                        "message": _str(rec.get("message")),
                         "has_record": bool(rec),
                     }
                 )

@@ -133,7 +133,8 @@ def moe_layer_stats(counts_LE: ArrayLike, bias_LE: ArrayLike | None = None) -> d
     """Per-MoE-layer statistics of one optimizer step, as `log_moe_layers` takes them.
 
     counts_LE: tokens routed to each expert (summed over micro-batches and ranks), one row per MoE layer.
-    bias_LE: the expert biases after this step's update (None: bias columns are null).
+    bias_LE: the expert biases after this step's update (None: bias columns are null); std is the
+        population standard deviation.
     MaxVio = (max_i n_i - mean n) / mean n (0 when no token was routed), as in trinity.optim.balancing;
     dead experts = experts that received no token this step.
     """
@@ -141,10 +142,10 @@ def moe_layer_stats(counts_LE: ArrayLike, bias_LE: ArrayLike | None = None) -> d
     n_mean = n.mean(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         vio = np.where(n_mean > 0, (n.max(axis=1) - n_mean) / np.where(n_mean > 0, n_mean, 1.0), 0.0)
-    stats = {"max_vio": vio, "dead_experts": (n == 0).sum(axis=1)}
+    stats = {"max_vio_L": vio, "dead_experts_L": (n == 0).sum(axis=1)}
     if bias_LE is not None:
         b = to_numpy(bias_LE).astype(np.float64)
-        stats |= {"bias_mean": b.mean(1), "bias_std": b.std(1), "bias_min": b.min(1), "bias_max": b.max(1)}
+        stats |= {"bias_mean_L": b.mean(1), "bias_std_L": b.std(1), "bias_min_L": b.min(1), "bias_max_L": b.max(1)}
     return stats
 
 
@@ -230,31 +231,35 @@ class TelemetryWriter:
         self,
         step: int,
         *,
-        max_vio: ArrayLike,
-        dead_experts: ArrayLike,
-        bias_mean: ArrayLike | None = None,
-        bias_std: ArrayLike | None = None,
-        bias_min: ArrayLike | None = None,
-        bias_max: ArrayLike | None = None,
+        max_vio_L: ArrayLike,
+        dead_experts_L: ArrayLike,
+        bias_mean_L: ArrayLike | None = None,
+        bias_std_L: ArrayLike | None = None,
+        bias_min_L: ArrayLike | None = None,
+        bias_max_L: ArrayLike | None = None,
     ) -> None:
-        """Per-MoE-layer values of one step; each array has one entry per MoE layer (layer 0 first)."""
-        vio = to_numpy(max_vio).astype(np.float64).ravel()
+        """Per-MoE-layer values of one step; each array has one entry per MoE layer (layer 0 first).
+
+        `moe_layer_stats(counts_LE, bias_LE)` computes all of them; bias arrays may be None (no bias).
+        """
+        vio = to_numpy(max_vio_L).astype(np.float64).ravel()
         L = vio.shape[0]
         c = self._cols["moe_layers"]
         c["run_id"].append(L)  # run/node/attempt/step are expanded to L rows at flush time
         c["step"].append(step)
         c["layer"].append(np.arange(L, dtype=np.int32))
         c["max_vio"].append(vio)
-        c["dead_experts"].append(to_numpy(dead_experts).astype(np.int32).ravel())
+        dead = to_numpy(dead_experts_L).astype(np.int32).ravel()
+        c["dead_experts"].append(dead)
         for name, arr in (
-            ("bias_mean", bias_mean),
-            ("bias_std", bias_std),
-            ("bias_min", bias_min),
-            ("bias_max", bias_max),
+            ("bias_mean", bias_mean_L),
+            ("bias_std", bias_std_L),
+            ("bias_min", bias_min_L),
+            ("bias_max", bias_max_L),
         ):
             c[name].append(np.full(L, np.nan) if arr is None else to_numpy(arr).astype(np.float64).ravel())
         if self.tb is not None:
-            self.tb.log_moe(step, vio, to_numpy(dead_experts).ravel())
+            self.tb.log_moe(step, vio, dead)
 
     def log_expert_load(self, step: int, counts_LE: ArrayLike) -> None:
         """Tokens routed to every (MoE layer, expert) at this step; fraction = share within the layer."""
