@@ -39,7 +39,7 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
         executor=executor,
     )
     node_dir = ctx.dir
-    record = _attempt_record(ctx)
+    _start_attempt_record(ctx)
     NodeStatus(
         state="RUNNING", identity=node["identity"], attempt=attempt, message=f"running attempt {attempt}", progress={}
     ).write(node_dir)
@@ -60,16 +60,16 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             kind.verify(ctx)
     except StopRequested:
         message = "stopped on request" + _checkpoint_note(ctx)
-        _fail(ctx, record, message, "STOPPED")
+        _fail(ctx, message, "STOPPED")
         return EXIT_STOPPED
     except NodeFailure as exc:
-        _fail(ctx, record, str(exc), "FAILED")
+        _fail(ctx, str(exc), "FAILED")
         return EXIT_FAILED
     except Exception as exc:
         traceback.print_exc()
-        _fail(ctx, record, f"{type(exc).__name__}: {exc} (traceback in {node_dir.log_file(attempt)})", "FAILED")
+        _fail(ctx, f"{type(exc).__name__}: {exc} (traceback in {node_dir.log_file(attempt)})", "FAILED")
         return EXIT_FAILED
-    record.finish(node_dir, "SUCCEEDED", 0, None, "")
+    AttemptRecord.read(node_dir, attempt).finish(node_dir, "SUCCEEDED", 0, None, "")
     status = NodeStatus.read(node_dir)
     status.state, status.message = "SUCCEEDED", ""
     status.write(node_dir)
@@ -80,7 +80,7 @@ def _finished(ctx: NodeContext) -> bool:
     return (ctx.dir.outputs / "final.json").is_file()
 
 
-def _attempt_record(ctx: NodeContext) -> AttemptRecord:
+def _start_attempt_record(ctx: NodeContext) -> None:
     import os
 
     path = ctx.dir.attempt_record(ctx.attempt)
@@ -90,7 +90,6 @@ def _attempt_record(ctx: NodeContext) -> AttemptRecord:
         record = AttemptRecord(attempt=ctx.attempt, executor=ctx.executor, identity=str(ctx.node["identity"]))
     record.pid = os.getpid()
     record.write(ctx.dir)
-    return record
 
 
 def _checkpoint_note(ctx: NodeContext) -> str:
@@ -100,9 +99,10 @@ def _checkpoint_note(ctx: NodeContext) -> str:
     return f"; last committed checkpoint at step {step}" if step is not None else ""
 
 
-def _fail(ctx: NodeContext, record: AttemptRecord, message: str, state: str) -> None:
+def _fail(ctx: NodeContext, message: str, state: str) -> None:
     print(f"trinity: {ctx.node_id} attempt {ctx.attempt}: {message}", file=sys.stderr)
-    record.finish(ctx.dir, state, None, None, message)
+    # The body may have updated the record (resumed_from_step): finish what is on disk.
+    AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, state, None, None, message)
     status = NodeStatus.read(ctx.dir)
     status.state, status.message = "FAILED", message
     status.write(ctx.dir)

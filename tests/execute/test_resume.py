@@ -1,0 +1,139 @@
+"""Exact resume: a pretraining node killed with SIGKILL at a random step continues bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.execute.test_scheduler import trinity
+from trinity.execute.rundir import RunDir, read_json
+from trinity.execute.status import NodeStatus, list_attempts
+from trinity.store.catalog import open_catalog
+
+NODE = "pretrain/phase1"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run whose tokenizer and prepare nodes are done (copied for each scenario)."""
+    from tests.execute.conftest import MICRO_GRAPH
+
+    root = tmp_path_factory.mktemp("resume")
+    graph = root / "micro.yaml"
+    graph.write_text(MICRO_GRAPH.replace("    extra: {kind: jsonl, paths: [extra.jsonl]}\n", ""))
+    run = root / "prepared"
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", "prepare/phase1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return graph, run
+
+
+def losses(run: Path) -> dict[int, float]:
+    con = open_catalog(run)
+    return dict(con.sql(f"select step, loss from steps where node = '{NODE}' order by step").fetchall())
+
+
+def test_sigkill_at_random_step_then_resume_is_bit_identical(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, prepared_run = prepared
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(prepared_run, straight)
+    shutil.copytree(prepared_run, killed)
+
+    result = trinity("run", str(graph), "--run-dir", str(straight), "--nodes", NODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = losses(straight)
+    total = max(expected)
+    assert total == 59 and expected[total] < expected[1] - 2.0  # the loss clearly falls
+
+    kill_at = random.Random(os.getpid()).randint(22, 50)  # past the first checkpoint (every 20 steps)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(killed), "--nodes", NODE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    node_dir = RunDir(killed).node(NODE)
+    deadline = time.monotonic() + 300
+    while NodeStatus.read(node_dir).progress.get("step", 0) < kill_at:
+        assert proc.poll() is None and time.monotonic() < deadline, "the node ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(read_json(node_dir.lease)["pid"], signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode == 1
+    killed_step = NodeStatus.read(node_dir).progress["step"]
+    assert NodeStatus.read(node_dir).state == "FAILED"
+
+    resumed = trinity("resume", str(killed), "--nodes", NODE)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    attempts = list_attempts(node_dir)
+    assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
+    assert attempts[0].signal == signal.SIGKILL
+    assert attempts[1].resumed_from_step is not None and 0 < attempts[1].resumed_from_step <= killed_step
+
+    assert losses(killed) == expected  # every step once, bit for bit
+    con = open_catalog(killed)
+    dup = con.sql(f"select step, count(*) from steps where node = '{NODE}' group by step having count(*) > 1")
+    assert dup.fetchall() == []
+    history = con.sql(
+        f"select attempt, count(*) from steps_history where node = '{NODE}' group by attempt order by attempt"
+    ).fetchall()
+    first_attempt_rows = history[0][1]
+    assert first_attempt_rows >= attempts[1].resumed_from_step  # the killed attempt's rows stay as history
+    recorded = con.sql(f"select attempt, state, signal from attempts where node = '{NODE}' order by attempt")
+    assert recorded.fetchall()[0][1:] == ("FAILED", signal.SIGKILL)
+
+
+def test_marker_less_newest_checkpoint_is_skipped(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """The newest checkpoint corrupted mid-write (no commit marker): resume uses the one before."""
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity(
+        "run", str(graph), "--run-dir", str(run), "--nodes", NODE, "--set", "execution.checkpoint_every=10"
+    )
+    assert result.returncode == 0
+    expected = losses(run)
+    node_dir = RunDir(run).node(NODE)
+    newest = sorted(p for p in node_dir.checkpoints.iterdir() if p.name.startswith("step-"))[-1]
+    (newest / "COMMITTED").unlink()  # as if killed between the rename and the marker
+    status = NodeStatus.read(node_dir)
+    status.state, status.message = "FAILED", "simulated crash"
+    status.write(node_dir)
+    shutil.rmtree(node_dir.outputs)
+
+    assert "resume from its checkpoint at step 50" in trinity("explain", str(run), NODE).stdout
+    resumed = trinity("resume", str(run), "--nodes", NODE)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert list_attempts(node_dir)[-1].resumed_from_step == 50
+    assert losses(run) == expected
+
+
+def test_non_finite_loss_fails_clearly_and_commits_nothing_bad(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity(
+        "run",
+        str(graph),
+        "--run-dir",
+        str(run),
+        "--nodes",
+        NODE,
+        "--set",
+        "optim.adamw.lr=1.0e+30",
+        "--set",
+        "stability.grad_clip=null",
+    )
+    assert result.returncode == 1
+    status = NodeStatus.read(RunDir(run).node(NODE))
+    assert status.state == "FAILED"
+    assert "Lower the learning rate" in status.message
+    assert "nan" in status.message.lower() or "inf" in status.message.lower()
+    assert not (RunDir(run).node(NODE).outputs / "final.json").exists()

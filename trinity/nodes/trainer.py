@@ -1,0 +1,222 @@
+"""The language-model training loop shared by pretraining, context extension and SFT.
+
+One optimizer step:
+  for each micro-batch: forward (intra-document masking from doc ids if the spec asks),
+      loss = CE + z_w * z-loss + aux_w * aux-loss, backward(loss / micro-batches);
+      expert counts summed, micro-batch CE kept for BatchHet;
+  clip the global grad norm; refuse a non-finite loss or gradient (nothing of that step is ever
+  committed); set the lr from the schedule; optimizer step; expert-bias update once, from the
+  step's summed counts; telemetry; a checkpoint every N steps, at the end, and when asked to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trinity.data.loaders import PackedLoader
+from trinity.model import TrinityModel
+from trinity.model.rope import positions_from_doc_ids
+from trinity.nodes.checkpoints import save_training_state
+from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
+from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
+from trinity.optim.groups import TrinityOptimizer
+from trinity.store.checkpoint import capture_rng_state
+from trinity.store.telemetry import TelemetryWriter
+
+
+PROGRESS_EVERY_S = 0.5
+
+
+@dataclass
+class TrainPlan:
+    """What to train: steps [first_step, last_step), batch sizes, the lr rule."""
+
+    phase: str
+    first_step: int
+    last_step: int
+    tokens_seen: int
+    seq_len: int
+    micro_batch: int
+    batch_sequences: Callable[[int], int]
+    """Global batch (sequences) given the tokens seen so far."""
+    lr_factor: Callable[[int, int], float]
+    """Multiplier of the peak lr given (step, tokens seen)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    ce: float
+    aux: float
+    z: float
+    grad_norm: float
+    batch_het: float
+    tokens: int
+    counts_LE: torch.Tensor
+
+
+class Trainer:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        model: TrinityModel,
+        optimizer: TrinityOptimizer,
+        loader: PackedLoader,
+        plan: TrainPlan,
+        telemetry: TelemetryWriter,
+        on_step: Callable[[int], None] = lambda step: None,
+    ) -> None:
+        self.ctx, self.model, self.optimizer, self.loader, self.plan = ctx, model, optimizer, loader, plan
+        self.telemetry, self.on_step = telemetry, on_step
+        self.stability = ctx.spec.stability
+        self.step, self.tokens = plan.first_step, plan.tokens_seen
+        self.last_checkpoint: Path | None = None
+        self._last_progress = 0.0
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        plan, stab = self.plan, self.stability
+        sequences = plan.batch_sequences(self.tokens)
+        n_micro = max(1, sequences // plan.micro_batch)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if stab.precision == "bf16" else contextlib.nullcontext()
+        micro_ce: list[float] = []
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z
+        counts_LE: torch.Tensor | None = None
+        for micro in range(n_micro):
+            batch = self.loader.next_batch()
+            doc_ids = batch.doc_ids_BT if stab.intra_document_masking else None
+            positions = (
+                positions_from_doc_ids(batch.doc_ids_BT)
+                if doc_ids is not None and stab.reset_positions_per_document
+                else None
+            )
+            with autocast:
+                out = self.model(
+                    batch.tokens_BT, doc_ids_BT=doc_ids, labels_BT=batch.targets_BT, position_ids_BT=positions
+                )
+            assert out.ce_loss is not None and out.z_loss_term is not None
+            aux = combine_aux_loss(out.aux_loss_per_layer, stab.aux_loss_reduce)
+            loss = out.ce_loss + stab.z_loss_weight * out.z_loss_term + stab.aux_loss_weight * aux
+            if not torch.isfinite(loss):
+                raise self._non_finite(f"loss is {loss.item()} in micro-batch {micro}")
+            (loss / n_micro).backward()
+            micro_ce.append(out.ce_loss.item())
+            totals += torch.tensor(
+                [loss.item(), out.ce_loss.item(), aux.item(), out.z_loss_term.item()], dtype=torch.float64
+            )
+            counts_LE = out.expert_counts if counts_LE is None else counts_LE + out.expert_counts
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = stab.grad_clip if stab.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(grad_norm):
+            raise self._non_finite(f"gradient norm is {grad_norm}")
+        self.optimizer.set_lr_factor(plan.lr_factor(self.step, self.tokens))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        assert counts_LE is not None
+        mean = totals / n_micro
+        ce_mean = sum(micro_ce) / len(micro_ce)
+        return StepResult(
+            loss=float(mean[0]),
+            ce=float(mean[1]),
+            aux=float(mean[2]),
+            z=float(mean[3]),
+            grad_norm=grad_norm,
+            batch_het=max(micro_ce) - ce_mean,
+            tokens=n_micro * plan.micro_batch * plan.seq_len,
+            counts_LE=counts_LE,
+        )
+
+    def _non_finite(self, what: str) -> NodeFailure:
+        from trinity.nodes.checkpoints import last_committed_step
+
+        last = last_committed_step(self.ctx.dir)
+        where = f"step {last}" if last is not None else "none yet"
+        return NodeFailure(
+            f"step {self.step}: {what}; nothing of this step was committed (last committed checkpoint: {where}). "
+            "Lower the learning rate (optim.muon.lr, optim.adamw.lr) or tighten stability.grad_clip, then "
+            "`trinity resume`."
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        execution = self.ctx.spec.execution
+        self.ctx.checks_stop = True
+        last: StepResult | None = None
+        while self.step < self.plan.last_step:
+            t0 = time.perf_counter()
+            self.on_step(self.step)
+            result = self.train_step()
+            update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
+            self.step += 1
+            self.tokens += result.tokens
+            seconds = time.perf_counter() - t0
+            self._log(result, seconds)
+            last = result
+            done = self.step >= self.plan.last_step
+            stop = self.ctx.stop_event.is_set()
+            if done or stop or self.step % execution.checkpoint_every == 0:
+                self.checkpoint()
+            if stop and not done:
+                raise StopRequested()
+        self.telemetry.flush()
+        if self.last_checkpoint is None or int(self.last_checkpoint.name.split("-")[-1]) != self.step:
+            self.checkpoint()
+        return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None}
+
+    def checkpoint(self) -> Path:
+        """Telemetry first (so it covers every committed step), then the checkpoint."""
+        self.telemetry.flush()
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "identity": self.ctx.node["identity"],
+            "phase": self.plan.phase,
+        }
+        self.last_checkpoint = save_training_state(self.ctx.dir, self.step, state, self.ctx.spec.execution.keep_last)
+        return self.last_checkpoint
+
+    def _log(self, r: StepResult, seconds: float) -> None:
+        step = self.step  # steps are numbered from 1: step k is the k-th optimizer update
+        lrs = {g.get("name", ""): g["lr"] for g in self.optimizer.param_groups}
+        self.telemetry.log_step(
+            step,
+            tokens=self.tokens,
+            loss=r.loss,
+            ce_loss=r.ce,
+            aux_loss=r.aux,
+            z_loss=r.z,
+            lr_muon=lrs.get("muon"),
+            lr_adamw=lrs.get("adamw"),
+            grad_norm=r.grad_norm,
+            tokens_per_s=r.tokens / seconds,
+            step_time_s=seconds,
+            batch_het=r.batch_het,
+            phase=self.plan.phase,
+        )
+        layers = moe_modules(self.model)
+        if layers:
+            bias_LE = torch.stack([m.expert_bias for m in layers]).float()
+            self.telemetry.log_moe(step, r.counts_LE.numpy(), bias_LE.numpy())
+        now = time.monotonic()
+        if now - self._last_progress > PROGRESS_EVERY_S or step == self.plan.last_step:
+            self._last_progress = now
+            self.ctx.progress(
+                step=step,
+                total_steps=self.plan.last_step,
+                loss=round(r.loss, 4),
+                tokens_per_s=round(r.tokens / seconds),
+                tokens=self.tokens,
+            )
