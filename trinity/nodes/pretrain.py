@@ -20,7 +20,7 @@ from trinity.model import TrinityModel, init_weights
 from trinity.nodes.checkpoints import final_state, resume_state, write_final
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.trainer import TrainPlan, Trainer
+from trinity.nodes.trainer import Trainer, TrainPlan
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import pretrain_lr_factor
 from trinity.store.checkpoint import restore_rng_state

@@ -31,7 +31,6 @@ from trinity.optim.groups import TrinityOptimizer
 from trinity.store.checkpoint import capture_rng_state
 from trinity.store.telemetry import TelemetryWriter
 
-
 PROGRESS_EVERY_S = 0.5
 
 
