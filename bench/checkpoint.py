@@ -1,0 +1,187 @@
+"""Checkpoint save/load throughput: trinity's Zarr checkpoints vs torch.save/torch.load (prints JSON).
+
+The same training state (a TrinityModel's state_dict, AdamW's state after one step: exp_avg and
+exp_avg_sq per parameter, RNG states, loader state), side by side in one process, fp32 and a
+bf16 variant (model and moments in bf16, stored as uint16 bit patterns). GB/s = bytes of tensor
+data / seconds; median of `--repeats`; ratios are trinity / torch (above 1: trinity faster).
+
+Variants: trinity without compression (the default) with and without fsync (fsync of every file
+is part of the commit protocol; torch.save does none, so "torch.save+fsync" is shown too), and
+with zstd level 1 / blosc-lz4 compression. Reads come from the page cache right after the
+write, for both.
+
+    python bench/checkpoint.py [--model medium|tiny] [--repeats 3] [--dir /tmp] [--out bench/checkpoint.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from trinity.model import TrinityModel
+from trinity.spec.model import ModelSpec
+from trinity.store.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ~50M parameters (the Trinity layer structure at d_model 512), so with AdamW's two moments the
+# state holds ~150M numbers: 600 MB in fp32.
+MEDIUM = dict(
+    vocab_size=16384,
+    d_model=512,
+    n_layers=8,
+    n_dense_layers=1,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=64,
+    dense_hidden=1536,
+    sliding_window=512,
+    moe=dict(n_experts=8, top_k=2, expert_hidden=256, n_shared_experts=1, route_scale=2.826),
+)
+
+
+def training_state(model_name: str, dtype: torch.dtype) -> dict[str, Any]:
+    torch.manual_seed(0)
+    if model_name == "tiny":
+        spec = ModelSpec.model_validate(yaml.safe_load((ROOT / "specs/model/tiny.yaml").read_text()))
+    else:
+        spec = ModelSpec.model_validate(MEDIUM)
+    model = TrinityModel(spec).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "loader": {"cursor": 123, "order": np.arange(10_000, dtype=np.int64), "epoch": 1},
+        "rng": capture_rng_state(),
+        "step": 1,
+        "tokens": 1 << 30,
+    }
+
+
+def tensor_bytes(state: dict[str, Any]) -> int:
+    total = 0
+
+    def walk(v: Any) -> None:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, np.ndarray):
+            total += v.nbytes
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                walk(x)
+
+    walk(state)
+    return total
+
+
+def dir_bytes(path: Path) -> int:
+    return sum((Path(d) / f).stat().st_size for d, _, fs in os.walk(path) for f in fs)
+
+
+def median_time(fn: Callable[[], Any], repeats: int, before: Callable[[], None] = lambda: None) -> float:
+    times = []
+    for _ in range(repeats):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_save(state: dict[str, Any], path: Path, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def measure(model_name: str, dtype: torch.dtype, repeats: int, work: Path) -> dict[str, Any]:
+    state = training_state(model_name, dtype)
+    nbytes = tensor_bytes(state)
+    out: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": sum(v.numel() for v in state["model"].values()),
+        "tensor_bytes": nbytes,
+        "n_tensors": sum(1 for _ in state["model"]) + sum(len(s) for s in state["optimizer"]["state"].values()),
+    }
+    gbs = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
+
+    pt = work / "state.pt"
+    for fsync in (False, True):
+        key = "torch" + ("+fsync" if fsync else "")
+        out[f"{key}_save_gbs"] = gbs(median_time(lambda f=fsync: torch_save(state, pt, f), repeats))  # type: ignore[misc]
+    out["torch_load_gbs"] = gbs(median_time(lambda: torch.load(pt, weights_only=False), repeats))
+    out["torch_file_bytes"] = pt.stat().st_size
+    pt.unlink()
+
+    for name, kw in {
+        "trinity": {"compression": "none"},
+        "trinity_nofsync": {"compression": "none", "fsync": False},
+        "trinity_zstd1": {"compression": "zstd"},
+        "trinity_lz4": {"compression": "lz4"},
+    }.items():
+        root = work / name
+        clear = lambda r=root: shutil.rmtree(r, ignore_errors=True)  # type: ignore[misc]  # noqa: E731
+        out[f"{name}_save_gbs"] = gbs(
+            median_time(lambda r=root, k=kw: save_checkpoint(r, 1, state, 1, **k), repeats, clear)
+        )  # type: ignore[misc]
+        path = root / "step-00000001"
+        out[f"{name}_load_gbs"] = gbs(median_time(lambda p=path: load_checkpoint(p), repeats))  # type: ignore[misc]
+        out[f"{name}_bytes"] = dir_bytes(path)
+        clear()
+    out["ratio_save_trinity_vs_torch"] = out["trinity_save_gbs"] / out["torch_save_gbs"]
+    out["ratio_save_trinity_vs_torch_fsync"] = out["trinity_save_gbs"] / out["torch+fsync_save_gbs"]
+    out["ratio_save_trinity_nofsync_vs_torch"] = out["trinity_nofsync_save_gbs"] / out["torch_save_gbs"]
+    out["ratio_load_trinity_vs_torch"] = out["trinity_load_gbs"] / out["torch_load_gbs"]
+
+    back = load_checkpoint(save_checkpoint(work / "check", 1, state, 1))  # the bench state round-trips exactly
+    assert all(torch.equal(a.view(torch.uint8) if a.ndim else a, b.view(torch.uint8) if b.ndim else b)
+               for a, b in zip(state["model"].values(), back["model"].values(), strict=True))  # fmt: skip
+    shutil.rmtree(work / "check")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["medium", "tiny"], default="medium")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        result = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "model": args.model,
+            "repeats": args.repeats,
+            "results": [measure(args.model, dt, args.repeats, Path(d)) for dt in (torch.float32, torch.bfloat16)],
+        }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
