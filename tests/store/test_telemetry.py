@@ -154,3 +154,17 @@ def test_concurrent_nodes_write_while_a_reader_queries(tmp_path: Path, make_run:
     assert rows.fetchall() == [(n, 120, 120, 120) for n in nodes]
     assert con.execute("SELECT count(*) FROM moe_layers").fetchone() == (3 * 120 * 2,)
     assert len(seen) >= 1 and seen == sorted(seen), "a reader sees rows arrive, never vanish"
+
+
+def test_steps_must_increase_within_an_attempt(tmp_path: Path) -> None:
+    w = TelemetryWriter(NodeDir(tmp_path / "n"), "n", 1, "r", tensorboard=False)
+    w.log_step(5, loss=1.0)
+    with pytest.raises(ValueError, match="step 5 logged after step 5"):
+        w.log_step(5, loss=1.0)
+    w.log_expert_load(5, np.ones((1, 2)))
+    with pytest.raises(ValueError, match="expert_load: step 4"):
+        w.log_expert_load(4, np.ones((1, 2)))
+    w.flush()
+    with pytest.raises(ValueError, match="after step 5"):  # a flush does not forget the last step
+        w.log_step(3, loss=1.0)
+    w.close()

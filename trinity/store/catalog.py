@@ -9,9 +9,9 @@ readers and readers never lock a file (there is no shared database file to lock)
 A resumed attempt rewrites the steps after the checkpoint it restored, so the views come in two
 kinds: `<table>_history` holds every row ever written (keyed by run, node, attempt, step), and
 `<table>` shows each step once. A row of attempt a at step s is superseded when a later attempt
-of the same node started at or before s: its start is `resumed_from_step` from its attempt
-record, or, when the record lacks it, one before the first step it logged. Should two rows
-survive that (inconsistent records), the higher attempt wins.
+of the same node started before s: its start is `resumed_from_step` from its attempt record or
+one before the first step it logged, whichever is earlier (table `attempt_spans`). The writer
+refuses a step that does not increase within an attempt, so this leaves one row per step.
 
 The SQL entry point (`run_sql`) is read-only twice over: statements other than SELECT and EXPLAIN
 are refused before they run, and the connection itself may touch no file but the Parquet parts
@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from trinity.execute.rundir import NodeDir, RunDir, read_json
 from trinity.store.telemetry import PART_RE, SCHEMAS, TABLES
@@ -353,20 +355,102 @@ def _spec_tables(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
 # -- telemetry views ---------------------------------------------------------------------------
 
 
-def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Path]]:
+@dataclass(frozen=True)
+class Part:
+    """One committed Parquet part and the node attempt that wrote it."""
+
+    run_id: str
+    node: str
+    attempt: int
+    path: Path
+
+
+def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
     """Committed Parquet parts of every table, over every node attempt of every run."""
-    parts: dict[str, list[Path]] = {t: [] for t in TABLES}
+    parts: dict[str, list[Part]] = {t: [] for t in TABLES}
     for run in runs:
         for node_id in _node_ids(run):
             telemetry = RunDir(run.root).node(node_id).root / "telemetry"
             if not telemetry.is_dir():
                 continue
             for attempt_dir in sorted(telemetry.glob("attempt-*")):
+                if not attempt_dir.name[8:].isdigit():
+                    continue
                 for p in sorted(attempt_dir.iterdir()):
                     m = PART_RE.match(p.name)
                     if m and m["table"] in parts:
-                        parts[m["table"]].append(p.resolve())
+                        parts[m["table"]].append(Part(run.run_id, node_id, int(attempt_dir.name[8:]), p.resolve()))
     return parts
+
+
+def _step_range(path: Path) -> tuple[int, int] | None:
+    """(min, max) of the step column from the Parquet footer's statistics (the data if they lack them)."""
+    meta = pq.read_metadata(path)
+    if meta.num_rows == 0:
+        return None
+    col = meta.schema.names.index("step")
+    lo, hi = [], []
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(col).statistics
+        if stats is None or not stats.has_min_max:
+            steps = pq.read_table(path, columns=["step"]).column("step")
+            return int(pc.min(steps).as_py()), int(pc.max(steps).as_py())
+        lo.append(int(stats.min))
+        hi.append(int(stats.max))
+    return min(lo), max(hi)
+
+
+SPANS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("node", pa.string()),
+        ("attempt", pa.int32()),
+        ("resumed_from_step", pa.int64()),
+        ("first_step", pa.int64()),
+        ("last_step", pa.int64()),
+        ("start_step", pa.int64()),
+        ("superseded_after", pa.int64()),
+    ]
+)
+
+
+def _spans(attempts: pa.Table, step_parts: Sequence[Part]) -> pa.Table:
+    """attempt_spans: where each attempt started and after which step a later attempt replaced it.
+
+    start_step = the earlier of resumed_from_step and (first logged step - 1), so an attempt that
+    logged a step always supersedes the older rows of that step, whatever its record says.
+    superseded_after = the least start_step of the node's later attempts (null: never superseded).
+    """
+    ranges: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for part in step_parts:
+        r = _step_range(part.path)
+        if r is None:
+            continue
+        key = (part.run_id, part.node, part.attempt)
+        old = ranges.get(key)
+        ranges[key] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]))
+    by_node: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for a in attempts.to_pylist():
+        key = (a["run_id"], a["node"], a["attempt"])
+        first, last = ranges.get(key, (None, None))
+        starts = [v for v in (a["resumed_from_step"], None if first is None else first - 1) if v is not None]
+        row = {
+            "run_id": a["run_id"],
+            "node": a["node"],
+            "attempt": a["attempt"],
+            "resumed_from_step": a["resumed_from_step"],
+            "first_step": first,
+            "last_step": last,
+            "start_step": min(starts) if starts else None,
+        }
+        by_node.setdefault((a["run_id"], a["node"]), []).append(row)
+    rows = []
+    for node_rows in by_node.values():
+        node_rows.sort(key=lambda r: r["attempt"])
+        for i, row in enumerate(node_rows):
+            later = [r["start_step"] for r in node_rows[i + 1 :] if r["start_step"] is not None]
+            rows.append(row | {"superseded_after": min(later) if later else None})
+    return pa.Table.from_pylist(rows, SPANS_SCHEMA)
 
 
 def _sql_str(s: str) -> str:
@@ -377,48 +461,39 @@ def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
-def _create_history(con: duckdb.DuckDBPyConnection, table: str, files: list[Path]) -> None:
-    if files:
-        listing = ", ".join(_sql_str(str(f)) for f in files)
-        con.execute(f"CREATE VIEW {table}_history AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
-    else:
+def _scan(files: Sequence[Path]) -> str:
+    listing = ", ".join(_sql_str(str(f)) for f in files)
+    return f"read_parquet([{listing}], union_by_name = true)"
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, table: str, parts: Sequence[Part], spans: pa.Table) -> None:
+    """`<table>_history` (every row) and `<table>` (superseded rows left out, each step once).
+
+    Every part belongs to one attempt, so the superseded rows are cut per part with a plain
+    `step <= superseded_after` filter that DuckDB pushes into the Parquet scan (no join).
+    """
+    if not parts:
         con.from_arrow(SCHEMAS[table].empty_table()).create(f"{table}_history")
-
-
-def _create_current(con: duckdb.DuckDBPyConnection, table: str) -> None:
-    key = ", ".join(("h.run_id", "h.node", *(f"h.{c}" for c in _ROW_KEY[table])))
-    con.execute(
-        f"""
-        CREATE VIEW {table} AS
-        SELECT h.* FROM {table}_history h
-        LEFT JOIN attempt_spans s ON s.run_id = h.run_id AND s.node = h.node AND s.attempt = h.attempt
-        WHERE s.superseded_after IS NULL OR h.step <= s.superseded_after
-        QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY h.attempt DESC) = 1
-        """
-    )
-
-
-_ATTEMPT_SPANS = """
-CREATE VIEW attempt_spans AS
-WITH logged AS (
-    SELECT run_id, node, attempt, min(step) AS first_step, max(step) AS last_step
-    FROM steps_history GROUP BY ALL
-), known AS (
-    SELECT run_id, node, attempt FROM attempts
-    UNION SELECT run_id, node, attempt FROM logged
-), spans AS (
-    SELECT k.run_id, k.node, k.attempt, a.resumed_from_step, l.first_step, l.last_step,
-           coalesce(a.resumed_from_step, l.first_step - 1) AS start_step
-    FROM known k
-    LEFT JOIN attempts a USING (run_id, node, attempt)
-    LEFT JOIN logged l USING (run_id, node, attempt)
-)
-SELECT *,
-       min(start_step) OVER (
-           PARTITION BY run_id, node ORDER BY attempt ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING
-       ) AS superseded_after
-FROM spans
-"""
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
+        return
+    con.execute(f"CREATE VIEW {table}_history AS SELECT * FROM {_scan([p.path for p in parts])}")
+    if table not in _ROW_KEY:
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
+        return
+    cutoff = {(r["run_id"], r["node"], r["attempt"]): r["superseded_after"] for r in spans.to_pylist()}
+    groups: dict[int | None, list[Path]] = {}
+    for p in parts:
+        groups.setdefault(cutoff.get((p.run_id, p.node, p.attempt)), []).append(p.path)
+    selects = [
+        f"SELECT * FROM {_scan(files)}" + ("" if after is None else f" WHERE step <= {int(after)}")
+        for after, files in sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
+    ]
+    body = "\nUNION ALL BY NAME\n".join(selects)
+    if table in ("steps", "evals"):
+        # Small tables: also guarantee one row per key should records disagree with the rows.
+        key = ", ".join(("run_id", "node", *_ROW_KEY[table]))
+        body = f"SELECT * FROM ({body}) QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY attempt DESC) = 1"
+    con.execute(f"CREATE VIEW {table} AS {body}")
 
 
 def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConnection:
@@ -450,14 +525,12 @@ def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConne
     con.execute(f"CREATE TABLE spec AS SELECT *{''.join(', ' + e for e in extra)} FROM spec_dotted")
     con.execute("DROP TABLE spec_dotted")
     parts = telemetry_parts(runs)
+    spans = _spans(attempts_t, parts["steps"])
+    con.from_arrow(spans).create("attempt_spans")
     for table in TABLES:
-        _create_history(con, table, parts[table])
-    con.execute(_ATTEMPT_SPANS)
-    for table in _ROW_KEY:
-        _create_current(con, table)
-    con.execute("CREATE VIEW events AS SELECT * FROM events_history")
+        _create_views(con, table, parts[table], spans)
     if lock:
-        allowed = ", ".join(_sql_str(str(p)) for files in parts.values() for p in files)
+        allowed = ", ".join(_sql_str(str(p.path)) for ps in parts.values() for p in ps)
         con.execute(f"SET allowed_paths = [{allowed}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")

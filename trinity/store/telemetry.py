@@ -181,6 +181,7 @@ class TelemetryWriter:
         seqs = [int(m["seq"]) for p in self.folder.iterdir() if (m := PART_RE.match(p.name))]
         self._seq = max(seqs, default=-1) + 1
         self._cols: dict[str, dict[str, list[Any]]] = {t: {f.name: [] for f in SCHEMAS[t]} for t in TABLES}
+        self._last_step: dict[str, int] = {}
         self._pending = 0
         self._last_flush = time.monotonic()
         self._closed = False
@@ -215,6 +216,7 @@ class TelemetryWriter:
         time_s: seconds since the epoch (default: now).
         """
         scalars = (loss, ce_loss, aux_loss, z_loss, lr_muon, lr_adamw, grad_norm, tokens_per_s, step_time_s, batch_het)
+        self._advance("steps", step)
         c = self._cols["steps"]
         self._key(c, step)
         c["time"].append(time.time() if time_s is None else time_s)
@@ -242,6 +244,7 @@ class TelemetryWriter:
 
         `moe_layer_stats(counts_LE, bias_LE)` computes all of them; bias arrays may be None (no bias).
         """
+        self._advance("moe_layers", step)
         vio = to_numpy(max_vio_L).astype(np.float64).ravel()
         L = vio.shape[0]
         c = self._cols["moe_layers"]
@@ -263,6 +266,7 @@ class TelemetryWriter:
 
     def log_expert_load(self, step: int, counts_LE: ArrayLike) -> None:
         """Tokens routed to every (MoE layer, expert) at this step; fraction = share within the layer."""
+        self._advance("expert_load", step)
         n = to_numpy(counts_LE).astype(np.int64)
         c = self._cols["expert_load"]
         c["run_id"].append(n.size)
@@ -343,6 +347,13 @@ class TelemetryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _advance(self, table: str, step: int) -> None:
+        """Steps only move forward within an attempt: the views rely on one row per step and attempt."""
+        last = self._last_step.get(table)
+        if last is not None and step <= last:
+            raise ValueError(f"{table}: step {step} logged after step {last}; steps must increase within an attempt")
+        self._last_step[table] = step
 
     def _key(self, c: dict[str, list[Any]], step: int) -> None:
         c["run_id"].append(self.run_id)
