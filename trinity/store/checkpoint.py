@@ -8,9 +8,10 @@ Layout of one checkpoint (a Zarr v3 group):
                            leaves} written LAST (see trinity.store.tree)
       model/<name>         one array per large tensor, e.g. model/layers.0.attn.wq.weight
       optimizer/state.3.exp_avg ...
-      %packed              every leaf under `pack_below_bytes`, concatenated as bytes (one
-                           array instead of hundreds of tiny ones: zarr costs ~1 ms per array)
+      %packed              every leaf under `pack_below_bytes` (1 MiB), concatenated as bytes: one
+                           array instead of hundreds of small ones (zarr costs milliseconds per array)
       COMMITTED            the commit marker: {step, time, n_arrays, n_leaves, nbytes, skeleton_sha256}
+                           (a plain file: zarr's member listing warns that it is not a Zarr node)
 
 Protocol (a checkpoint without its marker does not exist):
 1. write everything into ckpt_root/.tmp-step-00000100-<pid>/, arrays first, the skeleton
