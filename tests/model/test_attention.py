@@ -43,7 +43,10 @@ def reference_attention(
 @pytest.mark.parametrize("is_local", [True, False])
 @pytest.mark.parametrize("T,window", [(37, 8), (16, 8), (5, 8), (64, 16)])
 @pytest.mark.parametrize("with_docs", [False, True])
-def test_attention_matches_dense_reference(is_local: bool, T: int, window: int, with_docs: bool) -> None:
+@pytest.mark.parametrize("block", [None, 3])
+def test_attention_matches_dense_reference(
+    is_local: bool, T: int, window: int, with_docs: bool, block: int | None
+) -> None:
     torch.manual_seed(T + window)
     B, D = 2, 32
     attn = Attention(D, n_heads=4, n_kv_heads=2, head_dim=8, is_local=is_local)
@@ -51,25 +54,27 @@ def test_attention_matches_dense_reference(is_local: bool, T: int, window: int, 
     docs = torch.sort(torch.randint(0, 3, (B, T)), dim=1).values if with_docs else None
     pos = positions_from_doc_ids(docs) if docs is not None else torch.arange(T)[None].expand(B, T)
     cos_sin = RotaryEmbedding(8, 10_000.0)(pos, x.dtype)
-    got = attn(x, cos_sin, build_attention_masks(T, window, docs))
+    got = attn(x, cos_sin, build_attention_masks(T, window, docs, block=block))
     want = reference_attention(attn, x, window if is_local else None, docs, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_local_masks_are_linear_in_sequence_length() -> None:
-    """No T x T mask without documents: the local mask is [B, N, 1, w, 2w], i.e. O(T * w)."""
+    """No T x T mask without documents: the local mask is [B, T / C, 1, C, C + w], i.e. O(T * w)."""
     w = 64
     for T in (1024, 4096):
-        masks = build_attention_masks(T, w, None)
-        assert masks.global_B1TT is None
-        assert masks.local_BN1CS is not None
-        assert masks.local_BN1CS.numel() == (T // w) * w * 2 * w
+        for block in (None, 64, 16):
+            masks = build_attention_masks(T, w, None, block=block)
+            C = block or 16
+            assert masks.global_B1TT is None
+            assert masks.local_BN1CS is not None
+            assert masks.local_BN1CS.shape == (1, T // C, 1, C, C + w)
         assert masks.local_BN1CS.dtype == torch.bool
 
 
 def test_window_counts_the_current_token() -> None:
     """With w = 2 a token sees itself and exactly one predecessor."""
-    masks = build_attention_masks(6, 2, None)
+    masks = build_attention_masks(6, 2, None, block=2)
     assert masks.local_BN1CS is not None
     m = masks.local_BN1CS[0, 1, 0]  # block 1 = positions 2, 3; keys are positions 0..3
     assert m.tolist() == [[False, True, True, False], [False, False, True, True]]

@@ -15,6 +15,8 @@ F expert hidden, M = T*K routed rows, S shared hidden.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +46,26 @@ def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Ten
     # Fallback (no grouped mm, or rows not 16-byte aligned): a loop over experts, never over tokens.
     sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     return torch.cat([x @ w.T for x, w in zip(x_MD.split(sizes), w_EFD, strict=True)])
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y = x[perm] for a permutation; the backward is the inverse gather (no scatter-add needed)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[perm], with `inverse` = argsort(perm) used by the backward."""
+    out: torch.Tensor = _PermuteRows.apply(x, perm, inverse)
+    return out
 
 
 class MoE(nn.Module):
@@ -90,23 +112,19 @@ class MoE(nn.Module):
             gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)  # 1e-20: as transformers
         return scores_TE, topk_ids_TK, gates_TK * self.route_scale
 
-    def routed_experts(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor
-    ) -> torch.Tensor:
+    def routed_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
         """Sum over the k chosen experts of gate * expert(x), by sort + grouped matmul."""
         T, D = x_TD.shape
         ids_M = topk_ids_TK.reshape(-1)
         order_M = torch.argsort(ids_M, stable=True)
         counts_E = torch.bincount(ids_M, minlength=self.n_experts)
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        x_MD = x_TD[order_M // self.top_k]
-        h_MF = F.silu(grouped_linear(x_MD, self.w1_EFD, offsets_E)) * grouped_linear(
-            x_MD, self.w3_EFD, offsets_E
-        )
+        x_MD = x_TD.index_select(0, order_M // self.top_k)
+        h_MF = F.silu(grouped_linear(x_MD, self.w1_EFD, offsets_E)) * grouped_linear(x_MD, self.w3_EFD, offsets_E)
         y_MD = grouped_linear(h_MF, self.w2_EDF, offsets_E)
         y_MD = y_MD * gates_TK.reshape(-1)[order_M, None].to(y_MD.dtype)
         # Un-sort: row m of y_MD belongs to flat pair order_M[m].
-        y_unsorted_MD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD)
+        y_unsorted_MD = permute_rows(y_MD, torch.argsort(order_M), order_M)
         return y_unsorted_MD.view(T, self.top_k, D).sum(dim=1)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,9 +143,7 @@ class MoE(nn.Module):
 class MoEReference(MoE):
     """Same parameters and routing; experts computed densely on every token (tests only)."""
 
-    def routed_experts(
-        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor
-    ) -> torch.Tensor:
+    def routed_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
         gates_TE = torch.zeros(x_TD.shape[0], self.n_experts, dtype=gates_TK.dtype, device=x_TD.device)
         gates_TE = gates_TE.scatter(1, topk_ids_TK, gates_TK)
         out_TD = torch.zeros_like(x_TD)
