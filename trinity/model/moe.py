@@ -102,10 +102,8 @@ class MoE(nn.Module):
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores_TE fp32, topk_ids_TK, gates_TK fp32)."""
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        if self.score_function == "sigmoid":
-            scores_TE = torch.sigmoid(logits_TE)
-        else:
-            scores_TE = torch.softmax(logits_TE, dim=-1)
+        use_sigmoid = self.score_function == "sigmoid"
+        scores_TE = torch.sigmoid(logits_TE) if use_sigmoid else torch.softmax(logits_TE, dim=-1)
         _, topk_ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, k=self.top_k, dim=-1)
         gates_TK = scores_TE.gather(1, topk_ids_TK)
         if self.normalize_gates:
