@@ -39,6 +39,14 @@ GraphArg = Annotated[Path, typer.Argument(help="Graph file (YAML).")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _is_user_error(exc: Exception) -> bool:
+    """Errors whose message is the whole story (no traceback, exit 2). Modules load lazily: check if loaded."""
+    if isinstance(exc, RunError):
+        return True
+    catalog = sys.modules.get("trinity.store.catalog")
+    return catalog is not None and isinstance(exc, catalog.CatalogError)
+
+
 def handles_errors(fn: F) -> F:
     """Turn SpecError into located lines + exit 2, anything else into one line + exit 1."""
 
@@ -47,16 +55,13 @@ def handles_errors(fn: F) -> F:
         debug = bool(kwargs.get("debug"))
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except SpecError as exc:
             if debug:
                 raise
             for line in exc.lines:
                 err.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except RunError as exc:
-            if debug:
-                raise
-            err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (KeyboardInterrupt, Interrupted):
             err.print(
@@ -65,11 +70,12 @@ def handles_errors(fn: F) -> F:
                 highlight=False,
             )
             raise typer.Exit(130) from None
-        except typer.Exit:
-            raise
         except Exception as exc:
             if debug:
                 raise
+            if _is_user_error(exc):
+                err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             err.print(
                 f"[bold red]error[/]: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
                 highlight=False,
@@ -228,6 +234,36 @@ def explain(
     decision = explain_node(run_dir, node)
     verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy"}[decision.action]
     out.print(f"{node} {verb}: {decision.reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handles_errors
+def sql(
+    path: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs (e.g. runs/).")],
+    query: Annotated[str, typer.Argument(help="One read-only SQL statement (tables: steps, moe_layers, ...).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    debug: DebugOption = False,
+) -> None:
+    """Read-only SQL over the telemetry of one run or of every run under a folder (docs/telemetry.md)."""
+    from trinity.store.catalog import run_sql
+
+    if fmt not in ("table", "csv", "json"):
+        raise SpecError([f"--format {fmt!r}: allowed: table, csv, json"])
+    sys.stdout.write(run_sql(path, query, fmt))  # type: ignore[arg-type]
+
+
+@app.command()
+@handles_errors
+def plot(
+    run_dir: RunDirArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default: RUN/plots).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write PNGs: loss per phase, MaxVio heatmap (layer x step), expert-load heatmap."""
+    from trinity.store.plots import plot_run
+
+    for path in plot_run(run_dir, out_dir):
+        out.print(str(path), highlight=False)
 
 
 def main() -> None:

@@ -137,3 +137,31 @@ def test_non_finite_loss_fails_clearly_and_commits_nothing_bad(prepared: tuple[P
     assert "Lower the learning rate" in status.message
     assert "nan" in status.message.lower() or "inf" in status.message.lower()
     assert not (RunDir(run).node(NODE).outputs / "final.json").exists()
+
+
+def test_activation_capture_writes_committed_zarr(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    from trinity.store.checkpoint import load_checkpoint
+
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity(
+        "run",
+        str(graph),
+        "--run-dir",
+        str(run),
+        "--nodes",
+        NODE,
+        "--set",
+        "execution.activations=[layers.3]",
+        "--set",
+        "execution.activation_steps=[5, 40]",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    root = RunDir(run).node(NODE).activations
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-00000005", "step-00000040"]
+    assert (root / "step-00000005" / "COMMITTED").is_file()
+    captured = load_checkpoint(root / "step-00000005")
+    hidden = captured["layers.3"]["hidden"]
+    assert hidden.shape == (8, 64, 64)  # the step's 2 micro-batches of 4 sequences x 64 tokens x d_model
+    assert captured["layers.3"]["router_scores"].shape == (8, 64, 8)

@@ -28,6 +28,7 @@ from trinity.nodes.checkpoints import save_training_state
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer
+from trinity.store.activations import ActivationCapture
 from trinity.store.checkpoint import capture_rng_state
 from trinity.store.telemetry import TelemetryWriter
 
@@ -150,10 +151,31 @@ class Trainer:
         execution = self.ctx.spec.execution
         self.ctx.checks_stop = True
         last: StepResult | None = None
+        with contextlib.ExitStack() as stack:
+            capture = None
+            if execution.activations and execution.activation_steps:
+                capture = stack.enter_context(
+                    ActivationCapture(
+                        self.model, list(execution.activations), execution.activation_steps, self.ctx.dir.activations
+                    )
+                )
+            last = self._loop(capture)
+        self.telemetry.flush()
+        if self.last_checkpoint is None or int(self.last_checkpoint.name.split("-")[-1]) != self.step:
+            self.checkpoint()
+        return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None}
+
+    def _loop(self, capture: ActivationCapture | None) -> StepResult | None:
+        execution = self.ctx.spec.execution
+        last: StepResult | None = None
         while self.step < self.plan.last_step:
             t0 = time.perf_counter()
             self.on_step(self.step)
+            if capture is not None:
+                capture.begin_step(self.step + 1)  # the step being computed, numbered as in telemetry
             result = self.train_step()
+            if capture is not None:
+                capture.end_step()
             update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
             self.step += 1
             self.tokens += result.tokens
@@ -166,10 +188,7 @@ class Trainer:
                 self.checkpoint()
             if stop and not done:
                 raise StopRequested()
-        self.telemetry.flush()
-        if self.last_checkpoint is None or int(self.last_checkpoint.name.split("-")[-1]) != self.step:
-            self.checkpoint()
-        return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None}
+        return last
 
     def checkpoint(self) -> Path:
         """Telemetry first (so it covers every committed step), then the checkpoint."""
