@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trinity.graph.diff import SpecDiff
@@ -32,10 +33,10 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         nodes.add_column(col, justify="right" if col in ("tokens", "steps", "GPU-hours") else "left")
     for n in plan["nodes"]:
         nodes.add_row(
-            n["id"],
+            escape(n["id"]),
             n["kind"],
             n["identity"][:12],
-            ", ".join(n["deps"]) or "-",
+            escape(", ".join(n["deps"])) or "-",
             human_count(n["tokens"]) if "tokens" in n else "",
             f"{n['steps']:,}" if "steps" in n else "",
             f"{n['gpu_hours']:,.1f}" if "gpu_hours" in n else "",
@@ -69,12 +70,13 @@ def print_diff(console: Console, result: SpecDiff) -> None:
     for col in ("field", "before", "after", "identity"):
         table.add_column(col)
     for c in result.changes:
-        table.add_row(c.path, repr(c.before), repr(c.after), "no (execution)" if c.execution_only else "yes")
+        table.add_row(escape(c.path), escape(repr(c.before)), escape(repr(c.after)),
+                      "no (execution)" if c.execution_only else "yes")
     console.print(table)
-    console.print(f"[bold]re-run[/] ({len(result.rerun)}): {', '.join(result.rerun) or 'nothing'}")
-    console.print(f"[bold]reused[/] ({len(result.reused)}): {', '.join(result.reused) or 'nothing'}")
+    console.print(f"[bold]re-run[/] ({len(result.rerun)}): {escape(', '.join(result.rerun)) or 'nothing'}")
+    console.print(f"[bold]reused[/] ({len(result.reused)}): {escape(', '.join(result.reused)) or 'nothing'}")
     if result.removed:
-        console.print(f"[bold]removed[/] ({len(result.removed)}): {', '.join(result.removed)}")
+        console.print(f"[bold]removed[/] ({len(result.removed)}): {escape(', '.join(result.removed))}")
 
 
 def print_status(console: Console, report: dict[str, Any]) -> None:
@@ -95,5 +97,5 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
                 how += f", resumed at step {last['resumed_from_step']}"
         p = n["progress"]
         progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
-        table.add_row(n["id"], n["state"], str(len(attempts)), how, progress, n["message"])
+        table.add_row(escape(n["id"]), n["state"], str(len(attempts)), how, progress, escape(n["message"]))
     console.print(table)

@@ -9,6 +9,7 @@ from typing import Any
 
 import networkx as nx
 from rich.console import Console
+from rich.markup import escape
 
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import LocalExecutor

@@ -7,6 +7,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 
@@ -27,13 +28,13 @@ def node_table(run: RunDir, node_ids: list[str], reused: set[str]) -> Table:
         state = "REUSED" if node_id in reused and s.state == "SUCCEEDED" else s.state
         step = f"{p['step']}/{p['total_steps']}" if "step" in p else ""
         table.add_row(
-            node_id,
+            escape(node_id),
             f"[{COLORS.get(s.state, 'white')}]{state}[/]",
             str(s.attempt or ""),
             step,
             f"{p['loss']:.4f}" if "loss" in p else "",
             f"{p['tokens_per_s']:,}" if "tokens_per_s" in p else "",
-            s.message if s.state in ("FAILED", "DEP_FAILED") else "",
+            escape(s.message) if s.state in ("FAILED", "DEP_FAILED") else "",
         )
     return table
 
@@ -75,6 +76,6 @@ class RunDisplay:
                     else ""
                 )
                 note = f": {s.message}" if s.state in ("FAILED", "DEP_FAILED") else ""
-                self.console.print(f"{node_id}: {s.state}{extra}{note}", highlight=False, soft_wrap=True)
+                self.console.print(escape(f"{node_id}: {s.state}{extra}{note}"), highlight=False, soft_wrap=True)
         if periodic:
             self._last_line = now

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,7 +106,12 @@ def _label(keys: list[str], values: tuple[Any, ...]) -> str:
         parts = key.split(".")
         return ".".join(parts[-2:]) if len(parts) > 1 else key
 
-    return ",".join(f"{short(k)}={v}" for k, v in zip(keys, values, strict=True))
+    def text(value: Any) -> str:
+        if isinstance(value, dict):  # a tagged section: its kind names it ({kind: rsdb, ...} -> rsdb)
+            return str(value["kind"]) if "kind" in value else json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+
+    return ",".join(f"{short(k)}={text(v)}" for k, v in zip(keys, values, strict=True))
 
 
 def _mix_sources(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
