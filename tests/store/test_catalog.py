@@ -166,6 +166,7 @@ def test_output_formats(resumed_run: RunDir) -> None:
     assert rows[0]["time"].endswith("+00:00")
     csv_text = run_sql(resumed_run.root, sql, "csv")
     assert csv_text.splitlines()[0] == "step,loss,phase,time" and len(csv_text.splitlines()) == 3
+    assert float(csv_text.splitlines()[1].split(",")[1]) == rows[0]["loss"]  # full precision
     table = run_sql(resumed_run.root, sql, "table")
     assert "loss" in table and "phase1" in table and "2 rows" in table
     reads = ["DESCRIBE steps", "SHOW TABLES", "SUMMARIZE steps", "EXPLAIN SELECT * FROM steps", "FROM runs"]

@@ -593,6 +593,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _csv_cell(value: Any) -> Any:
+    """Full precision (floats as repr), lists and structs as JSON, null as an empty field."""
+    plain = _plain(value)
+    if plain is None:
+        return ""
+    return json.dumps(plain) if isinstance(plain, list | dict) else plain
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -616,7 +624,7 @@ def format_rows(
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
         w.writerow(names)
-        w.writerows([[_cell(v) if not isinstance(v, int | str) else v for v in row] for row in rows])
+        w.writerows([[_csv_cell(v) for v in row] for row in rows])
         return out.getvalue()
     if fmt != "table":
         raise CatalogError(f"unknown format {fmt!r} (choose table, csv or json)")
@@ -629,9 +637,12 @@ def format_rows(
     for row in rows[:max_rows]:
         table.add_row(*(_cell(v) for v in row))
     more = len(rows) - max_rows
-    table.caption = f"{len(rows)} rows" + (f"; first {max_rows} shown (use --format csv for all)" if more > 0 else "")
+    note = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    note += f"; first {max_rows} shown (use --format csv for all)" if more > 0 else ""
     out = io.StringIO()
-    Console(file=out, width=width or 200, color_system=None, force_terminal=False).print(table)
+    console = Console(file=out, width=width or 200, color_system=None, force_terminal=False)
+    console.print(table)
+    console.print(note, highlight=False)
     return out.getvalue()
 
 
