@@ -83,9 +83,7 @@ def test_transformers_to_trinity_logits(seed: int, tmp_path: Path) -> None:
     ids = torch.randint(0, spec.vocab_size, (2, spec.sliding_window * 2 + 3))
     with torch.no_grad():
         assert (model.eval()(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
-    assert torch.equal(
-        model.moe_layers()[0].expert_bias, hf.model.layers[spec.n_dense_layers].mlp.expert_bias
-    )
+    assert torch.equal(model.moe_layers()[0].expert_bias, hf.model.layers[spec.n_dense_layers].mlp.expert_bias)
 
 
 def test_config_is_afmoe(tmp_path: Path) -> None:
@@ -101,3 +99,22 @@ def test_unsupported_router_refused() -> None:
     )
     with pytest.raises(ValueError, match="sigmoid"):
         hf_config_dict(spec)
+
+
+def test_in_memory_fused_expert_layout_imports() -> None:
+    """transformers keeps experts fused in memory (gate_up_proj [E, 2F, D]); that layout loads too."""
+    from trinity.interop.hf import from_hf_state_dict
+
+    spec = random_spec(3)
+    torch.manual_seed(3)
+    hf = AfmoeForCausalLM(AfmoeConfig(**hf_config_dict(spec))).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "router" in name:
+                p.normal_(0, 0.5)
+    assert any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
+    model = TrinityModel(spec).eval()
+    from_hf_state_dict(model, hf.state_dict())
+    ids = torch.randint(0, spec.vocab_size, (1, 2 * spec.sliding_window + 1))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
