@@ -159,7 +159,7 @@ def step_logits(model: TrinityModel, cache: KVCache, ids_BT: torch.Tensor) -> to
     Equals the full forward's logits at those positions (no document ids, positions from 0 at
     each row's first real token), to floating-point tolerance.
     """
-    B, T = ids_BT.shape
+    T = ids_BT.shape[1]
     start = cache.length
     if start + T > cache.max_len:
         raise ValueError(f"the cache holds {cache.max_len} columns; {start} used, {T} more requested")
