@@ -35,22 +35,31 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return graph, run
 
 
+@pytest.fixture(scope="module")
+def straight(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of an uninterrupted run of the node (what every interrupted run must reproduce)."""
+    graph, prepared_run = prepared
+    run = tmp_path_factory.mktemp("straight") / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = losses(run)
+    assert max(expected) == 59 and expected[59] < expected[1] - 2.0  # the loss clearly falls
+    return expected
+
+
 def losses(run: Path) -> dict[int, float]:
     con = open_catalog(run)
     return dict(con.sql(f"select step, loss from steps where node = '{NODE}' order by step").fetchall())
 
 
-def test_sigkill_at_random_step_then_resume_is_bit_identical(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sigkill_at_random_step_then_resume_is_bit_identical(
+    prepared: tuple[Path, Path], straight: dict[int, float], tmp_path: Path
+) -> None:
     graph, prepared_run = prepared
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    shutil.copytree(prepared_run, straight)
+    killed = tmp_path / "killed"
     shutil.copytree(prepared_run, killed)
-
-    result = trinity("run", str(graph), "--run-dir", str(straight), "--nodes", NODE)
-    assert result.returncode == 0, result.stdout + result.stderr
-    expected = losses(straight)
-    total = max(expected)
-    assert total == 59 and expected[total] < expected[1] - 2.0  # the loss clearly falls
+    expected = straight
 
     kill_at = random.Random(os.getpid()).randint(22, 50)  # past the first checkpoint (every 20 steps)
     proc = subprocess.Popen(
@@ -165,3 +174,35 @@ def test_activation_capture_writes_committed_zarr(prepared: tuple[Path, Path], t
     hidden = captured["layers.3"]["hidden"]
     assert hidden.shape == (8, 64, 64)  # the step's 2 micro-batches of 4 sequences x 64 tokens x d_model
     assert captured["layers.3"]["router_scores"].shape == (8, 64, 8)
+
+
+def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_exactly(
+    prepared: tuple[Path, Path], straight: dict[int, float], tmp_path: Path
+) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(run), "--nodes", NODE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    node_dir = RunDir(run).node(NODE)
+    deadline = time.monotonic() + 300
+    while NodeStatus.read(node_dir).progress.get("step", 0) < 7:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the scheduler
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    status = NodeStatus.read(node_dir)
+    assert status.state == "FAILED"
+    assert "stopped on request; last committed checkpoint at step" in status.message
+    stopped_at = int(status.message.rsplit(" ", 1)[-1])
+    assert 7 <= stopped_at < 59  # a checkpoint was committed where it stopped, not at a cadence multiple
+    resumed = trinity("resume", str(run), "--nodes", NODE)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert list_attempts(node_dir)[-1].resumed_from_step == stopped_at
+    assert losses(run) == straight

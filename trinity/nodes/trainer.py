@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from trinity.data.loaders import PackedLoader
+from trinity.data.loaders import Batch
 from trinity.model import TrinityModel
 from trinity.model.rope import positions_from_doc_ids
 from trinity.nodes.checkpoints import save_training_state
@@ -33,6 +33,17 @@ from trinity.store.checkpoint import capture_rng_state
 from trinity.store.telemetry import TelemetryWriter
 
 PROGRESS_EVERY_S = 0.5
+
+
+class BatchSource(Protocol):
+    """What the loop draws micro-batches from: the pretraining loaders, length-biased extension
+    draws, packed SFT conversations (targets -100 wherever no loss is wanted)."""
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -69,7 +80,7 @@ class Trainer:
         ctx: NodeContext,
         model: TrinityModel,
         optimizer: TrinityOptimizer,
-        loader: PackedLoader,
+        loader: BatchSource,
         plan: TrainPlan,
         telemetry: TelemetryWriter,
         on_step: Callable[[int], None] = lambda step: None,
@@ -208,7 +219,8 @@ class Trainer:
 
     def _log(self, r: StepResult, seconds: float) -> None:
         step = self.step  # steps are numbered from 1: step k is the k-th optimizer update
-        lrs = {g.get("name", ""): g["lr"] for g in self.optimizer.param_groups}
+        # Groups are named muon, adamw_decay and adamw_no_decay; they share the schedule, so one lr per optimizer.
+        lrs = {str(g.get("name", "")).split("_")[0]: g["lr"] for g in self.optimizer.param_groups}
         self.telemetry.log_step(
             step,
             tokens=self.tokens,
