@@ -36,14 +36,20 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def straight(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """Losses of an uninterrupted run of the node (what every interrupted run must reproduce)."""
+def straight_run(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the node."""
     graph, prepared_run = prepared
     run = tmp_path_factory.mktemp("straight") / "run"
     shutil.copytree(prepared_run, run)
     result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE)
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run: Path) -> dict[int, float]:
+    """Losses of the uninterrupted run (what every interrupted run must reproduce)."""
+    expected = losses(straight_run)
     assert max(expected) == 59 and expected[59] < expected[1] - 2.0  # the loss clearly falls
     return expected
 
@@ -206,3 +212,43 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_exactly(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert list_attempts(node_dir)[-1].resumed_from_step == stopped_at
     assert losses(run) == straight
+
+
+def test_the_guides_queries_run_as_written(straight_run: Path) -> None:
+    """Every ```sql block of docs/guide.md answers on a real run (and returns rows)."""
+    import re
+
+    from tests.conftest import ROOT
+    from trinity.store.catalog import query
+
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", guide, flags=re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        names, rows = query(straight_run, block)
+        assert names and rows, block
+
+
+def test_sql_cli_answers_and_refuses_writes(straight_run: Path) -> None:
+    ok = trinity(
+        "sql",
+        str(straight_run),
+        "SELECT layer, max_vio FROM moe_layers WHERE step = 59 ORDER BY layer",
+        "--format",
+        "json",
+    )
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    rows = json.loads(ok.stdout)
+    assert [r["layer"] for r in rows] == [0, 1, 2] and all(r["max_vio"] >= 0 for r in rows)
+    for statement in ("DROP TABLE steps", "INSERT INTO steps SELECT * FROM steps", "COPY steps TO 'x.csv'"):
+        refused = trinity("sql", str(straight_run), statement)
+        assert refused.returncode == 2 and "read-only" in refused.stderr, statement
+
+
+def test_plot_writes_pngs(straight_run: Path, tmp_path: Path) -> None:
+    result = trinity("plot", str(straight_run), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
