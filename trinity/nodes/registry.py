@@ -17,6 +17,10 @@ BODIES: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("trinity.nodes.data_nodes", "run_tokenizer_node", "verify_tokenizer_node"),
     "prepare": ("trinity.nodes.data_nodes", "run_prepare_node", "verify_prepare_node"),
     "pretrain": ("trinity.nodes.pretrain", "run_pretrain_node", "verify_training_node"),
+    "extend": ("trinity.nodes.extend", "run_extend_node", "verify_training_node"),
+    "sft": ("trinity.nodes.sft", "run_sft_node", "verify_training_node"),
+    "rl": ("trinity.nodes.rl", "run_rl_node", "verify_training_node"),
+    "eval": ("trinity.nodes.evals", "run_eval_node", "verify_eval_node"),
 }
 
 

@@ -1,0 +1,145 @@
+"""Evaluation nodes `eval/NAME@STAGE`: score the final checkpoint of a stage (PAPER.md 6-7).
+
+The node's first dependency is the training node whose final checkpoint it reads; NAME selects the
+eval in `stages.evals`:
+- heldout_loss: loss per source on the held-out documents of every pretraining phase's prepare node
+  (a source held out in several phases is scored once: the first phase's documents), plus "all";
+- mk_niah: accuracy at each of `lengths` (`trinity.evals.niah`);
+- arithmetic: greedy exact-match accuracy on held-out generated problems (`trinity.evals.arithmetic`).
+
+Each result is one row of the telemetry `evals` table (node, attempt, step = the checkpoint's step,
+task, metric, length, score, n, extra) and the whole set is written to outputs/results.json, which
+verification checks. Evals are short and deterministic: a re-run attempt starts over.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from trinity.data.store import open_store
+from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
+from trinity.evals.heldout import heldout_loss
+from trinity.evals.niah import evaluate_niah
+from trinity.execute.rundir import atomic_write_json, read_json
+from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.nodes.prepare import store_paths
+from trinity.nodes.pretrain import set_threads
+from trinity.nodes.upstream import load_final_model, upstream_tokenizer
+from trinity.spec.stages import ArithmeticEval, Eval, HeldoutLossEval, NiahEval
+from trinity.store.telemetry import TelemetryWriter
+
+RESULTS = "results.json"
+
+
+def eval_spec(ctx: NodeContext) -> Eval:
+    name = ctx.node_id.split("/", 1)[1].rsplit("@", 1)[0].split("[", 1)[0]
+    for ev in ctx.spec.stages.evals:
+        if ev.name == name:
+            return ev
+    raise NodeFailure(f"stages.evals has no eval named {name!r}")
+
+
+def heldout_documents(ctx: NodeContext) -> dict[str, list[np.ndarray]]:
+    """Held-out documents per source, from the prepare nodes this eval depends on (first phase wins)."""
+    graph = {n["id"]: n for n in read_json(ctx.run.graph_json)["nodes"]}
+    docs: dict[str, list[np.ndarray]] = {}
+    for dep in ctx.node["deps"]:
+        if graph[dep]["kind"] != "prepare":
+            continue
+        store = open_store(store_paths(ctx.run.node(dep).outputs / "store")[1])
+        found: dict[str, list[np.ndarray]] = {}
+        for i in range(store.n_docs):
+            found.setdefault(store.sources[int(store.doc_source[i])], []).append(store.document(i))
+        for source, documents in found.items():
+            docs.setdefault(source, documents)
+    return docs
+
+
+def run_eval_node(ctx: NodeContext) -> dict[str, Any]:
+    spec = ctx.spec
+    set_threads(ctx)
+    ev = eval_spec(ctx)
+    stage_dir = ctx.run.node(ctx.node["deps"][0])
+    model, final = load_final_model(stage_dir, spec.model)
+    step = int(final["step"])
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    if isinstance(ev, HeldoutLossEval):
+        per_source = heldout_loss(model, heldout_documents(ctx), ev.seq_len)
+        tokens = sum(r["tokens"] for r in per_source.values())
+        overall = sum(r["loss"] * r["tokens"] for r in per_source.values()) / max(tokens, 1)
+        for source, r in [*per_source.items(), ("all", {"loss": overall, "tokens": tokens})]:
+            rows.append(
+                {
+                    "task": f"heldout_loss/{source}",
+                    "metric": "loss",
+                    "length": ev.seq_len,
+                    "score": r["loss"],
+                    "n": r["tokens"],
+                }
+            )
+    elif isinstance(ev, NiahEval):
+        tok = upstream_tokenizer(ctx)
+        for length in ev.lengths:
+            r = evaluate_niah(model, tok, length, ev.n_keys, ev.samples, seed=spec.seed, pad_id=tok.pad_id)
+            rows.append(
+                {
+                    "task": "mk_niah",
+                    "metric": "accuracy",
+                    "length": length,
+                    "score": r["accuracy"],
+                    "n": r["n"],
+                    "extra": {"n_keys": ev.n_keys, "examples": r["examples"]},
+                }
+            )
+    elif isinstance(ev, ArithmeticEval):
+        tok = upstream_tokenizer(ctx)
+        problems = heldout_problems(spec.seed, ev.problems, trained_prompts(spec))
+        fmt = spec.stages.rl.format_reward if spec.stages.rl is not None else 0.1
+        r = evaluate_arithmetic(model, tok, problems, format_reward=fmt)
+        extra = {"examples": r["examples"], "format_rate": r["format_rate"], "reward": r["reward"]}
+        rows.append({"task": "arithmetic", "metric": "accuracy", "score": r["accuracy"], "n": r["n"], "extra": extra})
+        rows.append({"task": "arithmetic", "metric": "reward", "score": r["reward"], "n": r["n"]})
+        rows.append({"task": "arithmetic", "metric": "response_length", "score": r["response_length"], "n": r["n"]})
+    else:  # pragma: no cover - the spec's union is exhaustive
+        raise NodeFailure(f"unknown eval kind {ev.kind!r}")
+
+    with TelemetryWriter(ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, tensorboard=False) as telemetry:
+        for row in rows:
+            telemetry.log_eval(
+                step,
+                row["task"],
+                row["score"],
+                length=row.get("length"),
+                n=row.get("n"),
+                metric=row["metric"],
+                extra={"stage": ctx.node["target"], "checkpoint": final["checkpoint"], **row.get("extra", {})},
+            )
+    results = {
+        "eval": ev.name,
+        "kind": ev.kind,
+        "stage": ctx.node["target"],
+        "stage_node": ctx.node["deps"][0],
+        "checkpoint": final["checkpoint"],
+        "step": step,
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    atomic_write_json(ctx.dir.outputs / RESULTS, results)
+    return results
+
+
+def verify_eval_node(ctx: NodeContext) -> None:
+    path = ctx.dir.outputs / RESULTS
+    if not path.is_file():
+        raise NodeFailure(f"{path} was not written")
+    results = read_json(path)
+    if not results.get("rows"):
+        raise NodeFailure(f"{path} holds no results")
+    if not all(np.isfinite(float(r["score"])) for r in results["rows"]):
+        raise NodeFailure(f"{path} holds a non-finite score")

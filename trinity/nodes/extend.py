@@ -1,0 +1,115 @@
+"""The context-extension node (PAPER.md 6): continue pretraining at a longer sequence length.
+
+Starts from the last pretraining phase's final checkpoint (model, optimizer state, expert bias and
+momentum) and trains `stages.extend.tokens` tokens at `stages.extend.seq_len` on the prepare/extend
+store, whose documents are drawn with a length bias (`trinity.data.length_biased`).
+
+"Only the global layers are treated as changed": global layers use no positional encoding, so a
+longer context needs no change to them beyond training; local layers keep their RoPE theta and
+their sliding window (both come from the unchanged model spec), so no RoPE scaling or
+interpolation is applied anywhere. All weights keep training.
+
+Learning rate (`stages.extend.lr`), as a multiplier of each optimizer group's pretraining peak:
+- rewarm: linear warm-up to `peak_fraction` over `warmup_steps`, then linear decay to 0 (Nano, Mini);
+- continue: from `from_fraction` to `to_fraction` along a linear or cosine decay (Large).
+Steps are numbered from 0 within the stage: ceil(tokens / (global_batch_sequences x seq_len)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from trinity.data.length_biased import LengthBiasedLoader
+from trinity.data.store import open_store
+from trinity.model import TrinityModel
+from trinity.nodes.checkpoints import final_state, resume_state, write_final
+from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.nodes.prepare import store_paths
+from trinity.nodes.pretrain import _record_resume, set_threads, verify_training_node
+from trinity.nodes.trainer import Trainer, TrainPlan
+from trinity.optim.groups import build_optimizer
+from trinity.optim.schedule import decay_shape, rewarm_factor
+from trinity.spec import data as data_spec
+from trinity.spec.stages import ExtendSpec, RewarmLR
+from trinity.store.checkpoint import restore_rng_state
+from trinity.store.telemetry import TelemetryWriter
+
+__all__ = ["run_extend_node", "verify_training_node"]
+
+PHASE = "extend"
+
+
+def extend_steps(ext: ExtendSpec) -> int:
+    """Optimizer steps of the stage (the same count as `trinity plan`'s estimate)."""
+    return math.ceil(ext.tokens / (ext.global_batch_sequences * ext.seq_len))
+
+
+def extend_lr_factor(ext: ExtendSpec, total_steps: int) -> Callable[[int, int], float]:
+    """The stage's multiplier of the pretraining peak, as a function of (step, tokens seen)."""
+    rule = ext.lr
+    if isinstance(rule, RewarmLR):
+        return lambda step, tokens: rewarm_factor(step, total_steps, rule.peak_fraction, rule.warmup_steps)
+    final = rule.to_fraction / rule.from_fraction
+    return lambda step, tokens: rule.from_fraction * decay_shape(step / max(total_steps - 1, 1), final, rule.decay)
+
+
+def build_extend_loader(ext: ExtendSpec, store: Any, micro_batch: int, seed: int) -> LengthBiasedLoader:
+    """Length-biased draws packed as the stage's loader spec says (RSDB buffer or sequential)."""
+    loader = ext.loader
+    buffer = loader.buffer_size if isinstance(loader, data_spec.RsdbLoader) else 0
+    return LengthBiasedLoader(
+        store, ext.seq_len, micro_batch, ext.long_doc_bias, workers=loader.workers, seed=seed, buffer_size=buffer
+    )
+
+
+def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
+    spec = ctx.spec
+    ext = spec.stages.extend
+    if ext is None:
+        raise NodeFailure("the graph has no stages.extend")
+    set_threads(ctx)
+    model = TrinityModel(spec.model)
+    optimizer = build_optimizer(model, spec.optim)
+    store = open_store(store_paths(ctx.dep_dir("prepare", "extend").outputs / "store")[0])
+    loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=spec.seed * 1000 + 901)
+    total = extend_steps(ext)
+    first_step, tokens_seen = 0, 0
+    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        loader.load_state_dict(resumed["loader"])
+        restore_rng_state(resumed["rng"])
+        first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
+        _record_resume(ctx, first_step)
+    else:
+        previous = final_state(ctx.dep_dir("pretrain"))
+        model.load_state_dict(previous["model"])
+        optimizer.load_state_dict(previous["optimizer"])
+        restore_rng_state(previous["rng"])
+    if model.spec.vocab_size < int(store.attrs.get("vocab_size", 0)):
+        raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
+
+    plan = TrainPlan(
+        phase=PHASE,
+        first_step=first_step,
+        last_step=total,
+        tokens_seen=tokens_seen,
+        seq_len=ext.seq_len,
+        micro_batch=spec.parallel.micro_batch,
+        batch_sequences=lambda tokens: ext.global_batch_sequences,
+        lr_factor=extend_lr_factor(ext, total),
+    )
+    telemetry = TelemetryWriter(
+        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=spec.execution.expert_load_every
+    )
+    try:
+        trainer = Trainer(ctx, model, optimizer, loader, plan, telemetry)
+        metrics = trainer.run()
+    finally:
+        telemetry.close()
+    assert trainer.last_checkpoint is not None
+    write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, metrics)
+    return metrics

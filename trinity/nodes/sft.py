@@ -1,0 +1,112 @@
+"""The SFT node (PAPER.md 7): chat data packed to the sequence length, loss on assistant tokens only.
+
+Starts from the model of the stage before (extension, or the last pretraining phase) with a fresh
+optimizer state; trains ceil(tokens / (global_batch_sequences x seq_len)) optimizer steps with the
+pretraining loop (`Trainer`), fed by `SftBatches` (chat template, packing and loss mask in
+`trinity.data.chat`). Data: every conversation of `stages.sft.chat_sources` plus
+`math_conversations` built-in ones from the math generator (problem as the user turn, worked
+solution ending in `Answer: X` as the assistant turn).
+
+Learning rate: linear warm-up to `peak_fraction` x the pretraining peak of each optimizer group
+over `warmup_steps`, then linear decay to 0 at the last step (`rewarm_factor`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
+from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from trinity.model import TrinityModel
+from trinity.nodes.checkpoints import final_state, resume_state, write_final
+from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.nodes.pretrain import _record_resume, set_threads, verify_training_node
+from trinity.nodes.trainer import Trainer, TrainPlan
+from trinity.optim.groups import build_optimizer
+from trinity.optim.schedule import rewarm_factor
+from trinity.spec.experiment import ExperimentSpec
+from trinity.spec.stages import SFTSpec
+from trinity.store.checkpoint import restore_rng_state
+from trinity.store.telemetry import TelemetryWriter
+
+__all__ = ["run_sft_node", "verify_training_node"]
+
+PHASE = "sft"
+
+
+def sft_steps(sft: SFTSpec) -> int:
+    return math.ceil(sft.tokens / (sft.global_batch_sequences * sft.seq_len))
+
+
+def sft_conversations(spec: ExperimentSpec, tok: Tokenizer, base_dir: Any) -> list[tuple[list[int], list[int]]]:
+    """(ids, targets) of every SFT conversation: the JSONL sources, then the built-in math ones."""
+    sft = spec.stages.sft
+    assert sft is not None
+    chats = [c for src in sft.chat_sources for c in read_chat_jsonl(src.paths, base_dir)]
+    chats += [math_conversation(p) for p in math_sft_problems(spec.seed, sft.math_conversations)]
+    out = []
+    for messages in chats:
+        ids, trained = render(tok, messages)
+        out.append((ids, targets_of(ids, trained)))
+    return out
+
+
+def upstream_training_dir(ctx: NodeContext) -> Any:
+    """The folder of the stage SFT continues from: extension if the graph has it, else pretraining."""
+    kinds = {d.split("/")[0] for d in ctx.node["deps"]}
+    return ctx.dep_dir("extend") if "extend" in kinds else ctx.dep_dir("pretrain")
+
+
+def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
+    spec = ctx.spec
+    sft = spec.stages.sft
+    if sft is None:
+        raise NodeFailure("the graph has no stages.sft")
+    set_threads(ctx)
+    tok = load_tokenizer(ctx.dep_dir("tokenizer").outputs / TOKENIZER_FILE)
+    try:
+        conversations = sft_conversations(spec, tok, ctx.base_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise NodeFailure(str(exc)) from None
+    batches = SftBatches(conversations, sft.seq_len, spec.parallel.micro_batch, tok.pad_id, seed=spec.seed * 1000 + 902)
+    model = TrinityModel(spec.model)
+    optimizer = build_optimizer(model, spec.optim)
+    total = sft_steps(sft)
+    first_step, tokens_seen = 0, 0
+    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        batches.load_state_dict(resumed["loader"])
+        restore_rng_state(resumed["rng"])
+        first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
+        _record_resume(ctx, first_step)
+    else:
+        previous = final_state(upstream_training_dir(ctx))
+        model.load_state_dict(previous["model"])
+        restore_rng_state(previous["rng"])
+
+    plan = TrainPlan(
+        phase=PHASE,
+        first_step=first_step,
+        last_step=total,
+        tokens_seen=tokens_seen,
+        seq_len=sft.seq_len,
+        micro_batch=spec.parallel.micro_batch,
+        batch_sequences=lambda tokens: sft.global_batch_sequences,
+        lr_factor=lambda step, tokens: rewarm_factor(step, total, sft.peak_fraction, sft.warmup_steps),
+    )
+    telemetry = TelemetryWriter(
+        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=spec.execution.expert_load_every
+    )
+    try:
+        trainer = Trainer(ctx, model, optimizer, batches, plan, telemetry)
+        metrics = trainer.run()
+    finally:
+        telemetry.close()
+    assert trainer.last_checkpoint is not None
+    write_final(
+        ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, {**metrics, "conversations": len(conversations)}
+    )
+    return metrics
