@@ -45,9 +45,7 @@ def sign_update(bias_E: torch.Tensor, counts_E: torch.Tensor, gamma: float) -> N
 
 
 @torch.no_grad()
-def smebu_update(
-    bias_E: torch.Tensor, momentum_E: torch.Tensor, counts_E: torch.Tensor, spec: SmebuBalancing
-) -> None:
+def smebu_update(bias_E: torch.Tensor, momentum_E: torch.Tensor, counts_E: torch.Tensor, spec: SmebuBalancing) -> None:
     """SMEBU: v = (n_mean - n)/n_mean; d = lambda tanh(kappa v), centred; m = beta m + (1-beta) d; b += m."""
     n_E = counts_E.to(torch.float32)
     n_mean = n_E.mean()
@@ -85,9 +83,7 @@ def update_expert_biases(model: nn.Module, counts_LE: torch.Tensor, balancing: B
     """Apply the configured bias update to every MoE layer once; returns MaxVio per layer [L]."""
     layers = moe_modules(model)
     if counts_LE.shape[0] != len(layers):
-        raise ValueError(
-            f"expert_counts has {counts_LE.shape[0]} rows; the model has {len(layers)} MoE layers"
-        )
+        raise ValueError(f"expert_counts has {counts_LE.shape[0]} rows; the model has {len(layers)} MoE layers")
     for moe, counts_E in zip(layers, counts_LE, strict=True):
         counts_E = counts_E.to(moe.expert_bias.device)
         if isinstance(balancing, SmebuBalancing):

@@ -98,9 +98,7 @@ class Muon(Optimizer):
             group.setdefault("base_lr", group["lr"])
             for p in group["params"]:
                 if p.ndim < 2:
-                    raise ValueError(
-                        f"Muon needs matrices (ndim >= 2); got a parameter of shape {tuple(p.shape)}"
-                    )
+                    raise ValueError(f"Muon needs matrices (ndim >= 2); got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -120,9 +118,7 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = zeropower_via_newtonschulz(
-                    update, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                )
+                ortho = zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - lr * wd)
                 p.add_(ortho.to(p.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
         return loss
