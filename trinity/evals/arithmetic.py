@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from trinity.data.chat import ChatTokenizer, math_sft_problems, role_id, user_prompt
+from trinity.data.chat import ChatTokenizer, math_sft_problems, user_prompt
 from trinity.data.mathgen import Problem, generate
 from trinity.model import TrinityModel
 from trinity.model.generate import generate_with_logprobs
-from trinity.rl.rollout import rl_problems, score
+from trinity.rl.rollout import rl_problems, score, stop_ids
 from trinity.spec.experiment import ExperimentSpec
 
 HELDOUT_SEED = 0xE7A
@@ -61,13 +61,16 @@ def evaluate_arithmetic(
     batch: int = 32,
 ) -> dict[str, Any]:
     """Greedy answers to the chat-formatted problems: accuracy, format rate, mean RL reward, length."""
-    end = role_id(tok, "end")
     correct, formatted, rewards, lengths = [], [], [], []
     examples = []
     for a in range(0, len(problems), batch):
         chunk = problems[a : a + batch]
         gen = generate_with_logprobs(
-            model, [user_prompt(tok, p.prompt) for p in chunk], max_new_tokens, stop_ids=(end,), pad_id=tok.pad_id
+            model,
+            [user_prompt(tok, p.prompt) for p in chunk],
+            max_new_tokens,
+            stop_ids=stop_ids(tok),
+            pad_id=tok.pad_id,
         )
         for p, ids, stopped in zip(chunk, gen.tokens, gen.stopped, strict=True):
             text = tok.decode(ids[:-1] if stopped else ids)

@@ -8,7 +8,11 @@ A haystack of exactly `length` tokens (PAPER.md 6 measures extension by it):
 - filler: RULER's noise sentences ("The grass is green. The sky is blue. ..."), repeated, cut to fit;
 - `n_keys` needles "The value of key K is V." at random sentence boundaries (K: two random words,
   distinct; V: a random 6-digit number), in random order; one of them is asked for at the end;
-- the model continues greedily; it is right when the first number it writes is exactly V.
+- the model continues greedily; it is right when the first number it writes is exactly V
+  (`accuracy`, the RULER metric);
+- a softer score for small models (`choice_accuracy`): the asked value is more likely than every
+  other needle's value as the continuation (teacher-forced log-likelihood of " V"); chance is
+  1 / n_keys. It shows whether the model uses the needles at all when it cannot yet copy them.
 Plain text, no chat template: it measures the context, and is the same before and after SFT.
 Haystacks are deterministic in (seed, length, index).
 """
@@ -144,6 +148,21 @@ def is_correct(generated: str, value: str) -> bool:
 
 
 @torch.no_grad()
+def value_choice(model: TrinityModel, tok: TextTokenizer, stack: Haystack) -> bool:
+    """Whether " V" of the asked key is the needle value the model finds most likely after the question."""
+    conts = [tok.encode(" " + v) for _, v in stack.needles]
+    T = len(stack.ids) + max(len(c) for c in conts)
+    ids = torch.zeros(len(conts), T, dtype=torch.long)
+    for b, c in enumerate(conts):
+        ids[b, : len(stack.ids) + len(c)] = torch.tensor(stack.ids + c)
+    logp = torch.log_softmax(model(ids).logits.float(), dim=-1)
+    P = len(stack.ids)
+    scores = [float(sum(logp[b, P - 1 + i, t] for i, t in enumerate(c))) for b, c in enumerate(conts)]
+    asked = [v for _, v in stack.needles].index(stack.value)
+    return all(scores[asked] > x for i, x in enumerate(scores) if i != asked)
+
+
+@torch.no_grad()
 def evaluate_niah(
     model: TrinityModel,
     tok: TextTokenizer,
@@ -154,10 +173,11 @@ def evaluate_niah(
     batch: int = 4,
     pad_id: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy over `samples` haystacks of `length` tokens (greedy decoding)."""
+    """Accuracy (greedy exact match) and choice accuracy over `samples` haystacks of `length` tokens."""
     stacks = [make_haystack(tok, length, n_keys, seed, i) for i in range(samples)]
     new = max(len(tok.encode(" " + s.value)) for s in stacks) + 2
     hits, examples = [], []
+    choices = [value_choice(model, tok, s) for s in stacks]
     for a in range(0, samples, batch):
         chunk = stacks[a : a + batch]
         outs = generate(model, [s.ids for s in chunk], new, pad_id=pad_id)
@@ -166,4 +186,5 @@ def evaluate_niah(
             hits.append(is_correct(text, s.value))
             if len(examples) < 3:
                 examples.append({"key": s.key, "value": s.value, "output": text})
-    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "examples": examples}
+    n = max(len(hits), 1)
+    return {"accuracy": sum(hits) / n, "choice_accuracy": sum(choices) / n, "n": len(hits), "examples": examples}

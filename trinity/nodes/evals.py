@@ -4,7 +4,7 @@ The node's first dependency is the training node whose final checkpoint it reads
 eval in `stages.evals`:
 - heldout_loss: loss per source on the held-out documents of every pretraining phase's prepare node
   (a source held out in several phases is scored once: the first phase's documents), plus "all";
-- mk_niah: accuracy at each of `lengths` (`trinity.evals.niah`);
+- mk_niah: accuracy and choice accuracy at each of `lengths` (`trinity.evals.niah`);
 - arithmetic: greedy exact-match accuracy on held-out generated problems (`trinity.evals.arithmetic`).
 
 Each result is one row of the telemetry `evals` table (node, attempt, step = the checkpoint's step,
@@ -95,6 +95,16 @@ def run_eval_node(ctx: NodeContext) -> dict[str, Any]:
                     "score": r["accuracy"],
                     "n": r["n"],
                     "extra": {"n_keys": ev.n_keys, "examples": r["examples"]},
+                }
+            )
+            rows.append(
+                {
+                    "task": "mk_niah",
+                    "metric": "choice_accuracy",
+                    "length": length,
+                    "score": r["choice_accuracy"],
+                    "n": r["n"],
+                    "extra": {"n_keys": ev.n_keys, "chance": 1 / ev.n_keys},
                 }
             )
     elif isinstance(ev, ArithmeticEval):

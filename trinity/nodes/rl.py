@@ -15,7 +15,8 @@ steps 0 and `steps`, the SFT starting point and the result.
 
 Telemetry per step: `steps` (loss, lr, grad norm, tokens = response tokens so far, step time) and
 an `events` row of kind "rl" with reward, pass_rate (exact answers), format_rate,
-response_length, kl, clip_fraction, ratio_mean, zero_advantage_groups (query with
+response_length, kl, clip_fraction, ratio_mean, zero_advantage_groups, updated (0 when no group had
+a reward spread: the step is skipped, see `grpo_update`) (query with
 `(data->>'reward')::double`). Checkpoints (model, optimizer, RNG, step) every
 `execution.checkpoint_every` steps, at the end and on a stop request; problems and the sampling
 generator depend only on (seed, step), so a resumed run is exact.
@@ -66,6 +67,12 @@ def grpo_update(
     loss, stats = grpo_loss(logp_BT, batch.old_logprobs_BT, adv_B, batch.mask_BT, rl.clip_eps, rl.kl_weight, ref_BT)
     if not torch.isfinite(loss):
         raise NodeFailure(f"RL loss is {loss.item()}; lower stages.rl.lr, then `trinity resume`")
+    if not bool((adv_B != 0).any()):
+        # No group has a reward spread: the policy gradient is zero and what remains is rounding
+        # noise, which Muon's orthogonalisation (and Adam's normalisation) would blow up to a
+        # full-size update. Skip the step.
+        optimizer.zero_grad(set_to_none=True)
+        return stats, 0.0
     loss.backward()
     params = [p for p in policy.parameters() if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
@@ -160,8 +167,16 @@ def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
                 clip_fraction=stats.clip_fraction,
                 ratio_mean=stats.ratio_mean,
                 zero_advantage_groups=zero_groups,
+                updated=int(grad_norm > 0),
             )
-            ctx.progress(step=step, total_steps=rl.steps, loss=round(stats.loss, 4), reward=round(reward, 4))
+            ctx.progress(
+                step=step,
+                total_steps=rl.steps,
+                loss=round(stats.loss, 4),
+                reward=round(reward, 4),
+                tokens_per_s=round(stats.tokens / seconds),
+                tokens=tokens,
+            )
             stop = ctx.stop_event.is_set()
             if step == rl.steps or stop or step % spec.execution.checkpoint_every == 0:
                 telemetry.flush()

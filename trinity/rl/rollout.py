@@ -8,8 +8,9 @@ sampled `group_size` times (temperature, top-p); a response ends at `<|end|>` or
 `max_new_tokens`. Rewards (PAPER.md 7: exact answer and format checks):
 - exact: 1 if `mathgen.check(answer, response)` (the number after the last `Answer:`, else the
   last number, equals the exact answer as a rational), else 0;
-- format: `format_reward` if the response is well formed: it closed with `<|end|>` (not cut off)
-  and contains an `Answer: <number>` line, else 0.
+- format: `format_reward` if the response is well formed: it closed with a stop token (`<|end|>`,
+  or `<|doc|>`, the end of text a pretrained model knows; not cut off) and contains an
+  `Answer: <number>` line, else 0.
 reward = exact + format.
 
 Problems are deterministic in (seed, step), as is the sampling generator, so a resumed run draws
@@ -45,6 +46,14 @@ def rollout_generator(seed: int, step: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(np.random.default_rng([seed, RL_SEED, step, 1]).integers(2**62)))
     return g
+
+
+def stop_ids(tok: ChatTokenizer) -> tuple[int, ...]:
+    """Tokens that end a response: `<|end|>` (the chat template's) and `<|doc|>` if the tokenizer has it."""
+    ids = [role_id(tok, "end")]
+    if "<|doc|>" in tok.special_ids:
+        ids.append(tok.special_ids["<|doc|>"])
+    return tuple(ids)
 
 
 def is_well_formed(text: str, stopped: bool) -> bool:
@@ -88,11 +97,10 @@ def rollout(
     format_reward: float,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample `group_size` responses to each problem and grade them (text without the closing `<|end|>`)."""
-    end = role_id(tok, "end")
+    """Sample `group_size` responses to each problem and grade them (text without the closing stop token)."""
     prompts = [user_prompt(tok, p.prompt) for p in problems for _ in range(group_size)]
     gen = generate_with_logprobs(
-        policy, prompts, max_new_tokens, temperature, top_p, generator, stop_ids=(end,), pad_id=tok.pad_id
+        policy, prompts, max_new_tokens, temperature, top_p, generator, stop_ids=stop_ids(tok), pad_id=tok.pad_id
     )
     texts, rewards, correct, formatted = [], [], [], []
     for i, (ids, stopped) in enumerate(zip(gen.tokens, gen.stopped, strict=True)):
