@@ -93,3 +93,13 @@ def test_parameter_count_matches_the_built_model() -> None:
         spec = load_experiment(ROOT / "graphs" / "tiny.yaml", sets).spec.model
         model = TrinityModel(spec)
         assert count_params(spec).total == sum(p.numel() for p in model.parameters()), sets
+
+
+def test_slurm_dry_run_prints_the_published_large_layout() -> None:
+    """256 nodes x 8 GPUs for each pretraining phase of Large; nothing submitted (no cluster needed)."""
+    result = run_cli("run", "graphs/trinity-large.yaml", "--executor", "slurm", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "pretrain/phase1" in line)
+    cells = [c.strip() for c in line.split("│") if c.strip()]
+    assert cells[:5] == ["pretrain/phase1", "256", "8", "8", "8"]  # nodes, tasks/node, GPUs/node, CPUs/task
+    assert not (ROOT / "runs" / "trinity-large").exists()

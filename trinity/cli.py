@@ -179,6 +179,12 @@ NodesOption = Annotated[
 JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Nodes run at once (local executor).")]
 
 
+ExecutorOption = Annotated[
+    str | None, typer.Option("--executor", help="local or slurm (default: the spec's execution.executor).")
+]
+WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Slurm: watch the jobs until the graph settles.")]
+
+
 @app.command()
 @handles_errors
 def run(
@@ -187,21 +193,57 @@ def run(
     set_: SetOption = None,
     nodes: NodesOption = None,
     jobs: JobsOption = 1,
+    executor: ExecutorOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print each node's sbatch parameters; run nothing.")
+    ] = False,
+    wait: WaitOption = True,
     debug: DebugOption = False,
 ) -> None:
     """Run a graph: create (or continue) its run directory and execute the nodes that must run."""
+    from trinity.execute.commands import dry_run as plan_jobs
     from trinity.execute.commands import run_graph
 
-    raise typer.Exit(run_graph(graph, set_ or [], run_dir, out, nodes, jobs))
+    sets = list(set_ or [])
+    if executor is not None:
+        if executor not in ("local", "slurm"):
+            raise SpecError([f"--executor {executor!r}: allowed: local, slurm"])
+        sets.append(f"execution.executor={executor}")  # execution fields never change identities
+    if dry_run:
+        from trinity.cli_render import print_jobs
+
+        print_jobs(out, plan_jobs(graph, sets, nodes))
+        return
+    raise typer.Exit(run_graph(graph, sets, run_dir, out, nodes, jobs, wait))
 
 
 @app.command()
 @handles_errors
-def resume(run_dir: RunDirArg, nodes: NodesOption = None, jobs: JobsOption = 1, debug: DebugOption = False) -> None:
+def resume(
+    run_dir: RunDirArg,
+    nodes: NodesOption = None,
+    jobs: JobsOption = 1,
+    wait: WaitOption = True,
+    debug: DebugOption = False,
+) -> None:
     """Continue a run with its own spec: failed, killed and stale nodes re-run from their last checkpoint."""
     from trinity.execute.commands import resume_run
 
-    raise typer.Exit(resume_run(run_dir, out, nodes, jobs))
+    raise typer.Exit(resume_run(run_dir, out, nodes, jobs, wait))
+
+
+@app.command()
+@handles_errors
+def cancel(
+    run_dir: RunDirArg,
+    node: Annotated[str | None, typer.Argument(help="One node (default: all).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Cancel a Slurm run's jobs (or one node's); dependants become DEP_FAILED."""
+    from trinity.execute.commands import cancel_run
+
+    ids = cancel_run(run_dir, node)
+    out.print(f"cancelled {len(ids)} job(s): {', '.join(ids) or 'none running'}", highlight=False)
 
 
 @app.command()

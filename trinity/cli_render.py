@@ -70,8 +70,12 @@ def print_diff(console: Console, result: SpecDiff) -> None:
     for col in ("field", "before", "after", "identity"):
         table.add_column(col)
     for c in result.changes:
-        table.add_row(escape(c.path), escape(repr(c.before)), escape(repr(c.after)),
-                      "no (execution)" if c.execution_only else "yes")
+        table.add_row(
+            escape(c.path),
+            escape(repr(c.before)),
+            escape(repr(c.after)),
+            "no (execution)" if c.execution_only else "yes",
+        )
     console.print(table)
     console.print(f"[bold]re-run[/] ({len(result.rerun)}): {escape(', '.join(result.rerun)) or 'nothing'}")
     console.print(f"[bold]reused[/] ({len(result.reused)}): {escape(', '.join(result.reused)) or 'nothing'}")
@@ -98,4 +102,28 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
         p = n["progress"]
         progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
         table.add_row(escape(n["id"]), n["state"], str(len(attempts)), how, progress, escape(n["message"]))
+    console.print(table)
+
+
+def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The sbatch parameters of each node (trinity run --dry-run)."""
+    columns = [
+        "node",
+        "nodes",
+        "ntasks_per_node",
+        "gpus_per_node",
+        "cpus_per_task",
+        "time",
+        "partition",
+        "account",
+        "qos",
+        "mem",
+        "signal_delay_s",
+        "dependency",
+    ]
+    table = Table(title="sbatch parameters (nothing submitted)", title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(escape(str(row.get(c, "") or "")) for c in columns))
     console.print(table)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from trinity.store.catalog import open_catalog
 
 MICRO_GRAPH = """\
 name: micro
@@ -55,6 +60,52 @@ execution:
   heartbeat_s: 2
   local: {threads: 1}
 """
+
+
+NODE = "pretrain/phase1"
+
+
+def trinity(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user does, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "trinity.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A run whose tokenizer and prepare nodes are done (copied for each scenario)."""
+    root = tmp_path_factory.mktemp("resume")
+    graph = root / "micro.yaml"
+    graph.write_text(MICRO_GRAPH.replace("    extra: {kind: jsonl, paths: [extra.jsonl]}\n", ""))
+    run = root / "prepared"
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", "prepare/phase1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return graph, run
+
+
+@pytest.fixture(scope="session")
+def straight_run(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the node."""
+    graph, prepared_run = prepared
+    run = tmp_path_factory.mktemp("straight") / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def straight(straight_run: Path) -> dict[int, float]:
+    """Losses of the uninterrupted run (what every interrupted run must reproduce)."""
+    expected = losses(straight_run)
+    assert max(expected) == 59 and expected[59] < expected[1] - 2.0  # the loss clearly falls
+    return expected
+
+
+def losses(run: Path) -> dict[int, float]:
+    con = open_catalog(run)
+    return dict(con.sql(f"select step, loss from steps where node = '{NODE}' order by step").fetchall())
 
 
 @pytest.fixture

@@ -11,52 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.execute.test_scheduler import trinity
+from tests.execute.conftest import NODE, losses, trinity
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
-
-NODE = "pretrain/phase1"
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A run whose tokenizer and prepare nodes are done (copied for each scenario)."""
-    from tests.execute.conftest import MICRO_GRAPH
-
-    root = tmp_path_factory.mktemp("resume")
-    graph = root / "micro.yaml"
-    graph.write_text(MICRO_GRAPH.replace("    extra: {kind: jsonl, paths: [extra.jsonl]}\n", ""))
-    run = root / "prepared"
-    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", "prepare/phase1")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return graph, run
-
-
-@pytest.fixture(scope="module")
-def straight_run(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run of the node."""
-    graph, prepared_run = prepared
-    run = tmp_path_factory.mktemp("straight") / "run"
-    shutil.copytree(prepared_run, run)
-    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run
-
-
-@pytest.fixture(scope="module")
-def straight(straight_run: Path) -> dict[int, float]:
-    """Losses of the uninterrupted run (what every interrupted run must reproduce)."""
-    expected = losses(straight_run)
-    assert max(expected) == 59 and expected[59] < expected[1] - 2.0  # the loss clearly falls
-    return expected
-
-
-def losses(run: Path) -> dict[int, float]:
-    con = open_catalog(run)
-    return dict(con.sql(f"select step, loss from steps where node = '{NODE}' order by step").fetchall())
 
 
 def test_sigkill_at_random_step_then_resume_is_bit_identical(

@@ -7,14 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.execute.conftest import trinity
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import NodeStatus, list_attempts
-
-
-def trinity(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trinity.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
 
 
 def states(run: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@ from typing import Any
 
 import networkx as nx
 from rich.console import Console
-from rich.markup import escape
 
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import LocalExecutor
@@ -41,7 +40,12 @@ def select(graph: nx.DiGraph, patterns: list[str] | None) -> nx.DiGraph:
 
 
 def run_loaded(
-    loaded: LoadedSpec, run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1
+    loaded: LoadedSpec,
+    run_dir: Path,
+    console: Console,
+    nodes: list[str] | None = None,
+    jobs: int = 1,
+    wait: bool = True,
 ) -> int:
     """Write/refresh the run directory, decide, execute; returns the exit status."""
     run = RunDir(run_dir.resolve())
@@ -56,10 +60,18 @@ def run_loaded(
         to_run = [n for n, d in decisions.items() if d.action == "run"]
         console.print(f"run directory: {run.root}", highlight=False)
         console.print(f"{len(to_run)} node(s) to run, {len(reused)} reused", highlight=False)
-        executor = LocalExecutor(run)
         order = [n for n in nx.lexicographical_topological_sort(graph)]
+        slurm = loaded.spec.execution.executor == "slurm"
         with RunDisplay(run, order, reused, console) as display:
-            states = execute(run, graph, decisions, executor, jobs=jobs, on_tick=display.tick)
+            if slurm:
+                from trinity.execute.slurm import execute_slurm
+
+                states = execute_slurm(run, graph, decisions, on_tick=display.tick, wait=wait)
+            else:
+                states = execute(run, graph, decisions, LocalExecutor(run), jobs=jobs, on_tick=display.tick)
+    if slurm and not wait:
+        console.print(f"submitted {len(to_run)} node(s) to Slurm; follow with `trinity status {run.root}`")
+        return 0
     if not console.is_terminal:
         console.print(node_table(run, order, reused))
     failed = [n for n, s in states.items() if s != "SUCCEEDED"]
@@ -83,9 +95,18 @@ def run_graph(
     console: Console,
     nodes: list[str] | None = None,
     jobs: int = 1,
+    wait: bool = True,
 ) -> int:
     loaded = load_experiment(graph_file, sets)
-    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs)
+    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs, wait)
+
+
+def dry_run(graph_file: Path, sets: list[str], nodes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The sbatch parameters of every node, without submitting or writing anything."""
+    from trinity.execute.slurm import dry_run as slurm_dry_run
+    from trinity.graph.compile import compile_graph
+
+    return slurm_dry_run(select(compile_graph(load_experiment(graph_file, sets)), nodes))
 
 
 def load_run_spec(run: RunDir) -> LoadedSpec:
@@ -95,9 +116,33 @@ def load_run_spec(run: RunDir) -> LoadedSpec:
     return load_experiment(run.spec_yaml, base=Path(meta["base_dir"]))
 
 
-def resume_run(run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1) -> int:
+def resume_run(
+    run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1, wait: bool = True
+) -> int:
     run = RunDir(run_dir.resolve())
-    return run_loaded(load_run_spec(run), run.root, console, nodes, jobs)
+    return run_loaded(load_run_spec(run), run.root, console, nodes, jobs, wait)
+
+
+def cancel_run(run_dir: Path, node_id: str | None) -> list[str]:
+    """scancel the run's Slurm jobs (or one node's); the node files are updated from Slurm."""
+    from trinity.execute.slurm import cancel, reconcile
+    from trinity.graph.compile import compile_graph
+
+    run = RunDir(run_dir.resolve())
+    ids = cancel(run, node_id)
+    graph = compile_graph(load_run_spec(run))
+    import time
+
+    for _ in range(30):  # let Slurm record the cancellation, then settle the nodes
+        time.sleep(1)
+        reconcile(run, graph)
+        if all(
+            NodeStatus.read(run.node(n)).state not in ("RUNNING", "PENDING")
+            for n in graph.nodes
+            if n in read_json(run.root / "slurm_jobs.json")
+        ):
+            break
+    return ids
 
 
 def explain(run_dir: Path, node_id: str) -> Decision:
@@ -114,6 +159,11 @@ def explain(run_dir: Path, node_id: str) -> Decision:
 def status_report(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir.resolve())
     graph = load_run_graph(run)
+    if (run.root / "slurm_jobs.json").is_file():  # jobs may have ended while nobody watched
+        from trinity.execute.slurm import reconcile
+        from trinity.graph.compile import compile_graph
+
+        reconcile(run, compile_graph(load_run_spec(run)))
     nodes = []
     for node_id, entry in graph.items():
         node_dir = run.node(node_id)

@@ -65,6 +65,8 @@ class AttemptRecord:
     pid: int | None = None
     job_id: str | None = None
     array_index: int | None = None
+    depends_on: str | None = None
+    """The Slurm dependency the job was submitted with (e.g. 'afterok:41,aftercorr:40')."""
     exit_code: int | None = None
     signal: int | None = None
     resumed_from_step: int | None = None

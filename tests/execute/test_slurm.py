@@ -1,0 +1,176 @@
+"""The Slurm executor against the real local cluster (scripts/slurm-local.sh up; SLURM_CONF set).
+
+Without a cluster these tests skip, unless TRINITY_REQUIRE_SLURM=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.execute.conftest import NODE, losses, trinity
+from trinity.execute.rundir import RunDir
+from trinity.execute.status import NodeStatus, list_attempts
+
+pytestmark = pytest.mark.slurm
+SLURM = [
+    "--executor",
+    "slurm",
+    "--set",
+    "execution.slurm.cpus_per_task=1",
+    "--set",
+    "execution.slurm.time_min={default: 20}",
+]
+
+
+def _cluster_up() -> str | None:
+    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
+        return "no Slurm client or SLURM_CONF (run scripts/slurm-local.sh up and export SLURM_CONF)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"sinfo failed: {probe.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cluster() -> None:
+    problem = _cluster_up()
+    if problem is not None:
+        if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
+            pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")
+        pytest.skip(problem)
+
+
+def wait_for(predicate: object, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def status(run: Path) -> dict[str, str]:
+    report = json.loads(trinity("status", str(run), "--json").stdout)
+    return {n["id"]: n["state"] for n in report["nodes"]}
+
+
+def test_tiny_graph_runs_on_slurm_one_job_per_node_with_dependencies(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shrink = [f"data.phases.phase{i}.tokens=12000" for i in (1, 2, 3)] + ["tokenizer.sample_bytes=300000"]
+    sets = [a for s in shrink for a in ("--set", s)]
+    result = trinity(
+        "run", str(ROOT / "graphs" / "tiny.yaml"), "--run-dir", str(run), "--nodes", "pretrain/*", *SLURM, *sets
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = status(run)
+    wanted = [
+        "tokenizer",
+        "prepare/phase1",
+        "prepare/phase2",
+        "prepare/phase3",
+        "pretrain/phase1",
+        "pretrain/phase2",
+        "pretrain/phase3",
+    ]
+    assert all(states[n] == "SUCCEEDED" for n in wanted), states
+    records = {n: list_attempts(RunDir(run).node(n))[-1] for n in wanted}
+    job_ids = {n: r.job_id for n, r in records.items()}
+    assert all(r.executor == "slurm" and r.job_id for r in records.values())
+    assert len(set(job_ids.values())) == len(wanted)  # each node its own job
+    deps = records["pretrain/phase2"].depends_on or ""
+    assert f"afterok:{job_ids['prepare/phase2']}" in deps and f"afterok:{job_ids['pretrain/phase1']}" in deps
+    node_dir = RunDir(run).node("pretrain/phase1")
+    assert list((node_dir.root / "slurm").glob("*_submission.sh")), "the sbatch script is kept in the node folder"
+    sql = trinity(
+        "sql",
+        str(run),
+        "SELECT node, job_id, depends_on FROM attempts WHERE node = 'pretrain/phase3'",
+        "--format",
+        "json",
+    )
+    row = json.loads(sql.stdout)[0]
+    assert row["job_id"] == job_ids["pretrain/phase3"] and f"afterok:{job_ids['pretrain/phase2']}" in row["depends_on"]
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint_with_the_same_losses(
+    prepared: tuple[Path, Path], straight: dict[int, float], tmp_path: Path
+) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    submitted = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE, "--no-wait", *SLURM)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    node_dir = RunDir(run).node(NODE)
+    wait_for(lambda: NodeStatus.read(node_dir).progress.get("step", 0) >= 25, 300, "step 25")
+    job_id = list_attempts(node_dir)[-1].job_id
+    assert job_id
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    wait_for(
+        lambda: NodeStatus.read(node_dir).state == "SUCCEEDED" and len(list_attempts(node_dir)) == 2,
+        600,
+        "the requeued job to finish",
+    )
+    first, second = list_attempts(node_dir)
+    assert first.job_id == second.job_id == job_id  # the same job, requeued
+    assert second.resumed_from_step is not None and second.resumed_from_step > 0
+    assert losses(run) == straight
+
+
+def test_scancel_fails_the_node_and_its_dependants_and_resume_reruns_exactly_those(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    submitted = trinity("run", str(graph), "--run-dir", str(run), "--nodes", "pretrain/phase2", "--no-wait", *SLURM)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    node_dir = RunDir(run).node(NODE)
+    wait_for(lambda: NodeStatus.read(node_dir).progress.get("step", 0) >= 3, 300, "pretrain/phase1 to train")
+    cancelled = trinity("cancel", str(run), NODE)
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    wait_for(lambda: status(run)["pretrain/phase2"] == "DEP_FAILED", 120, "the dependant to be DEP_FAILED")
+    states = status(run)
+    assert states[NODE] == "FAILED"
+    assert states["tokenizer"] == states["prepare/phase1"] == "SUCCEEDED"
+
+    resumed = trinity("resume", str(run), "--nodes", "pretrain/phase2")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "2 node(s) to run" in resumed.stdout  # pretrain/phase1 and pretrain/phase2; the rest is reused
+    assert all(
+        state == "SUCCEEDED"
+        for node, state in status(run).items()
+        if node in ("tokenizer", "prepare/phase1", "prepare/phase2", NODE, "pretrain/phase2")
+    )
+
+
+def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, prepared_run = prepared
+    swept = tmp_path / "sweep.yaml"
+    swept.write_text(graph.read_text() + "sweep:\n  grid:\n    optim.muon.lr: [0.005, 0.01, 0.02]\n")
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)  # the tokenizer and prepare nodes are shared by the branches: reused
+    result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 node(s) to run" in result.stdout
+    nodes = [f"pretrain/phase1[muon.lr={lr}]" for lr in ("0.005", "0.01", "0.02")]
+    records = [list_attempts(RunDir(run).node(n))[-1] for n in nodes]
+    arrays = {r.job_id.split("_")[0] for r in records if r.job_id}
+    assert len(arrays) == 1, [r.job_id for r in records]
+    assert sorted(r.array_index for r in records if r.array_index is not None) == [0, 1, 2]
+    sql = trinity(
+        "sql",
+        str(run),
+        "SELECT s.node, p.optim__muon__lr AS lr, s.loss FROM steps s JOIN spec p "
+        "USING (run_id, node) WHERE s.step = 59 ORDER BY lr",
+        "--format",
+        "json",
+    )
+    rows = json.loads(sql.stdout)
+    assert [r["lr"] for r in rows] == [0.005, 0.01, 0.02]
+    assert len({r["loss"] for r in rows}) == 3

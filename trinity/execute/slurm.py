@@ -1,0 +1,331 @@
+"""The Slurm executor: the whole DAG queued at once through submitit, watched until it settles.
+
+- Each node is a job (`NodeJob`) with resources from the spec's `execution.slurm` and `parallel`
+  parts. A DAG edge is an `afterok` dependency; with `DependencyParameters=kill_invalid_depend`
+  Slurm cancels the dependants of a failed job, and they are marked DEP_FAILED.
+- Sibling nodes of a sweep (same node, different branches) are one job array, in chunks under
+  MaxArraySize, with `execution.slurm.array_parallelism`. An array whose siblings each depend on
+  the matching task of an upstream array uses `aftercorr`.
+- Watching costs one `sacct` call for all jobs of the run (submitit's watcher batches them), with
+  a timeout; no call blocks forever.
+- The job's sbatch script (submitit's `<job>_submission.sh`) and its Slurm logs stay in the node
+  folder under `slurm/`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import submitit
+
+from trinity.execute.run import Decision, RunError, mark_pending, supersede
+from trinity.execute.rundir import RunDir, read_json
+from trinity.execute.slurm_job import NodeJob
+from trinity.execute.status import AttemptRecord, NodeStatus, list_attempts
+from trinity.graph.compile import Node, nodes_in_order
+from trinity.spec.experiment import ExperimentSpec
+
+POLL_S = 2.0
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+}
+TRAINING = ("pretrain", "extend", "sft", "rl")
+DEFAULT_CPUS = {"tokenizer": 8, "prepare": 16, "eval": 8}
+
+
+def base_id(node_id: str) -> str:
+    """A node id without its sweep-branch label: pretrain/phase1[muon.lr=0.01] -> pretrain/phase1."""
+    return node_id.split("[", 1)[0]
+
+
+def sbatch_parameters(node: Node, spec: ExperimentSpec) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of a node (resources by kind, from the spec)."""
+    slurm, par = spec.execution.slurm, spec.parallel
+    on_gpus = par.accelerator.name.lower() != "cpu"
+    minutes = slurm.time_min.get(node.kind, slurm.time_min.get("default", 60 * 24))
+    params: dict[str, Any] = {
+        "job_name": f"trinity:{spec.name}:{node.id}"[:120],
+        "time": minutes,
+        "signal_delay_s": slurm.signal_delay_s,
+        "array_parallelism": slurm.array_parallelism,
+        "stderr_to_stdout": True,
+    }
+    if node.kind in TRAINING:
+        params.update(
+            nodes=par.nodes,
+            ntasks_per_node=par.gpus_per_node,
+            cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1),
+        )
+        if on_gpus:
+            params["gpus_per_node"] = par.gpus_per_node
+    else:
+        params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or DEFAULT_CPUS.get(node.kind, 4))
+        if on_gpus and node.kind == "eval":
+            params["gpus_per_node"] = 1
+    for key, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos)):
+        if value:
+            params[key] = value
+    if slurm.mem_gb:
+        params["mem"] = f"{slurm.mem_gb}GB"
+    if slurm.extra_sbatch:
+        params["additional_parameters"] = dict(slurm.extra_sbatch)
+    return params
+
+
+def max_array_size() -> int:
+    """MaxArraySize of the cluster (`scontrol show config`), 1001 if it cannot be read."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
+    match = re.search(r"MaxArraySize\s*=\s*(\d+)", out)
+    return int(match.group(1)) if match else 1001
+
+
+@dataclass
+class Submission:
+    """What was submitted for one node."""
+
+    node_id: str
+    job: Any  # submitit.Job
+    finished: bool = False
+
+
+@dataclass
+class SlurmRun:
+    run: RunDir
+    graph: nx.DiGraph
+    submissions: dict[str, Submission] = field(default_factory=dict)
+
+    def executor(self, node_id: str, params: dict[str, Any], max_requeues: int) -> submitit.SlurmExecutor:
+        folder = (
+            self.run.node(base_id(node_id)).root / "slurm" if "[" in node_id else self.run.node(node_id).root / "slurm"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+        ex.update_parameters(**params)
+        return ex
+
+
+def _spec(graph: nx.DiGraph, node_id: str) -> ExperimentSpec:
+    spec: ExperimentSpec = graph.nodes[node_id]["spec"]
+    return spec
+
+
+def _dependency(deps: list[str], jobs: dict[str, Any], correlated: list[str]) -> str | None:
+    parts = [f"afterok:{jobs[d].job_id}" for d in deps if d in jobs]
+    parts += [f"aftercorr:{array_id}" for array_id in correlated]
+    return ",".join(parts) or None
+
+
+def submit_all(run: RunDir, graph: nx.DiGraph, to_run: list[str]) -> SlurmRun:
+    """Queue every node that must run, dependencies included, in topological order."""
+    state = SlurmRun(run, graph)
+    jobs: dict[str, Any] = {}
+    chunk = max(1, max_array_size() - 1)
+    groups: dict[str, list[str]] = {}
+    order = [n.id for n in nodes_in_order(graph) if n.id in to_run]
+    for node_id in order:
+        groups.setdefault(base_id(node_id), []).append(node_id)
+    for base in dict.fromkeys(base_id(n) for n in order):
+        members = groups[base]
+        specs = [_spec(graph, m) for m in members]
+        params = sbatch_parameters(graph.nodes[members[0]]["node"], specs[0])
+        max_requeues = specs[0].execution.slurm.max_requeues
+        # Siblings become one array when only their name differs (the name gets the node id without the branch).
+        params["job_name"] = f"trinity:{specs[0].name}:{base}"[:120]
+        as_array = len(members) > 1 and all(
+            {**sbatch_parameters(graph.nodes[m]["node"], s), "job_name": params["job_name"]} == params
+            for m, s in zip(members, specs, strict=True)
+        )
+        if not as_array:
+            for m in members:
+                deps = [d for d in graph.predecessors(m)]
+                p = dict(sbatch_parameters(graph.nodes[m]["node"], _spec(graph, m)))
+                if (dependency := _dependency(deps, jobs, [])) is not None:
+                    p["dependency"] = dependency
+                ex = state.executor(m, p, max_requeues)
+                jobs[m] = ex.submit(NodeJob(str(run.root), m, p.get("dependency")))
+                state.submissions[m] = Submission(m, jobs[m])
+            continue
+        for start in range(0, len(members), chunk):
+            part = members[start : start + chunk]
+            shared, correlated = _array_dependencies(graph, part, jobs, groups)
+            p = dict(params)
+            if (dependency := _dependency(shared, jobs, correlated)) is not None:
+                p["dependency"] = dependency
+            ex = state.executor(part[0], p, max_requeues)
+            with ex.batch():
+                submitted = [ex.submit(NodeJob(str(run.root), m, p.get("dependency"))) for m in part]
+            for m, job in zip(part, submitted, strict=True):
+                jobs[m] = job
+                state.submissions[m] = Submission(m, job)
+    for m, sub in state.submissions.items():
+        _keep_script(run, m, sub.job)
+    return state
+
+
+def _keep_script(run: RunDir, node_id: str, job: Any) -> None:
+    """A copy of the sbatch script submitit generated, in the node's own folder."""
+    script = Path(job.paths.submission_file)
+    if script.is_file():
+        target = run.node(node_id).root / "slurm" / f"{job.job_id}_submission.sh"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copyfile(script, target)
+
+
+def _array_dependencies(
+    graph: nx.DiGraph, part: list[str], jobs: dict[str, Any], groups: dict[str, list[str]]
+) -> tuple[list[str], list[str]]:
+    """Dependencies of an array: shared upstream jobs (afterok) and upstream arrays task by task (aftercorr)."""
+    shared: set[str] = set()
+    correlated: set[str] = set()
+    for m in part:
+        for dep in graph.predecessors(m):
+            if dep not in jobs:
+                continue  # reused: nothing to wait for
+            siblings = groups.get(base_id(dep), [])
+            if len(siblings) > 1 and "[" in dep:
+                array_id = str(jobs[dep].job_id).split("_")[0]
+                correlated.add(array_id)
+            else:
+                shared.add(dep)
+    return sorted(shared), sorted(correlated)
+
+
+def settle(run: RunDir, graph: nx.DiGraph, node_id: str, slurm_state: str) -> None:
+    """Record a finished job in the node's files (the node writes its own success)."""
+    node_dir = run.node(node_id)
+    status = NodeStatus.read(node_dir)
+    if status.state == "SUCCEEDED":
+        return
+    attempts = list_attempts(node_dir)
+    started = bool(attempts) and attempts[-1].executor == "slurm" and attempts[-1].job_id is not None
+    if not started and slurm_state == "CANCELLED":
+        status.state, status.message = (
+            "DEP_FAILED",
+            "its Slurm job was cancelled before it started (a dependency failed, or scancel)",
+        )
+    else:
+        own_message = status.message if status.state == "FAILED" else ""
+        status.state, status.message = "FAILED", own_message or f"Slurm job ended {slurm_state}"
+        if attempts and attempts[-1].end is None:
+            record: AttemptRecord = attempts[-1]
+            record.finish(node_dir, "FAILED", record.exit_code, record.signal, f"Slurm job ended {slurm_state}")
+    status.write(node_dir)
+
+
+def reconcile(run: RunDir, graph: nx.DiGraph) -> None:
+    """Bring node files up to date with Slurm for jobs that ended while nobody watched (one sacct call)."""
+    path = run.root / "slurm_jobs.json"
+    if not path.is_file() or shutil.which("sacct") is None:
+        return
+    jobs: dict[str, str] = read_json(path)
+    open_nodes = {
+        n: j for n, j in jobs.items() if n in graph and NodeStatus.read(run.node(n)).state in ("PENDING", "RUNNING")
+    }
+    if not open_nodes:
+        return
+    try:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(open_nodes.values())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+    for node_id, job_id in open_nodes.items():
+        job_state = states.get(job_id, "")
+        if job_state in FINISHED:
+            settle(run, graph, node_id, job_state)
+
+
+def watch(state: SlurmRun, on_tick: Callable[[], None]) -> dict[str, str]:
+    """Poll until every submitted job has finished; returns the final node states."""
+    pending = dict(state.submissions)
+    while pending:
+        for node_id, sub in list(pending.items()):
+            job_state = str(sub.job.state).split()[0].upper()
+            if job_state in FINISHED:
+                settle(state.run, state.graph, node_id, job_state)
+                del pending[node_id]
+        on_tick()
+        if pending:
+            time.sleep(POLL_S)
+    on_tick()
+    return {n: NodeStatus.read(state.run.node(n)).state for n in state.graph.nodes}
+
+
+def execute_slurm(
+    run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decision], on_tick: Callable[[], None], wait: bool = True
+) -> dict[str, str]:
+    """Queue the nodes that must run; with `wait`, watch them until the graph settles."""
+    if shutil.which("sbatch") is None:
+        raise RunError(
+            "sbatch is not on PATH: this machine has no Slurm client (for a local cluster: "
+            "scripts/slurm-local.sh up, then export SLURM_CONF=...)"
+        )
+    order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
+    for node in order:
+        supersede(run, node)
+        mark_pending(run, node)
+    state = submit_all(run, graph, [n.id for n in order])
+    _write_jobs(run, state)
+    if not wait:
+        return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
+    return watch(state, on_tick)
+
+
+def _write_jobs(run: RunDir, state: SlurmRun) -> None:
+    """RUN/slurm_jobs.json: node -> job id of this submission (for `trinity cancel` and `status`)."""
+    from trinity.execute.rundir import atomic_write_json
+
+    path = run.root / "slurm_jobs.json"
+    jobs = read_json(path) if path.is_file() else {}
+    jobs.update({n: str(s.job.job_id) for n, s in state.submissions.items()})
+    atomic_write_json(path, jobs)
+
+
+def cancel(run: RunDir, node_id: str | None = None) -> list[str]:
+    """scancel the jobs of the run (or of one node); returns the job ids cancelled."""
+    path = run.root / "slurm_jobs.json"
+    if not path.is_file():
+        raise RunError(f"{run.root}: no Slurm jobs were submitted for this run")
+    jobs: dict[str, str] = read_json(path)
+    chosen = {node_id: jobs[node_id]} if node_id else jobs
+    if node_id and node_id not in jobs:
+        raise RunError(f"{run.root}: node {node_id!r} has no Slurm job (nodes with jobs: {', '.join(jobs)})")
+    ids = [j for n, j in chosen.items() if NodeStatus.read(run.node(n)).state not in ("SUCCEEDED",)]
+    if ids:
+        subprocess.run(["scancel", *ids], check=True, timeout=60)
+    return ids
+
+
+def dry_run(graph: nx.DiGraph) -> list[dict[str, Any]]:
+    """The sbatch parameters each node would be submitted with."""
+    rows = []
+    for node in nodes_in_order(graph):
+        params = sbatch_parameters(node, _spec(graph, node.id))
+        params["dependency"] = ",".join(f"afterok:<{d}>" for d in node.deps) or None
+        rows.append({"node": node.id, **params})
+    return rows
