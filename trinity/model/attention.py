@@ -153,7 +153,8 @@ class Attention(nn.Module):
         o_BTX = o_BHTK.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         if self.wg is not None:
             o_BTX = o_BTX * torch.sigmoid(self.wg(x_BTD))
-        return self.wo(o_BTX)
+        out_BTD: torch.Tensor = self.wo(o_BTX)
+        return out_BTD
 
     @staticmethod
     def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_B1TT: torch.Tensor | None) -> torch.Tensor:

@@ -54,7 +54,7 @@ def cross_entropy_and_z(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tu
     With no valid label both are 0 (not NaN), so an all-padding micro-batch contributes nothing.
     """
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
-    ce, z = _CrossEntropyZ.apply(logits_NV, labels_BT.reshape(-1))
+    ce, z = _CrossEntropyZ.apply(logits_NV, labels_BT.reshape(-1))  # type: ignore[no-untyped-call]
     return ce, z
 
 

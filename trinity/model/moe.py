@@ -34,7 +34,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out: torch.Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out
 
 
 def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,8 @@ def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Ten
         return torch._grouped_mm(x_MD, w_EFD.transpose(-2, -1), offs=offsets_E)
     # Fallback (no grouped mm, or rows not 16-byte aligned): a loop over experts, never over tokens.
     sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
-    return torch.cat([x @ w.T for x, w in zip(x_MD.split(sizes), w_EFD, strict=True)])
+    chunks = x_MD.split(sizes)  # type: ignore[no-untyped-call]
+    return torch.cat([x @ w.T for x, w in zip(chunks, w_EFD, strict=True)])
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -64,7 +66,7 @@ class _PermuteRows(torch.autograd.Function):
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """x[perm], with `inverse` = argsort(perm) used by the backward."""
-    out: torch.Tensor = _PermuteRows.apply(x, perm, inverse)
+    out: torch.Tensor = _PermuteRows.apply(x, perm, inverse)  # type: ignore[no-untyped-call]
     return out
 
 

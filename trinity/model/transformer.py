@@ -64,7 +64,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x_BTD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor], masks: AttentionMasks
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        x_BTD = x_BTD + self.post_attn_norm(self.attn(self.attn_norm(x_BTD), rope_cos_sin, masks))  # type: ignore[arg-type]
+        x_BTD = x_BTD + self.post_attn_norm(self.attn(self.attn_norm(x_BTD), rope_cos_sin, masks))
         h_BTD = self.mlp_norm(x_BTD)
         if isinstance(self.mlp, MoE):
             y_BTD, counts_E, aux = self.mlp(h_BTD)
@@ -90,7 +90,7 @@ class TrinityModel(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         """The MoE modules in layer order (row l of expert_counts belongs to the l-th)."""
-        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]  # type: ignore[union-attr]
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
 
     def forward(
         self,
