@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.execute.test_scheduler import trinity
 from tests.nodes.post_graph import POST_GRAPH
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
 
 pytestmark = pytest.mark.slow
+
+
+def trinity(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it, in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "trinity.cli", *args], capture_output=True, text=True, timeout=900)
+
 
 PRETRAINED = ["prepare/*", "pretrain/*", "tokenizer", "extend"]
 CKPT = ["--set", "execution.checkpoint_every=3"]
@@ -66,6 +71,16 @@ def test_every_post_training_node_succeeds(pretrained: tuple[Path, Path], tmp_pa
     heldout = con.sql("select step from evals where node = 'rl' and task = 'rl_heldout' and metric = 'reward'")
     assert sorted(s for (s,) in heldout.fetchall()) == [0, 6]
     assert read_json(RunDir(run).node("eval/arithmetic@rl").outputs / "results.json")["rows"]
+
+    from trinity.nodes.context import NodeFailure
+    from trinity.nodes.generate_cmd import generate_cli
+
+    greedy = generate_cli(run, "rl", "What is 2 + 2?", 8, 0.0, 1.0, 0)
+    assert isinstance(greedy, str) and greedy == generate_cli(run, "rl", "What is 2 + 2?", 8, 0.0, 1.0, 5)
+    sampled = generate_cli(run, "extend", "The", 8, 1.0, 0.9, 3)
+    assert sampled == generate_cli(run, "extend", "The", 8, 1.0, 0.9, 3)
+    with pytest.raises(NodeFailure, match="training node"):
+        generate_cli(run, "eval/mk_niah@extend", "x", 2, 0.0, 1.0, 0)
 
 
 def test_sft_sigkill_then_resume_is_bit_identical(pretrained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ DRAW_BLOCK = 4096
 
 def length_probabilities(lengths: np.ndarray, bias: float) -> np.ndarray:
     """p_i proportional to lengths_i ** bias (float64, sums to 1)."""
-    w = np.asarray(lengths, dtype=np.float64) ** float(bias)
-    return w / w.sum()
+    w: np.ndarray = np.asarray(lengths, dtype=np.float64) ** float(bias)
+    return w / float(w.sum())
 
 
 class BiasedDraws:

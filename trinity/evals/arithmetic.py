@@ -62,7 +62,7 @@ def evaluate_arithmetic(
 ) -> dict[str, Any]:
     """Greedy answers to the chat-formatted problems: accuracy, format rate, mean RL reward, length."""
     correct, formatted, rewards, lengths = [], [], [], []
-    examples = []
+    examples: list[dict[str, str]] = []
     for a in range(0, len(problems), batch):
         chunk = problems[a : a + batch]
         gen = generate_with_logprobs(

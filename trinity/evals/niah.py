@@ -176,7 +176,8 @@ def evaluate_niah(
     """Accuracy (greedy exact match) and choice accuracy over `samples` haystacks of `length` tokens."""
     stacks = [make_haystack(tok, length, n_keys, seed, i) for i in range(samples)]
     new = max(len(tok.encode(" " + s.value)) for s in stacks) + 2
-    hits, examples = [], []
+    hits: list[bool] = []
+    examples: list[dict[str, str]] = []
     choices = [value_choice(model, tok, s) for s in stacks]
     for a in range(0, samples, batch):
         chunk = stacks[a : a + batch]

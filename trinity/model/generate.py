@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from trinity.model.attention import Attention
 from trinity.model.moe import MoE
 from trinity.model.rope import apply_rope
-from trinity.model.transformer import TrinityModel
+from trinity.model.transformer import TransformerBlock, TrinityModel
 
 
 @dataclass
@@ -149,7 +149,8 @@ def _attend(
     o_BTX = o_BHTK.transpose(1, 2).reshape(B, T, H * K)
     if attn.wg is not None:
         o_BTX = o_BTX * torch.sigmoid(attn.wg(x_BTD))
-    return attn.wo(o_BTX)
+    out_BTD: torch.Tensor = attn.wo(o_BTX)
+    return out_BTD
 
 
 @torch.no_grad()
@@ -168,14 +169,16 @@ def step_logits(model: TrinityModel, cache: KVCache, ids_BT: torch.Tensor) -> to
     cos_sin = model.rope(cols_BT.clamp(min=0), x_BTD.dtype)
     global_mask, local_mask = _chunk_masks(cache, T, model.spec.sliding_window)
     for block, lc in zip(model.layers, cache.layers, strict=True):
+        assert isinstance(block, TransformerBlock)
         mask = local_mask if lc.ring else global_mask
-        h_BTD = _attend(block.attn, block.attn_norm(x_BTD), cos_sin, lc, mask, start)  # type: ignore[arg-type]
+        h_BTD = _attend(block.attn, block.attn_norm(x_BTD), cos_sin, lc, mask, start)
         x_BTD = x_BTD + block.post_attn_norm(h_BTD)
         m_BTD = block.mlp_norm(x_BTD)
         y_BTD = block.mlp(m_BTD)[0] if isinstance(block.mlp, MoE) else block.mlp(m_BTD)
         x_BTD = x_BTD + block.post_mlp_norm(y_BTD)
     cache.length = start + T
-    return model.output(model.norm(x_BTD))
+    logits_BTV: torch.Tensor = model.output(model.norm(x_BTD))
+    return logits_BTV
 
 
 def prefill(model: TrinityModel, cache: KVCache, ids_BT: torch.Tensor, chunk: int = 512) -> torch.Tensor:

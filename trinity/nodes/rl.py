@@ -73,7 +73,7 @@ def grpo_update(
         # full-size update. Skip the step.
         optimizer.zero_grad(set_to_none=True)
         return stats, 0.0
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     params = [p for p in policy.parameters() if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")))
     optimizer.step()
