@@ -103,3 +103,15 @@ def test_slurm_dry_run_prints_the_published_large_layout() -> None:
     cells = [c.strip() for c in line.split("│") if c.strip()]
     assert cells[:5] == ["pretrain/phase1", "256", "8", "8", "8"]  # nodes, tasks/node, GPUs/node, CPUs/task
     assert not (ROOT / "runs" / "trinity-large").exists()
+
+
+def test_generate_refuses_a_non_training_node(small_graph: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["run", str(small_graph), "--run-dir", str(run), "--nodes", "nothing*"]).exit_code == 2
+    from trinity.execute.run import write_run
+    from trinity.spec.loading import load_experiment
+
+    write_run(load_experiment(small_graph), run)
+    result = run_cli("generate", str(run), "hello", "--node", "tokenizer")
+    assert result.returncode == 2
+    assert "generate from a training node" in result.stderr

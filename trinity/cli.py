@@ -44,7 +44,10 @@ def _is_user_error(exc: Exception) -> bool:
     if isinstance(exc, RunError):
         return True
     catalog = sys.modules.get("trinity.store.catalog")
-    return catalog is not None and isinstance(exc, catalog.CatalogError)
+    if catalog is not None and isinstance(exc, catalog.CatalogError):
+        return True
+    context = sys.modules.get("trinity.nodes.context")
+    return context is not None and isinstance(exc, context.NodeFailure)
 
 
 def handles_errors(fn: F) -> F:
@@ -306,6 +309,28 @@ def plot(
 
     for path in plot_run(run_dir, out_dir):
         out.print(str(path), highlight=False)
+
+
+@app.command()
+@handles_errors
+def generate(
+    run_dir: RunDirArg,
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    node: Annotated[str, typer.Option("--node", help="A finished training node (e.g. sft, pretrain/phase3).")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    debug: DebugOption = False,
+) -> None:
+    """Continue a prompt with a finished training node's final checkpoint (KV-cached decoding)."""
+    from trinity.nodes.generate_cmd import generate_cli
+
+    if not node:
+        raise SpecError(["--node is required: the training node whose final checkpoint generates"])
+    out.print(
+        generate_cli(run_dir, node, prompt, max_new_tokens, temperature, top_p, seed), highlight=False, markup=False
+    )
 
 
 def main() -> None:

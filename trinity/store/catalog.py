@@ -633,11 +633,13 @@ def format_rows(
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
+
     table = Table(show_edge=False, header_style="bold")
     for n in names:
-        table.add_column(n, overflow="fold")
+        table.add_column(escape(n), overflow="fold")
     for row in rows[:max_rows]:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(escape(_cell(v)) for v in row))  # node ids hold [branch] labels, not markup
     more = len(rows) - max_rows
     note = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
     note += f"; first {max_rows} shown (use --format csv for all)" if more > 0 else ""
