@@ -26,17 +26,29 @@ def node_table(run: RunDir, node_ids: list[str], reused: set[str]) -> Table:
         s = NodeStatus.read(run.node(node_id))
         p = s.progress
         state = "REUSED" if node_id in reused and s.state == "SUCCEEDED" else s.state
-        step = f"{p['step']}/{p['total_steps']}" if "step" in p else ""
+        step = f"{p['step']}/{p.get('total_steps', '?')}" if "step" in p else ""
         table.add_row(
             escape(node_id),
             f"[{COLORS.get(s.state, 'white')}]{state}[/]",
             str(s.attempt or ""),
             step,
-            f"{p['loss']:.4f}" if "loss" in p else "",
-            f"{p['tokens_per_s']:,}" if "tokens_per_s" in p else "",
+            f"{p['loss']:.4f}" if isinstance(p.get("loss"), int | float) else "",
+            f"{p['tokens_per_s']:,}" if isinstance(p.get("tokens_per_s"), int | float) else "",
             escape(s.message) if s.state in ("FAILED", "DEP_FAILED") else "",
         )
     return table
+
+
+def _progress_text(p: dict[str, object]) -> str:
+    """' step 5/74 loss 5.1234 2,000 tok/s', with whatever of it the node published."""
+    parts = []
+    if "step" in p:
+        parts.append(f"step {p['step']}/{p.get('total_steps', '?')}")
+    if isinstance(p.get("loss"), int | float):
+        parts.append(f"loss {p['loss']:.4f}")
+    if isinstance(p.get("tokens_per_s"), int | float):
+        parts.append(f"{p['tokens_per_s']:,} tok/s")
+    return " " + " ".join(parts) if parts else ""
 
 
 class RunDisplay:
@@ -70,11 +82,7 @@ class RunDisplay:
             if self._seen.get(node_id) != key or (periodic and s.state == "RUNNING" and s.progress):
                 self._seen[node_id] = key
                 p = s.progress
-                extra = (
-                    f" step {p['step']}/{p['total_steps']} loss {p['loss']:.4f} {p['tokens_per_s']:,} tok/s"
-                    if s.state == "RUNNING" and "step" in p
-                    else ""
-                )
+                extra = _progress_text(p) if s.state == "RUNNING" else ""
                 note = f": {s.message}" if s.state in ("FAILED", "DEP_FAILED") else ""
                 self.console.print(escape(f"{node_id}: {s.state}{extra}{note}"), highlight=False, soft_wrap=True)
         if periodic:
