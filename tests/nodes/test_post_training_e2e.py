@@ -116,3 +116,51 @@ def test_sft_sigkill_then_resume_is_bit_identical(pretrained: tuple[Path, Path],
     assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
     assert attempts[1].resumed_from_step in (3, 6)
     assert sft_losses(killed) == expected
+
+
+def node_losses(run: Path, node: str) -> dict[int, float]:
+    con = open_catalog(run)
+    return dict(con.sql(f"select step, loss from steps where node = '{node}' order by step").fetchall())
+
+
+@pytest.mark.parametrize(
+    ("node", "sets", "kill_at"),
+    [
+        # extension already ran in the fixture: a changed warmup gives it a new identity in both copies
+        ("extend", ["--set", "stages.extend.lr.warmup_steps=3"], 7),
+        ("rl", [], 4),
+    ],
+)
+def test_extend_and_rl_sigkill_then_resume_are_bit_identical(
+    pretrained: tuple[Path, Path], tmp_path: Path, node: str, sets: list[str], kill_at: int
+) -> None:
+    graph, base = pretrained
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for run in (straight, killed):
+        shutil.copytree(base, run)
+    args = ["--nodes", node, *CKPT, *sets]
+    result = trinity("run", str(graph), "--run-dir", str(straight), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = node_losses(straight, node)
+    assert len(expected) > kill_at
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(killed), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    node_dir = RunDir(killed).node(node)
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{node} ended before it could be killed"
+        status = NodeStatus.read(node_dir) if node_dir.status.is_file() else None
+        if status is not None and status.state == "RUNNING" and status.progress.get("step", 0) >= kill_at:
+            break
+        time.sleep(0.02)
+    os.kill(read_json(node_dir.lease)["pid"], signal.SIGKILL)
+    proc.wait(timeout=120)
+    resumed = trinity("resume", str(killed), "--nodes", node)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    attempts = list_attempts(node_dir)
+    assert attempts[-2].state == "FAILED" and attempts[-1].state == "SUCCEEDED"
+    assert attempts[-1].resumed_from_step is not None and attempts[-1].resumed_from_step >= 3
+    assert node_losses(killed, node) == expected
