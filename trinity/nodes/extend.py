@@ -24,17 +24,16 @@ from typing import Any
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
 from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state, resume_state, write_final
+from trinity.nodes.checkpoints import final_state, resume_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.pretrain import _record_resume, set_threads, verify_training_node
-from trinity.nodes.trainer import Trainer, TrainPlan
+from trinity.nodes.pretrain import set_threads, verify_training_node
+from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import decay_shape, rewarm_factor
 from trinity.spec import data as data_spec
 from trinity.spec.stages import ExtendSpec, RewarmLR
 from trinity.store.checkpoint import restore_rng_state
-from trinity.store.telemetry import TelemetryWriter
 
 __all__ = ["run_extend_node", "verify_training_node"]
 
@@ -83,7 +82,7 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
         loader.load_state_dict(resumed["loader"])
         restore_rng_state(resumed["rng"])
         first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        _record_resume(ctx, first_step)
+        record_resume(ctx, first_step)
     else:
         previous = final_state(ctx.dep_dir("pretrain"))
         model.load_state_dict(previous["model"])
@@ -102,14 +101,4 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=lambda tokens: ext.global_batch_sequences,
         lr_factor=extend_lr_factor(ext, total),
     )
-    telemetry = TelemetryWriter(
-        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=spec.execution.expert_load_every
-    )
-    try:
-        trainer = Trainer(ctx, model, optimizer, loader, plan, telemetry)
-        metrics = trainer.run()
-    finally:
-        telemetry.close()
-    assert trainer.last_checkpoint is not None
-    write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, metrics)
-    return metrics
+    return train_to_final(ctx, model, optimizer, loader, plan)

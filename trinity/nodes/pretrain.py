@@ -17,14 +17,13 @@ from trinity.data.loaders import build_loader
 from trinity.data.store import open_store
 from trinity.graph.estimates import pretrain_steps
 from trinity.model import TrinityModel, init_weights
-from trinity.nodes.checkpoints import final_state, resume_state, write_final
+from trinity.nodes.checkpoints import final_state, resume_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.trainer import Trainer, TrainPlan
+from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import pretrain_lr_factor
 from trinity.store.checkpoint import restore_rng_state
-from trinity.store.telemetry import TelemetryWriter
 
 
 def set_threads(ctx: NodeContext) -> None:
@@ -54,7 +53,7 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
         loader.load_state_dict(resumed["loader"])
         restore_rng_state(resumed["rng"])
         first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        _record_resume(ctx, first_step)
+        record_resume(ctx, first_step)
     elif index == 0:
         torch.manual_seed(spec.seed)
         init_weights(model)
@@ -78,26 +77,7 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=spec.optim.batch_sequences_at,
         lr_factor=lambda step, tokens: pretrain_lr_factor(step, tokens, spec.optim.schedule, total_tokens),
     )
-    telemetry = TelemetryWriter(
-        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=spec.execution.expert_load_every
-    )
-    try:
-        trainer = Trainer(ctx, model, optimizer, loader, plan, telemetry)
-        metrics = trainer.run()
-    finally:
-        telemetry.close()
-    assert trainer.last_checkpoint is not None
-    write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, metrics)
-    return metrics
-
-
-def _record_resume(ctx: NodeContext, step: int) -> None:
-    from trinity.execute.status import AttemptRecord
-
-    record = AttemptRecord.read(ctx.dir, ctx.attempt)
-    record.resumed_from_step = step
-    record.write(ctx.dir)
-    print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
+    return train_to_final(ctx, model, optimizer, loader, plan)
 
 
 def verify_training_node(ctx: NodeContext) -> None:

@@ -34,7 +34,8 @@ from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trai
 from trinity.model import TrinityModel
 from trinity.nodes.checkpoints import resume_state, save_training_state, write_final
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
-from trinity.nodes.pretrain import _record_resume, set_threads, verify_training_node
+from trinity.nodes.pretrain import set_threads, verify_training_node
+from trinity.nodes.trainer import record_resume
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.rl.grpo import GrpoStats, group_advantages, grpo_loss, policy_batch, token_logprobs
@@ -114,7 +115,7 @@ def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
         optimizer.load_state_dict(resumed["optimizer"])
         restore_rng_state(resumed["rng"])
         step, tokens = int(resumed["step"]), int(resumed["tokens"])
-        _record_resume(ctx, step)
+        record_resume(ctx, step)
 
     telemetry = TelemetryWriter(ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id)
     ctx.checks_stop = True

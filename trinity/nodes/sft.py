@@ -19,16 +19,15 @@ from typing import Any
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state, resume_state, write_final
+from trinity.nodes.checkpoints import final_state, resume_state
 from trinity.nodes.context import NodeContext, NodeFailure
-from trinity.nodes.pretrain import _record_resume, set_threads, verify_training_node
-from trinity.nodes.trainer import Trainer, TrainPlan
+from trinity.nodes.pretrain import set_threads, verify_training_node
+from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import rewarm_factor
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.stages import SFTSpec
 from trinity.store.checkpoint import restore_rng_state
-from trinity.store.telemetry import TelemetryWriter
 
 __all__ = ["run_sft_node", "verify_training_node"]
 
@@ -81,7 +80,7 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
         batches.load_state_dict(resumed["loader"])
         restore_rng_state(resumed["rng"])
         first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        _record_resume(ctx, first_step)
+        record_resume(ctx, first_step)
     else:
         previous = final_state(upstream_training_dir(ctx))
         model.load_state_dict(previous["model"])
@@ -97,16 +96,4 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=lambda tokens: sft.global_batch_sequences,
         lr_factor=lambda step, tokens: rewarm_factor(step, total, sft.peak_fraction, sft.warmup_steps),
     )
-    telemetry = TelemetryWriter(
-        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=spec.execution.expert_load_every
-    )
-    try:
-        trainer = Trainer(ctx, model, optimizer, batches, plan, telemetry)
-        metrics = trainer.run()
-    finally:
-        telemetry.close()
-    assert trainer.last_checkpoint is not None
-    write_final(
-        ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, {**metrics, "conversations": len(conversations)}
-    )
-    return metrics
+    return train_to_final(ctx, model, optimizer, batches, plan, {"conversations": len(conversations)})

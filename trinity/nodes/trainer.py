@@ -24,7 +24,7 @@ import torch
 from trinity.data.loaders import Batch
 from trinity.model import TrinityModel
 from trinity.model.rope import positions_from_doc_ids
-from trinity.nodes.checkpoints import save_training_state
+from trinity.nodes.checkpoints import save_training_state, write_final
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer
@@ -250,3 +250,35 @@ class Trainer:
                 tokens_per_s=round(r.tokens / seconds),
                 tokens=self.tokens,
             )
+
+
+def train_to_final(
+    ctx: NodeContext,
+    model: TrinityModel,
+    optimizer: TrinityOptimizer,
+    batches: BatchSource,
+    plan: TrainPlan,
+    extra_metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `plan` with this attempt's telemetry, then record the final checkpoint for downstream nodes."""
+    telemetry = TelemetryWriter(
+        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=ctx.spec.execution.expert_load_every
+    )
+    try:
+        trainer = Trainer(ctx, model, optimizer, batches, plan, telemetry)
+        metrics = trainer.run()
+    finally:
+        telemetry.close()
+    assert trainer.last_checkpoint is not None
+    write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, {**metrics, **(extra_metrics or {})})
+    return metrics
+
+
+def record_resume(ctx: NodeContext, step: int) -> None:
+    """Note in the attempt record (and the log) the checkpoint step this attempt resumed from."""
+    from trinity.execute.status import AttemptRecord
+
+    record = AttemptRecord.read(ctx.dir, ctx.attempt)
+    record.resumed_from_step = step
+    record.write(ctx.dir)
+    print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
