@@ -24,11 +24,11 @@ from typing import Any
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
 from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state, resume_state
+from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
+from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import decay_shape, rewarm_factor
 from trinity.spec import data as data_spec
@@ -75,14 +75,9 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
     loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=spec.seed * 1000 + 901)
     total = extend_steps(ext)
     first_step, tokens_seen = 0, 0
-    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    resumed = resume_into(ctx, model, optimizer, loader)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        loader.load_state_dict(resumed["loader"])
-        restore_rng_state(resumed["rng"])
-        first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        record_resume(ctx, first_step)
+        first_step, tokens_seen = resumed
     else:
         previous = final_state(ctx.dep_dir("pretrain"))
         model.load_state_dict(previous["model"])

@@ -17,10 +17,10 @@ from trinity.data.loaders import build_loader
 from trinity.data.store import open_store
 from trinity.graph.estimates import pretrain_steps
 from trinity.model import TrinityModel, init_weights
-from trinity.nodes.checkpoints import final_state, resume_state
+from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
+from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import pretrain_lr_factor
 from trinity.store.checkpoint import restore_rng_state
@@ -46,14 +46,9 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
     store = open_store(store_paths(ctx.dep_dir("prepare", phase.name).outputs / "store")[0])
     loader = build_loader(phase.loader, store, phase.seq_len, spec.parallel.micro_batch, seed=spec.seed * 1000 + index)
     tokens_seen = 0
-    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    resumed = resume_into(ctx, model, optimizer, loader)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        loader.load_state_dict(resumed["loader"])
-        restore_rng_state(resumed["rng"])
-        first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        record_resume(ctx, first_step)
+        first_step, tokens_seen = resumed
     elif index == 0:
         torch.manual_seed(spec.seed)
         init_weights(model)

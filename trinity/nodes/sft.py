@@ -19,10 +19,10 @@ from typing import Any
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state, resume_state
+from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, record_resume, train_to_final
+from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
 from trinity.optim.groups import build_optimizer
 from trinity.optim.schedule import rewarm_factor
 from trinity.spec.experiment import ExperimentSpec
@@ -73,14 +73,9 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
     optimizer = build_optimizer(model, spec.optim)
     total = sft_steps(sft)
     first_step, tokens_seen = 0, 0
-    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    resumed = resume_into(ctx, model, optimizer, batches)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        batches.load_state_dict(resumed["loader"])
-        restore_rng_state(resumed["rng"])
-        first_step, tokens_seen = int(resumed["step"]), int(resumed["tokens"])
-        record_resume(ctx, first_step)
+        first_step, tokens_seen = resumed
     else:
         previous = final_state(upstream_training_dir(ctx))
         model.load_state_dict(previous["model"])

@@ -24,12 +24,12 @@ import torch
 from trinity.data.loaders import Batch
 from trinity.model import TrinityModel
 from trinity.model.rope import positions_from_doc_ids
-from trinity.nodes.checkpoints import save_training_state, write_final
+from trinity.nodes.checkpoints import resume_state, save_training_state, write_final
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer
 from trinity.store.activations import ActivationCapture
-from trinity.store.checkpoint import capture_rng_state
+from trinity.store.checkpoint import capture_rng_state, restore_rng_state
 from trinity.store.telemetry import TelemetryWriter
 
 PROGRESS_EVERY_S = 0.5
@@ -282,3 +282,19 @@ def record_resume(ctx: NodeContext, step: int) -> None:
     record.resumed_from_step = step
     record.write(ctx.dir)
     print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
+
+
+def resume_into(
+    ctx: NodeContext, model: TrinityModel, optimizer: TrinityOptimizer, batches: BatchSource
+) -> tuple[int, int] | None:
+    """Restore the node's newest committed checkpoint of its identity; (step, tokens), or None to start fresh."""
+    state = resume_state(ctx.dir, ctx.node["identity"])
+    if state is None:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["loader"])
+    restore_rng_state(state["rng"])
+    step, tokens = int(state["step"]), int(state["tokens"])
+    record_resume(ctx, step)
+    return step, tokens
