@@ -290,7 +290,7 @@ def sql(
     debug: DebugOption = False,
 ) -> None:
     """Read-only SQL over the telemetry of one run or of every run under a folder (docs/telemetry.md)."""
-    from trinity.store.catalog import run_sql
+    from trinity.store.sql import run_sql
 
     if fmt not in ("table", "csv", "json"):
         raise SpecError([f"--format {fmt!r}: allowed: table, csv, json"])

@@ -177,7 +177,7 @@ def test_the_guides_queries_run_as_written(straight_run: Path) -> None:
     import re
 
     from tests.conftest import ROOT
-    from trinity.store.catalog import query
+    from trinity.store.sql import query
 
     guide = (ROOT / "docs" / "guide.md").read_text()
     blocks = re.findall(r"```sql\n(.*?)```", guide, flags=re.S)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from trinity.execute.rundir import RunDir
-from trinity.store.catalog import CatalogError, ReadOnlyViolation, open_catalog, query, run_sql
+from trinity.store.catalog import CatalogError, ReadOnlyViolation, open_catalog
+from trinity.store.sql import query, run_sql
 
 P1 = "pretrain/phase1"
 

@@ -1,0 +1,137 @@
+"""Read-only SQL over the catalog: what `trinity sql` accepts, runs and prints.
+
+One read statement at a time (SELECT, WITH ... SELECT, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE,
+EXPLAIN); anything that writes is refused before it reaches DuckDB, and the connection itself
+can only read the telemetry files (`open_catalog(lock=True)`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from trinity.store.catalog import _ALLOWED, ALLOWED_HELP, CatalogError, Format, ReadOnlyViolation, open_catalog
+
+
+def check_read_only(query: str) -> None:
+    """Raise ReadOnlyViolation unless `query` is exactly one read statement."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise CatalogError(f"cannot parse the query: {exc}") from None
+    if not statements:
+        raise CatalogError("the query is empty")
+    if len(statements) > 1:
+        raise CatalogError(f"give one statement at a time (got {len(statements)})")
+    st = statements[0]
+    if st.type not in _ALLOWED:
+        kind = str(st.type).rsplit(".", 1)[-1]
+        verb = st.query.strip().split(None, 1)[0].upper() if st.query.strip() else kind
+        raise ReadOnlyViolation(f"trinity sql is read-only: {verb} statements are refused (allowed: {ALLOWED_HELP})")
+    if st.type == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE runs its statement: check what it explains.
+        words = st.query.strip().split(None, 2)
+        rest = words[2] if len(words) > 2 and words[1].upper() == "ANALYZE" else st.query.strip()[len(words[0]) :]
+        check_read_only(rest)
+
+
+def query(path: Path | str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of a read-only query over the run(s) at `path`."""
+    check_read_only(sql)
+    con = open_catalog(path)
+    try:
+        cursor = con.execute(sql)
+        names = [d[0] for d in cursor.description or []]
+        return names, cursor.fetchall()
+    except duckdb.Error as exc:
+        raise CatalogError(f"query failed: {exc}") from None
+    finally:
+        con.close()
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able Python value (timestamps as ISO 8601, NaN as null)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _csv_cell(value: Any) -> Any:
+    """Full precision (floats as repr), lists and structs as JSON, null as an empty field."""
+    plain = _plain(value)
+    if plain is None:
+        return ""
+    return json.dumps(plain) if isinstance(plain, list | dict) else plain
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(_plain(value))
+
+
+def format_rows(
+    names: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    fmt: Format,
+    *,
+    max_rows: int = 1000,
+    width: int | None = None,
+) -> str:
+    """Rows as an aligned table (at most `max_rows`), CSV with a header, or a JSON list of objects."""
+    if fmt == "json":
+        return json.dumps([{n: _plain(v) for n, v in zip(names, row, strict=True)} for row in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(names)
+        w.writerows([[_csv_cell(v) for v in row] for row in rows])
+        return out.getvalue()
+    if fmt != "table":
+        raise CatalogError(f"unknown format {fmt!r} (choose table, csv or json)")
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for n in names:
+        table.add_column(escape(n), overflow="fold")
+    for row in rows[:max_rows]:
+        table.add_row(*(escape(_cell(v)) for v in row))  # node ids hold [branch] labels, not markup
+    more = len(rows) - max_rows
+    note = f"{len(rows)} row{'s' if len(rows) != 1 else ''}"
+    note += f"; first {max_rows} shown (use --format csv for all)" if more > 0 else ""
+    out = io.StringIO()
+    console = Console(file=out, width=width or 200, color_system=None, force_terminal=False)
+    console.print(table)
+    console.print(note, highlight=False)
+    return out.getvalue()
+
+
+def run_sql(
+    path: Path | str, sql: str, fmt: Format = "table", *, max_rows: int = 1000, width: int | None = None
+) -> str:
+    """The text `trinity sql PATH QUERY --format FMT` prints (ReadOnlyViolation for a write)."""
+    names, rows = query(path, sql)
+    return format_rows(names, rows, fmt, max_rows=max_rows, width=width)
