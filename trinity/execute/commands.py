@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -131,16 +132,11 @@ def cancel_run(run_dir: Path, node_id: str | None) -> list[str]:
     run = RunDir(run_dir.resolve())
     ids = cancel(run, node_id)
     graph = compile_graph(load_run_spec(run))
-    import time
-
-    for _ in range(30):  # let Slurm record the cancellation, then settle the nodes
+    with_jobs = [n for n in read_json(run.root / "slurm_jobs.json") if n in graph]
+    for _ in range(30):  # let Slurm record the cancellation (and cancel the dependants), then settle the nodes
         time.sleep(1)
         reconcile(run, graph)
-        if all(
-            NodeStatus.read(run.node(n)).state not in ("RUNNING", "PENDING")
-            for n in graph.nodes
-            if n in read_json(run.root / "slurm_jobs.json")
-        ):
+        if all(NodeStatus.read(run.node(n)).state not in ("RUNNING", "PENDING") for n in with_jobs):
             break
     return ids
 
