@@ -27,12 +27,12 @@ def save_training_state(node_dir: NodeDir, step: int, state: dict[str, Any], kee
     return save_checkpoint(node_dir.checkpoints, step, state, keep_last=keep_last)
 
 
-def resume_state(node_dir: NodeDir, identity: str) -> dict[str, Any] | None:
-    """The newest committed checkpoint's state, if it belongs to this identity."""
+def resume_state(node_dir: NodeDir, identity: str, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The newest committed checkpoint's state, if it belongs to this identity (resharded to `like`'s layout)."""
     path = latest_checkpoint(node_dir.checkpoints) if node_dir.checkpoints.is_dir() else None
     if path is None:
         return None
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, like=like) if like is not None else load_checkpoint(path)
     if state.get("identity") != identity:
         return None
     return state
@@ -46,7 +46,8 @@ def write_final(node_dir: NodeDir, checkpoint: Path, step: int, tokens: int, met
     )
 
 
-def final_state(node_dir: NodeDir) -> dict[str, Any]:
-    """The final checkpoint of a finished training node."""
+def final_state(node_dir: NodeDir, like: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The final checkpoint of a finished training node (resharded to `like`'s layout when given)."""
     final = read_json(node_dir.outputs / FINAL)
-    return load_checkpoint(node_dir.root / final["checkpoint"])
+    path = node_dir.root / final["checkpoint"]
+    return load_checkpoint(path, like=like) if like is not None else load_checkpoint(path)

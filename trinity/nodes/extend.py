@@ -23,17 +23,13 @@ from typing import Any
 
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
-from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
-from trinity.optim.groups import build_optimizer
+from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
 from trinity.optim.schedule import decay_shape, rewarm_factor
 from trinity.spec import data as data_spec
 from trinity.spec.stages import ExtendSpec, RewarmLR
-from trinity.store.checkpoint import restore_rng_state
 
 __all__ = ["run_extend_node", "verify_training_node"]
 
@@ -69,21 +65,17 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
     if ext is None:
         raise NodeFailure("the graph has no stages.extend")
     set_threads(ctx)
-    model = TrinityModel(spec.model)
-    optimizer = build_optimizer(model, spec.optim)
     store = open_store(store_paths(ctx.dep_dir("prepare", "extend").outputs / "store")[0])
     loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=spec.seed * 1000 + 901)
+    training = build_training(ctx, loader)
     total = extend_steps(ext)
     first_step, tokens_seen = 0, 0
-    resumed = resume_into(ctx, model, optimizer, loader)
+    resumed = resume_into(ctx, training)
     if resumed is not None:
         first_step, tokens_seen = resumed
     else:
-        previous = final_state(ctx.dep_dir("pretrain"))
-        model.load_state_dict(previous["model"])
-        optimizer.load_state_dict(previous["optimizer"])
-        restore_rng_state(previous["rng"])
-    if model.spec.vocab_size < int(store.attrs.get("vocab_size", 0)):
+        training.load_upstream(ctx.dep_dir("pretrain"))
+    if spec.model.vocab_size < int(store.attrs.get("vocab_size", 0)):
         raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
 
     plan = TrainPlan(
@@ -96,4 +88,4 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=lambda tokens: ext.global_batch_sequences,
         lr_factor=extend_lr_factor(ext, total),
     )
-    return train_to_final(ctx, model, optimizer, loader, plan)
+    return train_to_final(ctx, training, plan)

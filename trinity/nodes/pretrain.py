@@ -1,10 +1,10 @@
 """The pretraining node of one data phase.
 
-Phase 1 initialises the model from the spec's seed; phase k continues from phase k-1's final
-checkpoint (model, optimizer state, expert bias and momentum) on its own data with a fresh
-loader. Steps are numbered globally across phases, so the warmup and the token-based decay of
-the schedule run over the whole of pretraining. A re-run attempt resumes from the node's last
-committed checkpoint of the same identity, exactly.
+Phase 1 initialises the model from the spec's seed (then shards it over the job's ranks); phase
+k continues from phase k-1's final checkpoint (model, optimizer state, expert bias and momentum)
+on its own data with a fresh loader. Steps are numbered globally across phases, so the warmup
+and the token-based decay of the schedule run over the whole of pretraining. A re-run attempt
+resumes from the node's last committed checkpoint of the same identity, exactly.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import torch
 from trinity.data.loaders import build_loader
 from trinity.data.store import open_store
 from trinity.graph.estimates import pretrain_steps
-from trinity.model import TrinityModel, init_weights
 from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
-from trinity.optim.groups import build_optimizer
+from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
 from trinity.optim.schedule import pretrain_lr_factor
-from trinity.store.checkpoint import restore_rng_state
 
 
 def set_threads(ctx: NodeContext) -> None:
@@ -41,24 +38,17 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
     steps = pretrain_steps(spec)
     first_step, last_step = sum(steps[:index]), sum(steps[: index + 1])
 
-    model = TrinityModel(spec.model)
-    optimizer = build_optimizer(model, spec.optim)
     store = open_store(store_paths(ctx.dep_dir("prepare", phase.name).outputs / "store")[0])
     loader = build_loader(phase.loader, store, phase.seq_len, spec.parallel.micro_batch, seed=spec.seed * 1000 + index)
+    training = build_training(ctx, loader)
     tokens_seen = 0
-    resumed = resume_into(ctx, model, optimizer, loader)
+    resumed = resume_into(ctx, training)
     if resumed is not None:
         first_step, tokens_seen = resumed
-    elif index == 0:
-        torch.manual_seed(spec.seed)
-        init_weights(model)
-    else:
-        previous = final_state(ctx.dep_dir("pretrain", phases[index - 1].name))
-        model.load_state_dict(previous["model"])
-        optimizer.load_state_dict(previous["optimizer"])
-        restore_rng_state(previous["rng"])
+    elif index > 0:
+        previous = training.load_upstream(ctx.dep_dir("pretrain", phases[index - 1].name))
         first_step, tokens_seen = int(previous["step"]), int(previous["tokens"])
-    if model.spec.vocab_size < int(store.attrs.get("vocab_size", 0)):
+    if spec.model.vocab_size < int(store.attrs.get("vocab_size", 0)):
         raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
 
     total_tokens = spec.data.pretrain_tokens
@@ -72,7 +62,7 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=spec.optim.batch_sequences_at,
         lr_factor=lambda step, tokens: pretrain_lr_factor(step, tokens, spec.optim.schedule, total_tokens),
     )
-    return train_to_final(ctx, model, optimizer, loader, plan)
+    return train_to_final(ctx, training, plan)
 
 
 def verify_training_node(ctx: NodeContext) -> None:

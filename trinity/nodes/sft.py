@@ -18,16 +18,12 @@ from typing import Any
 
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import final_state
 from trinity.nodes.context import NodeContext, NodeFailure
 from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, resume_into, train_to_final
-from trinity.optim.groups import build_optimizer
+from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
 from trinity.optim.schedule import rewarm_factor
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.stages import SFTSpec
-from trinity.store.checkpoint import restore_rng_state
 
 __all__ = ["run_sft_node", "verify_training_node"]
 
@@ -69,17 +65,14 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
     except (FileNotFoundError, ValueError) as exc:
         raise NodeFailure(str(exc)) from None
     batches = SftBatches(conversations, sft.seq_len, spec.parallel.micro_batch, tok.pad_id, seed=spec.seed * 1000 + 902)
-    model = TrinityModel(spec.model)
-    optimizer = build_optimizer(model, spec.optim)
+    training = build_training(ctx, batches)
     total = sft_steps(sft)
     first_step, tokens_seen = 0, 0
-    resumed = resume_into(ctx, model, optimizer, batches)
+    resumed = resume_into(ctx, training)
     if resumed is not None:
         first_step, tokens_seen = resumed
     else:
-        previous = final_state(upstream_training_dir(ctx))
-        model.load_state_dict(previous["model"])
-        restore_rng_state(previous["rng"])
+        training.load_upstream(upstream_training_dir(ctx), optimizer=False)
 
     plan = TrainPlan(
         phase=PHASE,
@@ -91,4 +84,4 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=lambda tokens: sft.global_batch_sequences,
         lr_factor=lambda step, tokens: rewarm_factor(step, total, sft.peak_fraction, sft.warmup_steps),
     )
-    return train_to_final(ctx, model, optimizer, batches, plan, {"conversations": len(conversations)})
+    return train_to_final(ctx, training, plan, {"conversations": len(conversations)})

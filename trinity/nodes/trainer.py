@@ -7,6 +7,12 @@ One optimizer step:
   clip the global grad norm; refuse a non-finite loss or gradient (nothing of that step is ever
   committed); set the lr from the schedule; optimizer step; expert-bias update once, from the
   step's summed counts; telemetry; a checkpoint every N steps, at the end, and when asked to stop.
+
+On several ranks (torch.distributed, see trinity.distributed): each rank runs its share of the
+step's micro-batches (RankSlice), FSDP2 averages the gradients, and the ranks agree once per step
+on the gradient norm, the expert counts (so every rank moves the expert bias alike), BatchHet over
+all micro-batches of the global step, non-finite losses and whether to stop. Rank 0 alone writes
+telemetry, progress and final.json; every rank writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from typing import Any, Protocol
 import torch
 
 from trinity.data.loaders import Batch
-from trinity.model import TrinityModel
+from trinity.distributed import step as collective
+from trinity.distributed.training import Sharding, shard_for_training, state_template
+from trinity.model import TrinityModel, init_weights
 from trinity.model.rope import positions_from_doc_ids
-from trinity.nodes.checkpoints import resume_state, save_training_state, write_final
+from trinity.nodes.checkpoints import final_state, resume_state, save_training_state, write_final
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
-from trinity.optim.groups import TrinityOptimizer
+from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.store.activations import ActivationCapture
 from trinity.store.checkpoint import capture_rng_state, restore_rng_state
 from trinity.store.telemetry import TelemetryWriter
@@ -82,7 +90,7 @@ class Trainer:
         optimizer: TrinityOptimizer,
         loader: BatchSource,
         plan: TrainPlan,
-        telemetry: TelemetryWriter,
+        telemetry: TelemetryWriter | None,
         on_step: Callable[[int], None] = lambda step: None,
     ) -> None:
         self.ctx, self.model, self.optimizer, self.loader, self.plan = ctx, model, optimizer, loader, plan
@@ -96,11 +104,19 @@ class Trainer:
     def train_step(self) -> StepResult:
         plan, stab = self.plan, self.stability
         sequences = plan.batch_sequences(self.tokens)
-        n_micro = max(1, sequences // plan.micro_batch)
+        n_global = max(1, sequences // plan.micro_batch)
+        world = collective.world_size()
+        if n_global % world:
+            raise NodeFailure(
+                f"step {self.step}: the global batch of {sequences} sequences is {n_global} micro-batches of "
+                f"parallel.micro_batch = {plan.micro_batch}, which {world} ranks cannot share evenly"
+            )
+        n_micro = n_global // world
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if stab.precision == "bf16" else contextlib.nullcontext()
         micro_ce: list[float] = []
         totals = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z
         counts_LE: torch.Tensor | None = None
+        non_finite: str | None = None
         for micro in range(n_micro):
             batch = self.loader.next_batch()
             doc_ids = batch.doc_ids_BT if stab.intra_document_masking else None
@@ -116,24 +132,26 @@ class Trainer:
             assert out.ce_loss is not None and out.z_loss_term is not None
             aux = combine_aux_loss(out.aux_loss_per_layer, stab.aux_loss_reduce)
             loss = out.ce_loss + stab.z_loss_weight * out.z_loss_term + stab.aux_loss_weight * aux
-            if not torch.isfinite(loss):
-                raise self._non_finite(f"loss is {loss.item()} in micro-batch {micro}")
-            (loss / n_micro).backward()
+            if non_finite is None and not torch.isfinite(loss):
+                non_finite = f"loss is {loss.item()} in micro-batch {micro * world + collective.rank()}"
+            (loss / n_micro).backward()  # FSDP averages over ranks: the mean over the global batch
             micro_ce.append(out.ce_loss.item())
             totals += torch.tensor(
                 [loss.item(), out.ce_loss.item(), aux.item(), out.z_loss_term.item()], dtype=torch.float64
             )
             counts_LE = out.expert_counts if counts_LE is None else counts_LE + out.expert_counts
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        if collective.any_rank(non_finite is not None):  # every rank raises together: no rank waits alone
+            raise self._non_finite(non_finite or "a non-finite loss on another rank")
         clip = stab.grad_clip if stab.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        grad_norm = collective.clip_grad_norm(self.model.parameters(), clip)
         if not math.isfinite(grad_norm):
             raise self._non_finite(f"gradient norm is {grad_norm}")
         self.optimizer.set_lr_factor(plan.lr_factor(self.step, self.tokens))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         assert counts_LE is not None
-        mean = totals / n_micro
+        mean = collective.sum_over_ranks(totals) / n_global
+        micro_ce = collective.gather_floats(micro_ce)  # BatchHet over every micro-batch of the global step
         ce_mean = sum(micro_ce) / len(micro_ce)
         return StepResult(
             loss=float(mean[0]),
@@ -142,8 +160,8 @@ class Trainer:
             z=float(mean[3]),
             grad_norm=grad_norm,
             batch_het=max(micro_ce) - ce_mean,
-            tokens=n_micro * plan.micro_batch * plan.seq_len,
-            counts_LE=counts_LE,
+            tokens=n_global * plan.micro_batch * plan.seq_len,
+            counts_LE=collective.sum_over_ranks(counts_LE),
         )
 
     def _non_finite(self, what: str) -> NodeFailure:
@@ -164,14 +182,15 @@ class Trainer:
         last: StepResult | None = None
         with contextlib.ExitStack() as stack:
             capture = None
-            if execution.activations and execution.activation_steps:
+            if execution.activations and execution.activation_steps and self.telemetry is not None:
                 capture = stack.enter_context(
                     ActivationCapture(
                         self.model, list(execution.activations), execution.activation_steps, self.ctx.dir.activations
                     )
                 )
             last = self._loop(capture)
-        self.telemetry.flush()
+        if self.telemetry is not None:
+            self.telemetry.flush()
         if self.last_checkpoint is None or int(self.last_checkpoint.name.split("-")[-1]) != self.step:
             self.checkpoint()
         return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None}
@@ -194,7 +213,7 @@ class Trainer:
             self._log(result, seconds)
             last = result
             done = self.step >= self.plan.last_step
-            stop = self.ctx.stop_event.is_set()
+            stop = collective.any_rank(self.ctx.stop_event.is_set())  # all ranks stop at the same step
             if done or stop or self.step % execution.checkpoint_every == 0:
                 self.checkpoint()
             if stop and not done:
@@ -202,8 +221,9 @@ class Trainer:
         return last
 
     def checkpoint(self) -> Path:
-        """Telemetry first (so it covers every committed step), then the checkpoint."""
-        self.telemetry.flush()
+        """Telemetry first (so it covers every committed step), then the checkpoint (collective)."""
+        if self.telemetry is not None:
+            self.telemetry.flush()
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -218,6 +238,8 @@ class Trainer:
         return self.last_checkpoint
 
     def _log(self, r: StepResult, seconds: float) -> None:
+        if self.telemetry is None:  # ranks other than 0
+            return
         step = self.step  # steps are numbered from 1: step k is the k-th optimizer update
         # Groups are named muon, adamw_decay and adamw_no_decay; they share the schedule, so one lr per optimizer.
         lrs = {str(g.get("name", "")).split("_")[0]: g["lr"] for g in self.optimizer.param_groups}
@@ -252,25 +274,68 @@ class Trainer:
             )
 
 
+@dataclass
+class Training:
+    """A node's model, optimizer and batches, sharded over the job's ranks when there are several."""
+
+    model: TrinityModel
+    optimizer: TrinityOptimizer
+    batches: BatchSource
+    sharding: Sharding | None
+
+    def template(self) -> dict[str, Any] | None:
+        """The layout a resharding load fills in (None on one process: plain full tensors)."""
+        return state_template(self.model, self.optimizer) if self.sharding is not None else None
+
+    def load_upstream(self, node_dir: Any, optimizer: bool = True) -> dict[str, Any]:
+        """Start from another node's final checkpoint: model (and optimizer) state, RNG; returns the state."""
+        state = final_state(node_dir, like=self.template())
+        self.model.load_state_dict(state["model"])
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"])
+        return state
+
+
+def build_training(ctx: NodeContext, source: BatchSource) -> Training:
+    """The model (initialised from spec.seed as a single process would), sharded when distributed, its
+    optimizer, and this rank's slice of `source`. Loads (resume, upstream) come after, into the shards."""
+    spec = ctx.spec
+    model = TrinityModel(spec.model)
+    torch.manual_seed(spec.seed)
+    init_weights(model)
+    sharding = shard_for_training(spec, model)
+    optimizer = build_optimizer(model, spec.optim)
+    batches: BatchSource = sharding.slice(source) if sharding is not None else source
+    return Training(model, optimizer, batches, sharding)
+
+
 def train_to_final(
     ctx: NodeContext,
-    model: TrinityModel,
-    optimizer: TrinityOptimizer,
-    batches: BatchSource,
+    training: Training,
     plan: TrainPlan,
     extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `plan` with this attempt's telemetry, then record the final checkpoint for downstream nodes."""
-    telemetry = TelemetryWriter(
-        ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=ctx.spec.execution.expert_load_every
+    """Train `plan` with this attempt's telemetry (rank 0), then record the final checkpoint for downstream nodes."""
+    primary = collective.rank() == 0
+    telemetry = (
+        TelemetryWriter(
+            ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=ctx.spec.execution.expert_load_every
+        )
+        if primary
+        else None
     )
     try:
-        trainer = Trainer(ctx, model, optimizer, batches, plan, telemetry)
+        trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, telemetry)
         metrics = trainer.run()
     finally:
-        telemetry.close()
+        if telemetry is not None:
+            telemetry.close()
     assert trainer.last_checkpoint is not None
-    write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, {**metrics, **(extra_metrics or {})})
+    if primary:
+        extra = {**metrics, **(extra_metrics or {})}
+        write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, extra)
+    collective.barrier()
     return metrics
 
 
@@ -278,22 +343,21 @@ def record_resume(ctx: NodeContext, step: int) -> None:
     """Note in the attempt record (and the log) the checkpoint step this attempt resumed from."""
     from trinity.execute.status import AttemptRecord
 
-    record = AttemptRecord.read(ctx.dir, ctx.attempt)
-    record.resumed_from_step = step
-    record.write(ctx.dir)
-    print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
+    if collective.rank() == 0:
+        record = AttemptRecord.read(ctx.dir, ctx.attempt)
+        record.resumed_from_step = step
+        record.write(ctx.dir)
+        print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
 
 
-def resume_into(
-    ctx: NodeContext, model: TrinityModel, optimizer: TrinityOptimizer, batches: BatchSource
-) -> tuple[int, int] | None:
+def resume_into(ctx: NodeContext, training: Training) -> tuple[int, int] | None:
     """Restore the node's newest committed checkpoint of its identity; (step, tokens), or None to start fresh."""
-    state = resume_state(ctx.dir, ctx.node["identity"])
+    state = resume_state(ctx.dir, ctx.node["identity"], like=training.template())
     if state is None:
         return None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    batches.load_state_dict(state["loader"])
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.batches.load_state_dict(state["loader"])
     restore_rng_state(state["rng"])
     step, tokens = int(state["step"]), int(state["tokens"])
     record_resume(ctx, step)

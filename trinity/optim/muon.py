@@ -9,6 +9,12 @@ torch.optim.Muon on 2-D weights):
     W <- W (1 - lr wd)                           (decoupled weight decay, unscaled lr as in torch)
     W <- W - lr * sqrt(max(1, out / in)) * O     (lr_scaling 'sqrt_fan_ratio'; 'none' drops the factor)
 
+Sharded parameters (FSDP2 / expert-parallel DTensors): every matrix is orthogonalised WHOLE.
+The momentum and the update stay sharded (they are elementwise); before Newton-Schulz the update
+is gathered on every dimension except shards of a leading (expert) dimension, which always cut
+between whole experts, so each rank orthogonalises complete matrices, then keeps its own piece.
+The result equals the single-process step up to reduction order.
+
 Scheduling: each group keeps its peak lr in `base_lr`; a scheduler sets
 `group["lr"] = group["base_lr"] * factor` (see `TrinityOptimizer.set_lr_factor`).
 
@@ -22,6 +28,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 from torch.optim import Optimizer
 
 
@@ -55,6 +63,22 @@ def zeropower_via_newtonschulz(
             x = torch.baddbmm(x, gram_update, x, beta=a)
         x = x.reshape(*lead, *x.shape[-2:])
     return x.mT if tall else x
+
+
+def _whole_matrices(placements: tuple[Placement, ...], ndim: int) -> list[Placement]:
+    """The placements under which every local piece holds whole trailing matrices."""
+    return [pl if isinstance(pl, Shard) and pl.dim < ndim - 2 else Replicate() for pl in placements]
+
+
+def orthogonalised(update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """NS5 of each trailing matrix of `update`, a plain tensor or a sharded DTensor (same placements out)."""
+    coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    if not isinstance(update, DTensor):
+        return zeropower_via_newtonschulz(update, coefficients, steps, eps)
+    whole = update.redistribute(update.device_mesh, _whole_matrices(update.placements, update.ndim))
+    ortho = zeropower_via_newtonschulz(whole.to_local(), coefficients, steps, eps)
+    result = DTensor.from_local(ortho, whole.device_mesh, whole.placements, shape=update.shape, stride=update.stride())
+    return result.redistribute(update.device_mesh, update.placements)
 
 
 def lr_multiplier(shape: torch.Size, lr_scaling: str) -> float:
@@ -118,7 +142,7 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                ortho = orthogonalised(update, group)
                 p.mul_(1 - lr * wd)
                 p.add_(ortho.to(p.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
         return loss

@@ -1,0 +1,156 @@
+"""The distributed trainer against the single-process one: same global batch, same parameters and losses.
+
+Each layout runs the real code path (build_training: init as one process, mesh, expert parallelism,
+FSDP2 per block; Trainer.train_step: micro-batch slices, FSDP gradient averaging, global grad
+norm, Muon orthogonalising whole matrices, summed expert counts and the bias update) on gloo
+ranks; the reference is the same code with no process group.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from trinity.data.packing import Batch
+from trinity.distributed.testing import run_workers
+from trinity.nodes.trainer import Trainer, TrainPlan, build_training
+from trinity.optim.balancing import update_expert_biases
+from trinity.spec.model import ModelSpec
+from trinity.spec.optim import OptimSpec
+from trinity.spec.parallel import ParallelSpec
+from trinity.spec.stability import StabilitySpec
+
+SEQ, MICRO, BATCH = 64, 2, 8  # 8 sequences a step = 4 micro-batches of 2
+MUON_LR = 0.02
+ADAMW_MATRICES = ("tok_embeddings.weight", "output.weight", "router.weight")  # the AdamW group
+
+MODEL = dict(
+    vocab_size=256,
+    d_model=64,
+    n_layers=4,
+    n_dense_layers=1,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    dense_hidden=128,
+    global_every=4,
+    sliding_window=16,
+    moe=dict(n_experts=4, n_shared_experts=1, top_k=2, expert_hidden=32, route_scale=2.0),
+)
+
+
+class SyntheticBatches:
+    """A deterministic stream of micro-batches with documents (so intra-document masking is exercised)."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    def next_batch(self) -> Batch:
+        g = torch.Generator().manual_seed(1000 + self.index)
+        self.index += 1
+        tokens = torch.randint(0, MODEL["vocab_size"], (MICRO, SEQ + 1), generator=g)  # type: ignore[arg-type]
+        doc_ids = torch.cumsum(torch.rand(MICRO, SEQ, generator=g) < 0.05, dim=1)
+        return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), doc_ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+
+def _spec(world: int, fsdp_group: int, ep: int) -> Any:
+    return SimpleNamespace(
+        seed=0,
+        model=ModelSpec.model_validate(MODEL),
+        parallel=ParallelSpec(
+            nodes=1, gpus_per_node=world, fsdp_group=fsdp_group, ep=ep, micro_batch=MICRO, param_dtype="fp32"
+        ),
+        stability=StabilitySpec.model_validate(
+            {
+                "balancing": {"kind": "smebu"},
+                "aux_loss_weight": 1e-3,
+                "z_loss_weight": 1e-4,
+                "grad_clip": 1.0,
+                "intra_document_masking": True,
+            }
+        ),
+        optim=OptimSpec.model_validate({"muon": {"lr": MUON_LR}, "adamw": {"lr": 3e-3}}),
+    )
+
+
+def _train(rank: int, world: int, fsdp_group: int, ep: int, steps: int) -> dict[str, Any]:
+    spec = _spec(world, fsdp_group, ep)
+    ctx = SimpleNamespace(spec=spec)
+    training = build_training(ctx, SyntheticBatches())  # type: ignore[arg-type]
+    plan = TrainPlan("p", 0, steps, 0, SEQ, MICRO, lambda tokens: BATCH, lambda step, tokens: 1.0)
+    trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, None)  # type: ignore[arg-type]
+    losses, het, counts = [], [], []
+    for _ in range(steps):
+        r = trainer.train_step()
+        update_expert_biases(trainer.model, r.counts_LE, spec.stability.balancing)
+        losses.append(r.loss)
+        het.append(r.batch_het)
+        counts.append(r.counts_LE.clone())
+    params = {}
+    for name, value in training.model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        params[name] = full.detach().clone()
+    return {"losses": losses, "batch_het": het, "counts": counts, "params": params}
+
+
+def _single(steps: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return _train(0, 1, 1, 1, steps)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return _single(steps=20)
+
+
+@pytest.fixture(scope="module")
+def reference_one_step() -> dict[str, Any]:
+    return _single(steps=1)
+
+
+def _assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
+    """Equal to `atol`; Muon matrices to one bf16 step of their update.
+
+    Muon's Newton-Schulz runs in bf16 (as torch.optim.Muon). Gradients agree to ~1e-9 whatever the
+    layout, but where that moves an input element across a bf16 rounding boundary the iteration
+    spreads the change over the matrix, and output elements land one bf16 step (2^-7 relative,
+    values up to ~2) apart: lr_muon x 2^-6 in the parameter. Orthogonalising per shard instead of
+    per whole matrix would be off by the size of the update itself (~lr_muon x 0.1).
+    """
+    assert got.keys() == want.keys()
+    for k in want:
+        tol = atol + (MUON_LR * 2**-6 if want[k].ndim >= 2 and not k.endswith(ADAMW_MATRICES) else 0.0)
+        diff = (got[k].float() - want[k].float()).abs().max().item()
+        assert diff < tol, f"{k}: largest difference {diff:.3g} (allowed {tol:.3g})"
+
+
+@pytest.mark.parametrize(
+    ("world", "fsdp_group", "ep"),
+    [(2, 2, 1), (2, 2, 2), (4, 2, 2)],
+    ids=["fsdp2", "fsdp2-ep2", "hsdp2x2-ep2"],
+)
+def test_one_step_equals_single_process(
+    world: int, fsdp_group: int, ep: int, reference_one_step: dict[str, Any]
+) -> None:
+    results = run_workers(_train, world, fsdp_group, ep, 1)
+    for got in results:  # every rank gathers the same full parameters
+        _assert_same_params(got["params"], reference_one_step["params"], atol=2e-5)
+        assert got["losses"] == pytest.approx(reference_one_step["losses"], rel=1e-5)
+        assert torch.equal(got["counts"][0], reference_one_step["counts"][0])  # counts summed over ranks
+        assert got["batch_het"] == pytest.approx(reference_one_step["batch_het"], abs=1e-5)
+
+
+def test_twenty_steps_of_losses_hsdp_ep(reference: dict[str, Any]) -> None:
+    (got, *_) = run_workers(_train, 4, 2, 2, 20)
+    assert got["losses"] == pytest.approx(reference["losses"], rel=2e-4)
+    assert reference["losses"][-1] < reference["losses"][0] - 0.5  # it trains
+    _assert_same_params(got["params"], reference["params"], atol=2e-3)
