@@ -1,6 +1,8 @@
 """What a node body receives: its spec, its folders, its dependencies' folders, and ways to report.
 
 Node bodies know nothing of executors: the same body runs as a local subprocess or a Slurm job.
+A training node with several ranks runs its body in every rank's process; only rank 0 (the
+primary) writes the node's status, attempt record, heartbeat and progress.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ class NodeContext:
     stop_event: threading.Event = field(default_factory=threading.Event)
     checks_stop: bool = False
     """A body that polls `stop_event` (training) sets this; others are interrupted at once."""
+    rank: int = 0
+    """This process's rank in the node's torch.distributed job (0 for a single process)."""
+    world_size: int = 1
+    """Processes running this attempt together (parallel.nodes x parallel.gpus_per_node for training)."""
+
+    @property
+    def is_primary(self) -> bool:
+        """Rank 0: the process that writes the node's status, records and progress."""
+        return self.rank == 0
 
     @property
     def node_id(self) -> str:
@@ -60,7 +71,9 @@ class NodeContext:
         raise NodeFailure(f"{self.node_id} has no {kind} dependency" + (f" for {target!r}" if target else ""))
 
     def progress(self, **values: Any) -> None:
-        """Publish training progress (step, total_steps, loss, tokens_per_s) in status.json."""
+        """Publish training progress (step, total_steps, loss, tokens_per_s) in status.json (rank 0 only)."""
+        if not self.is_primary:
+            return
         status = NodeStatus.read(self.dir)
         status.progress = {**status.progress, **values}
         status.write(self.dir)

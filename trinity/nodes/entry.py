@@ -4,31 +4,55 @@ This is what every executor launches. It marks the node RUNNING, keeps a heartbe
 the node's body, verifies its outputs and only then writes SUCCEEDED. A failure is written as
 FAILED with one readable message (the traceback goes to the attempt's log). SIGTERM asks the
 body to stop: training nodes commit a checkpoint at the next optimizer step and exit.
+
+A training node with several ranks (parallel.nodes x parallel.gpus_per_node) is this module run
+once per rank, by torchrun locally or by one Slurm task per rank; the rendezvous comes from the
+launcher's environment (trinity.distributed.env). Every rank runs the body; rank 0 alone writes
+the status, the attempt record, the heartbeat and progress, and verifies the outputs. Each rank
+records how it ended (trinity.execute.ranks) before it leaves the process group; rank 0 ends the
+attempt as the earliest rank that did not succeed, with that rank's message.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
+import socket
 import sys
+import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from trinity.distributed.env import destroy_distributed, dist_env, init_distributed
+from trinity.execute.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
 from trinity.execute.run import load_node_spec, load_run_graph
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import AttemptRecord, Heartbeat, NodeStatus
 from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
-from trinity.nodes.registry import node_kind
+from trinity.nodes.registry import node_kind, node_world_size
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
 
 
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    """SUCCEEDED, FAILED or STOPPED."""
+    message: str
+    exit_code: int
+    time: float = field(default_factory=time.time)
+
+
 def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
-    """Run the attempt; returns the process exit status."""
+    """Run this process's part of the attempt; returns the process exit status."""
     node = load_run_graph(run)[node_id]
     meta = read_json(run.run_json)
+    launched = dist_env()
     ctx = NodeContext(
         run=run,
         node=node,
@@ -37,12 +61,24 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
         attempt=attempt,
         run_id=meta["run_id"],
         executor=executor,
+        rank=launched.rank,
+        world_size=launched.world_size,
     )
-    node_dir = ctx.dir
-    _start_attempt_record(ctx)
-    NodeStatus(
-        state="RUNNING", identity=node["identity"], attempt=attempt, message=f"running attempt {attempt}", progress={}
-    ).write(node_dir)
+    if ctx.world_size > 1:
+        print(
+            f"trinity: {node_id} attempt {attempt}: rank {ctx.rank} of {ctx.world_size} "
+            f"on {socket.gethostname()} (pid {os.getpid()})",
+            flush=True,
+        )
+    if ctx.is_primary:
+        _start_attempt_record(ctx)
+        NodeStatus(
+            state="RUNNING",
+            identity=node["identity"],
+            attempt=attempt,
+            message=f"running attempt {attempt}",
+            progress={},
+        ).write(ctx.dir)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         ctx.stop_event.set()
@@ -50,30 +86,87 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             raise StopRequested()
 
     signal.signal(signal.SIGTERM, on_term)
-    spec = ctx.spec
-    kind = node_kind(ctx.kind)
+    if executor == "slurm":  # Slurm signals every process of the job: preemption asks for a stop, as SIGTERM
+        from trinity.execute.slurm_job import preemption_signal
+
+        signal.signal(preemption_signal(), on_term)
     try:
-        with Heartbeat(node_dir, attempt, spec.execution.heartbeat_s):
+        outcome = _run_body(ctx)
+        signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop_event.set())  # the end is being written
+        return _report(ctx, outcome)
+    finally:
+        destroy_distributed()  # after the report: a peer that sees us leave finds our reason on disk
+
+
+def _run_body(ctx: NodeContext) -> Outcome:
+    """Join the ranks (if several), run the body on every rank, verify on rank 0."""
+    try:
+        expected = node_world_size(ctx.kind, ctx.spec)
+        if ctx.world_size != expected:
+            raise NodeFailure(_world_size_mismatch(ctx, expected))
+        if expected > 1:
+            init_distributed()
+        kind = node_kind(ctx.kind)
+        heartbeat = Heartbeat(ctx.dir, ctx.attempt, ctx.spec.execution.heartbeat_s)
+        with heartbeat if ctx.is_primary else contextlib.nullcontext():
             kind.run(ctx)
             if ctx.stop_event.is_set() and ctx.checks_stop and not _finished(ctx):
                 raise StopRequested()
-            kind.verify(ctx)
+            if ctx.world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # every rank's part of the outputs is written before rank 0 verifies them
+            if ctx.is_primary:
+                kind.verify(ctx)
     except StopRequested:
-        message = "stopped on request" + _checkpoint_note(ctx)
-        _fail(ctx, message, "STOPPED")
-        return EXIT_STOPPED
+        return Outcome("STOPPED", "stopped on request" + _checkpoint_note(ctx), EXIT_STOPPED)
     except NodeFailure as exc:
-        _fail(ctx, str(exc), "FAILED")
-        return EXIT_FAILED
+        return Outcome("FAILED", str(exc), EXIT_FAILED)
     except Exception as exc:
         traceback.print_exc()
-        _fail(ctx, f"{type(exc).__name__}: {exc} (traceback in {node_dir.log_file(attempt)})", "FAILED")
-        return EXIT_FAILED
-    AttemptRecord.read(node_dir, attempt).finish(node_dir, "SUCCEEDED", 0, None, "")
-    status = NodeStatus.read(node_dir)
-    status.state, status.message = "SUCCEEDED", ""
-    status.write(node_dir)
-    return 0
+        where = ctx.dir.log_file(ctx.attempt)
+        return Outcome("FAILED", f"{type(exc).__name__}: {exc} (traceback in {where})", EXIT_FAILED)
+    return Outcome("SUCCEEDED", "", 0)
+
+
+def _world_size_mismatch(ctx: NodeContext, expected: int) -> str:
+    par = ctx.spec.parallel
+    if expected > 1:
+        wanted = f"{expected} processes (parallel.nodes x parallel.gpus_per_node = {par.nodes} x {par.gpus_per_node})"
+    else:
+        wanted = f"1 process (a {ctx.kind} node is not distributed)"
+    return (
+        f"{ctx.node_id} runs as {wanted}, but was launched as {ctx.world_size}; "
+        "launch it through `trinity run` / `trinity resume`, which start the right number"
+    )
+
+
+def _report(ctx: NodeContext, outcome: Outcome) -> int:
+    """Record how this rank ended; on rank 0, end the attempt (the deciding rank's state and message)."""
+    if ctx.world_size > 1:
+        write_rank_end(
+            ctx.dir,
+            ctx.attempt,
+            RankEnd(ctx.rank, outcome.state, outcome.exit_code, outcome.message, outcome.time),
+        )
+    if not ctx.is_primary:
+        if outcome.state != "SUCCEEDED":
+            print(f"trinity: {ctx.node_id} attempt {ctx.attempt} rank {ctx.rank}: {outcome.message}", file=sys.stderr)
+        return outcome.exit_code
+    if ctx.world_size > 1:
+        own = RankEnd(0, outcome.state, outcome.exit_code, outcome.message, outcome.time)
+        ends = [own, *(e for r, e in read_rank_ends(ctx.dir, ctx.attempt).items() if r != 0)]
+        cause = deciding_end(ends)
+        if cause is not None and cause.rank != 0:
+            outcome = Outcome(cause.state, f"rank {cause.rank}: {cause.message}", cause.exit_code, cause.time)
+    if outcome.state == "SUCCEEDED":
+        AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, "SUCCEEDED", 0, None, "")
+        status = NodeStatus.read(ctx.dir)
+        status.state, status.message = "SUCCEEDED", ""
+        status.write(ctx.dir)
+        return 0
+    _fail(ctx, outcome.message, outcome.state)
+    return outcome.exit_code
 
 
 def _finished(ctx: NodeContext) -> bool:
@@ -81,8 +174,6 @@ def _finished(ctx: NodeContext) -> bool:
 
 
 def _start_attempt_record(ctx: NodeContext) -> None:
-    import os
-
     path = ctx.dir.attempt_record(ctx.attempt)
     if path.is_file():
         record = AttemptRecord.read(ctx.dir, ctx.attempt)

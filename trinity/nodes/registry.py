@@ -2,6 +2,10 @@
 
 Bodies are imported only when a node of their kind runs, so a tokenizer node never loads torch's
 model code and a missing optional dependency only fails the nodes that need it.
+
+Kinds in DISTRIBUTED (the language-model trainer's: pretrain, extend, sft) run as one
+torch.distributed job of `parallel.nodes x parallel.gpus_per_node` processes; RL, evals and the
+data nodes run as one process.
 """
 
 from __future__ import annotations
@@ -9,9 +13,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trinity.nodes.context import NodeContext, NodeFailure
+
+if TYPE_CHECKING:
+    from trinity.spec.experiment import ExperimentSpec
 
 BODIES: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("trinity.nodes.data_nodes", "run_tokenizer_node", "verify_tokenizer_node"),
@@ -22,6 +29,15 @@ BODIES: dict[str, tuple[str, str, str]] = {
     "rl": ("trinity.nodes.rl", "run_rl_node", "verify_training_node"),
     "eval": ("trinity.nodes.evals", "run_eval_node", "verify_eval_node"),
 }
+
+DISTRIBUTED = frozenset({"pretrain", "extend", "sft"})
+"""Kinds whose body runs on every rank of a torch.distributed job (trinity.nodes.trainer)."""
+
+
+def node_world_size(kind: str, spec: ExperimentSpec) -> int:
+    """Processes an attempt of a node of `kind` runs as: the parallel layout's world size for the
+    distributed kinds, 1 for the rest."""
+    return spec.parallel.total_ranks if kind in DISTRIBUTED else 1
 
 
 @dataclass(frozen=True)
