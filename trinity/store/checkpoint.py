@@ -43,18 +43,22 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import zarr
 import zarr.api.asynchronous as za
+from torch.distributed.tensor import DTensor
 from zarr import AsyncArray
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from trinity.store.tree import Leaf, flatten, unflatten
+from trinity.store import shards
+from trinity.store.tree import Leaf, flatten, leaf_targets, unflatten
 
 MARKER = "COMMITTED"
 WRITER_ATTR = "trinity_writer"
@@ -106,15 +110,38 @@ def _stored_array(leaf: Leaf) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
     return arr, {"kind": "ndarray", "dtype": arr.dtype.str, "shape": list(arr.shape), "stored": arr.dtype.str}
 
 
+def _stored_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    """The numpy dtype a tensor of `dtype` is stored as (its bit pattern where numpy lacks it)."""
+    if dtype not in _NUMPY_DTYPES:
+        dtype = _BITS_AS[torch.empty((), dtype=dtype).element_size()]
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _as_tensor(arr: np.ndarray[Any, Any], rec: dict[str, Any]) -> torch.Tensor:
+    t = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
+    dtype = getattr(torch, rec["dtype"])
+    return t.view(dtype) if t.dtype != dtype else t
+
+
 def _leaf_value(arr: np.ndarray[Any, Any], rec: dict[str, Any], map_location: str | torch.device | None) -> Any:
     arr = np.asarray(arr).reshape(tuple(rec["shape"]))
     if rec["kind"] == "ndarray":
         return arr.astype(np.dtype(rec["dtype"]), copy=False)
-    t = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
-    dtype = getattr(torch, rec["dtype"])
-    if t.dtype != dtype:
-        t = t.view(dtype)
+    t = _as_tensor(arr, rec)
     return t if map_location is None else t.to(map_location)
+
+
+def _whole_in_one_process(leaf: Leaf) -> Leaf:
+    """A leaf for a single-process save: a DTensor on a one-rank mesh becomes its full tensor."""
+    v = leaf.value
+    if not shards.is_dtensor(v):
+        return leaf
+    if v.device_mesh.size() != 1:
+        raise ValueError(
+            f"{leaf.path}: a DTensor on a mesh of {v.device_mesh.size()} ranks needs a collective save: call "
+            f"save_checkpoint on every rank (distributed=None or True), not on one"
+        )
+    return Leaf(leaf.path, v.full_tensor())
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -153,14 +180,8 @@ async def _write_array(root: Any, name: str, arr: np.ndarray[Any, Any], compress
     await z.setitem(Ellipsis, arr)
 
 
-async def _write_group(
-    folder: Path, arrays: list[tuple[str, np.ndarray[Any, Any]]], attrs: dict[str, Any], compression: Compression
-) -> None:
-    writer = {"host": socket.gethostname(), "pid": os.getpid()}  # first, so pruning can tell if we are alive
-    root = await za.create_group(store=LocalStore(str(folder)), attributes={WRITER_ATTR: writer}, zarr_format=3)
+async def _write_arrays(root: Any, arrays: list[tuple[str, np.ndarray[Any, Any]]], compressors: Any) -> None:
     sem = asyncio.Semaphore(_CONCURRENT_ARRAYS)
-    compressors = _compressors(compression)
-
     failed = False
 
     async def one(name: str, arr: np.ndarray[Any, Any]) -> None:
@@ -180,6 +201,18 @@ async def _write_group(
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+async def _create_root(folder: Path) -> Any:
+    writer = {"host": socket.gethostname(), "pid": os.getpid()}  # first, so pruning can tell if we are alive
+    return await za.create_group(store=LocalStore(str(folder)), attributes={WRITER_ATTR: writer}, zarr_format=3)
+
+
+async def _write_group(
+    folder: Path, arrays: list[tuple[str, np.ndarray[Any, Any]]], attrs: dict[str, Any], compression: Compression
+) -> None:
+    root = await _create_root(folder)
+    await _write_arrays(root, arrays, _compressors(compression))
     await root.update_attributes({ATTR: attrs})  # metadata last
 
 
@@ -214,6 +247,36 @@ def _skeleton_digest(skeleton: Any, leaves: Any) -> str:
     return hashlib.sha256(json.dumps([skeleton, leaves], sort_keys=True).encode()).hexdigest()
 
 
+class _Packer:
+    """Small leaves concatenated into one byte array (each at a 64-byte aligned offset)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray[Any, Any]] = []
+        self.offset = 0
+
+    def add(self, arr: np.ndarray[Any, Any]) -> list[int]:
+        pad = -self.offset % _PACK_ALIGN
+        if pad:
+            self.parts.append(np.zeros(pad, np.uint8))
+        self.offset += pad
+        self.parts.append(arr.reshape(-1).view(np.uint8))
+        where = [self.offset, arr.nbytes]
+        self.offset += arr.nbytes
+        return where
+
+    def arrays(self) -> list[tuple[str, np.ndarray[Any, Any]]]:
+        return [(PACKED, np.concatenate(self.parts))] if self.parts else []
+
+
+def _summary(skeleton: Any, records: list[dict[str, Any]], n_arrays: int, nbytes: int) -> dict[str, Any]:
+    return {
+        "n_arrays": n_arrays,
+        "n_leaves": len(records),
+        "nbytes": nbytes,
+        "skeleton_sha256": _skeleton_digest(skeleton, records),
+    }
+
+
 def write_tree(
     folder: Path,
     state: Any,
@@ -228,35 +291,22 @@ def write_tree(
     skeleton, leaves = flatten(state)
     arrays: list[tuple[str, np.ndarray[Any, Any]]] = []
     records: list[dict[str, Any]] = []
-    packed: list[np.ndarray[Any, Any]] = []
-    offset = 0
+    packer = _Packer()
     for leaf in leaves:
-        arr, rec = _stored_array(leaf)
+        arr, rec = _stored_array(_whole_in_one_process(leaf))
         if arr.nbytes < pack_below_bytes:
-            pad = -offset % _PACK_ALIGN
-            if pad:
-                packed.append(np.zeros(pad, np.uint8))
-            offset += pad
-            packed.append(arr.reshape(-1).view(np.uint8))
-            rec["packed"] = [offset, arr.nbytes]
-            offset += arr.nbytes
+            rec["packed"] = packer.add(arr)
         else:
             arrays.append((leaf.path, arr))
             rec["array"] = leaf.path
         records.append(rec)
-    if packed:
-        arrays.append((PACKED, np.concatenate(packed)))
+    arrays += packer.arrays()
     attrs = {"format": FORMAT, "step": step, "meta": meta or {}, "skeleton": skeleton, "leaves": records}
     folder.mkdir(parents=True)
     sync(_write_group(folder, arrays, attrs, compression))
     if fsync:
         _fsync_tree(folder)
-    return {
-        "n_arrays": len(arrays),
-        "n_leaves": len(records),
-        "nbytes": int(sum(a.nbytes for _, a in arrays)),
-        "skeleton_sha256": _skeleton_digest(skeleton, records),
-    }
+    return _summary(skeleton, records, len(arrays), int(sum(a.nbytes for _, a in arrays)))
 
 
 @contextlib.contextmanager
@@ -270,6 +320,24 @@ def _claimed(folder: Path) -> Iterator[None]:
             _active.discard(folder)
 
 
+def _commit(ckpt_root: Path, step: int, tmp: Path, summary: dict[str, Any]) -> Path:
+    """Rename the finished `tmp` to its step folder and write the marker (steps 2 and 3 of the protocol)."""
+    final = ckpt_root / checkpoint_name(step)
+    trash: Path | None = None
+    if final.exists():
+        # Same step again (e.g. the final save lands on a periodic one). A committed copy is moved
+        # aside and deleted after the new commit; a crash in between leaves the previous step as latest.
+        trash = ckpt_root / f".trash-{checkpoint_name(step)}-{os.getpid()}"
+        _unmark(final)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_path(ckpt_root)
+    _write_json_durable(final / MARKER, {"step": step, "time": time.time(), **summary})
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -281,6 +349,7 @@ def save_checkpoint(
     pack_below_bytes: int = PACK_BELOW_BYTES,
     fsync: bool = True,
     stale_after_s: float = 3600.0,
+    distributed: bool | None = None,
 ) -> Path:
     """Write and commit ckpt_root/step-{step:08d}; then keep the `keep_last` newest (keep_last <= 0: all).
 
@@ -288,7 +357,21 @@ def save_checkpoint(
     (see trinity.store.tree). `meta` (JSON) is stored in the checkpoint and returned by
     `read_checkpoint_meta`. An exception while writing leaves no trace: the temporary folder is
     removed and the earlier checkpoints are untouched.
+
+    With torch.distributed initialised and more than one rank (or `distributed=True`), this is a
+    collective: every rank calls it with its own tree (same structure; DTensor leaves hold each
+    rank's piece, every other leaf is the same on all ranks) and gets the same path back; see
+    `trinity.store.checkpoint_dist`. `distributed=False` saves from the calling process alone.
     """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        from trinity.store.checkpoint_dist import save_collective  # it builds on this module
+
+        return save_collective(
+            Path(ckpt_root), step, state, keep_last, meta, compression=compression,
+            pack_below_bytes=pack_below_bytes, fsync=fsync, stale_after_s=stale_after_s,
+        )  # fmt: skip
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(step)
@@ -303,18 +386,7 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        trash: Path | None = None
-        if final.exists():
-            # Same step again (e.g. the final save lands on a periodic one). A committed copy is moved
-            # aside and deleted after the new commit; a crash in between leaves the previous step as latest.
-            trash = ckpt_root / f".trash-{checkpoint_name(step)}-{os.getpid()}"
-            _unmark(final)
-            os.rename(final, trash)
-        os.rename(tmp, final)
-        _fsync_path(ckpt_root)
-        _write_json_durable(final / MARKER, {"step": step, "time": time.time(), **summary})
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        _commit(ckpt_root, step, tmp, summary)
     prune_checkpoints(ckpt_root, keep_last, stale_after_s=stale_after_s)
     return final
 
@@ -437,43 +509,80 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return {"step": attrs["step"], **attrs["meta"]}
 
 
-async def _read_arrays(path: Path, names: list[str]) -> list[np.ndarray[Any, Any]]:
+Selection = tuple[slice, ...] | EllipsisType
+
+
+async def _read_arrays(path: Path, wanted: list[tuple[str, Selection]]) -> list[np.ndarray[Any, Any]]:
+    """The (part of the) arrays `wanted`: (name, Ellipsis for all of it, or one rectangle)."""
     root = await za.open_group(store=LocalStore(str(path), read_only=True), mode="r")
     sem = asyncio.Semaphore(_CONCURRENT_ARRAYS)
 
-    async def one(name: str) -> np.ndarray[Any, Any]:
+    async def one(name: str, selection: Selection) -> np.ndarray[Any, Any]:
         async with sem:
             arr = await root.getitem(name)
             assert isinstance(arr, AsyncArray)
-            return np.asarray(await arr.getitem(Ellipsis))
+            return np.asarray(await arr.getitem(selection))
 
-    return list(await asyncio.gather(*(one(n) for n in names)))
+    return list(await asyncio.gather(*(one(n, sel) for n, sel in wanted)))
 
 
-def load_checkpoint(path: Path, *, map_location: str | torch.device | None = None) -> dict[str, Any]:
-    """The state given to save_checkpoint, rebuilt exactly (tensors on CPU unless `map_location`)."""
+def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.device | None = None) -> dict[str, Any]:
+    """The state given to save_checkpoint, rebuilt exactly (tensors on CPU unless `map_location`).
+
+    Without `like`, every leaf comes back whole: a DTensor saved by many ranks is a plain tensor of
+    its global shape. `like` is (part of) a tree of the same structure in the layout wanted now,
+    e.g. {"model": model.state_dict(), "optimizer": optimizer.state_dict()} of an M-rank job: each
+    leaf that is a DTensor there comes back as a DTensor with that mesh and those placements (on its
+    local tensor's device, with the stored dtype), and this rank reads only its own rectangle of the
+    stored array. This needs no collective: each rank may load on its own. Leaves `like` lacks, or
+    holds as plain values, come back as without `like`.
+    """
     path = Path(path)
     marker = read_marker(path)
     attrs = _read_attrs(path)
     skeleton, records = attrs["skeleton"], attrs["leaves"]
     if _skeleton_digest(skeleton, records) != marker.get("skeleton_sha256"):
         raise ValueError(f"{path}: the skeleton does not match its {MARKER} marker; the checkpoint is corrupt")
-    names = sorted({r["array"] for r in records if "array" in r})
+    # Leaf index -> (its key path, the DTensor of the target layout, the rectangle this rank reads).
+    targets: dict[int, tuple[str, DTensor, tuple[slice, ...]]] = {}
+    if like is not None:
+        for i, (where, ref) in leaf_targets(skeleton, like).items():
+            if shards.is_dtensor(ref):
+                targets[i] = (where, ref, shards.region_of(where, tuple(records[i]["shape"]), ref))
+    wanted: list[tuple[str, Selection]] = []
+    for i, rec in enumerate(records):
+        if "array" in rec:
+            wanted.append((rec["array"], targets[i][2] if i in targets else ...))
     if any("packed" in r for r in records):
-        names.append(PACKED)
-    arrays = dict(zip(names, sync(_read_arrays(path, names)), strict=True))
+        wanted.append((PACKED, ...))
+    arrays = dict(zip([n for n, _ in wanted], sync(_read_arrays(path, wanted)), strict=True))
     leaves: list[Any] = []
-    for rec in records:
+    for i, rec in enumerate(records):
         if "packed" in rec:
             off, n = rec["packed"]
             raw = arrays[PACKED][off : off + n].copy()
-            arr = raw.view(np.dtype(rec["stored"]))
+            arr = raw.view(np.dtype(rec["stored"])).reshape(tuple(rec["shape"]))
+            if i in targets:
+                arr = arr[targets[i][2]]
         else:
             arr = arrays[rec["array"]]
-        leaves.append(_leaf_value(arr, rec, map_location))
+        if i in targets:
+            leaves.append(shards.as_dtensor(_as_tensor(np.asarray(arr), rec), targets[i][1]))
+        else:
+            leaves.append(_leaf_value(arr, rec, map_location))
     state = unflatten(skeleton, leaves)
     assert isinstance(state, dict)
     return state
+
+
+def read_checkpoint_layout(path: Path) -> dict[str, Any]:
+    """How the checkpoint was written: {"world_size": N, "dtensors": {leaf path: {"mesh_shape",
+    "mesh_dim_names", "placements" (e.g. ["R", "S(0)"]), "chunks" (None for a small, packed one)}}}.
+    A single-process save reads as {"world_size": 1, "dtensors": {}}."""
+    read_marker(path)
+    layout = _read_attrs(Path(path)).get("layout", {"world_size": 1, "dtensors": {}})
+    assert isinstance(layout, dict)
+    return layout
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,11 +29,13 @@ import base64
 import math
 import struct
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 JSON = Any
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -87,13 +89,17 @@ class _Flattener:
     def _leaf(self, value: torch.Tensor | np.ndarray[Any, Any], parts: list[str]) -> JSON:
         if isinstance(value, torch.Tensor):
             # The same view of the same storage (tied weights) is stored once and restored as one tensor.
+            # A DTensor has no storage of its own: its local piece's storage, with its layout, stands for it.
+            local = value.to_local() if isinstance(value, DTensor) else value
             key = (
-                value.device.type,
-                value.untyped_storage().data_ptr() if value.numel() else id(value),
-                value.storage_offset(),
-                tuple(value.shape),
-                value.stride(),
+                local.device.type,
+                local.untyped_storage().data_ptr() if local.numel() else id(value),
+                local.storage_offset(),
+                tuple(local.shape),
+                local.stride(),
                 value.dtype,
+                tuple(value.shape),
+                (id(value.device_mesh), tuple(value.placements)) if isinstance(value, DTensor) else None,
             )
             if key in self._tensor_ids:
                 return {"t": "leaf", "i": self._tensor_ids[key]}
@@ -190,3 +196,32 @@ def unflatten(skeleton: JSON, leaves: list[Any]) -> Any:
     if tag == "size":
         return torch.Size(v)
     raise ValueError(f"unknown checkpoint skeleton tag {tag!r}")
+
+
+def leaf_targets(skeleton: JSON, like: Any) -> dict[int, tuple[str, Any]]:
+    """For each leaf of `skeleton` that has a counterpart in `like` (any part of the saved tree, with
+    the same keys and indices), its index -> (its key path, e.g. "model/layers.0.wq.weight", the
+    value `like` holds there). Parts of `like` the skeleton lacks, and parts of the skeleton `like`
+    lacks, are skipped."""
+    out: dict[int, tuple[str, Any]] = {}
+
+    def walk(node: JSON, ref: Any, parts: list[str]) -> None:
+        if not isinstance(node, dict):
+            return
+        tag = node.get("t")
+        if tag == "leaf":
+            where = parts[0] if len(parts) == 1 else f"{parts[0]}/{'.'.join(parts[1:])}" if parts else "<root>"
+            out.setdefault(node["i"], (where, ref))
+        elif tag in ("list", "tuple") and isinstance(ref, list | tuple):
+            for i, (x, r) in enumerate(zip(node["v"], ref, strict=False)):
+                walk(x, r, [*parts, str(i)])
+        elif tag in ("dict", "odict") and isinstance(ref, Mapping):
+            for k, x in zip(node["k"], node["v"], strict=True):
+                if isinstance(k, dict) and k.get("t") == "leaf":
+                    continue  # a tensor used as a key: it has no counterpart to look up
+                key = unflatten(k, [])
+                if key in ref:
+                    walk(x, ref[key], [*parts, _segment(key)])
+
+    walk(skeleton, like, [])
+    return out

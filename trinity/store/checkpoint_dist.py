@@ -1,0 +1,347 @@
+"""One checkpoint written by every rank of a torch.distributed job, committed once.
+
+`save_checkpoint` calls `save_collective` when torch.distributed runs more than one rank. Every
+rank passes its own state tree: the same structure everywhere; DTensor leaves (FSDP2/HSDP and
+expert-parallel parameters and optimizer states) hold each rank's piece; every other leaf is the
+same on all ranks. The result is the same Zarr checkpoint a single process writes (see
+trinity.store.checkpoint): a DTensor leaf is ONE array of its global shape and dtype, so a
+single-process load, `trinity generate` and the Hugging Face export read it like any tensor.
+
+Phases, each closed by a status exchange (all_gather_object of "ok" or the error) that every rank
+reaches, so a failure on any rank is known to all, nobody waits forever and all of them raise:
+
+1. every rank flattens its tree, works out each DTensor's layout, its own piece and the chunk
+   grid (the largest piece: each piece is exactly one chunk, see trinity.store.shards);
+   the ranks compare a digest of their leaves (paths, shapes, dtypes, layouts), and rank 0's
+   temporary folder name (.tmp-step-N-<rank 0's pid>) reaches everyone;
+2. small DTensors (global size under `pack_below_bytes`) are gathered (full_tensor, in leaf
+   order on every rank) and rank 0 packs them with the other small leaves; rank 0 creates the
+   group, writes every non-DTensor array and %packed, and creates each DTensor's array
+   (metadata only);
+3. each rank writes the pieces it owns, each into its own chunk, and fsyncs those files: for a
+   DTensor, the rank at index 0 on every Replicate() mesh dim writes its piece; replicas do not;
+4. rank 0 fsyncs the rest, writes the skeleton attribute (with the layout the checkpoint was
+   written with), renames, writes COMMITTED and prunes.
+
+On any failure rank 0 removes the temporary folder: no step folder, no committed checkpoint.
+A rank that dies (killed, not raising) leaves the others waiting in the next exchange until the
+process group's timeout, as any collective would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+import zarr.api.asynchronous as za
+from torch.distributed.tensor import DTensor
+from zarr import AsyncArray
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from trinity.store import shards
+from trinity.store.checkpoint import (
+    ATTR,
+    FORMAT,
+    PACK_BELOW_BYTES,
+    Compression,
+    _claimed,
+    _commit,
+    _compressors,
+    _create_root,
+    _fsync_path,
+    _Packer,
+    _stored_array,
+    _stored_dtype,
+    _summary,
+    _write_arrays,
+    checkpoint_name,
+    prune_checkpoints,
+)
+from trinity.store.tree import Leaf, flatten
+
+_CONCURRENT_PIECES = 16
+
+
+class CollectiveSaveError(RuntimeError):
+    """A collective save failed on another rank; nothing was committed."""
+
+
+def _exchange(what: str, error: BaseException | None, value: Any = None) -> list[Any]:
+    """Every rank's `value`, once every rank got here; if any rank failed, raise on all of them
+    (a rank re-raises its own error, the others a CollectiveSaveError naming the first that failed)."""
+    mine = (None if error is None else f"{type(error).__name__}: {error}", value)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    failed = [(rank, err) for rank, (err, _) in enumerate(everyone) if err is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, err = failed[0]
+        raise CollectiveSaveError(f"{what}: rank {rank} failed ({err}); no checkpoint was committed")
+    return [v for _, v in everyone]
+
+
+@dataclass(frozen=True)
+class _Sharded:
+    """A DTensor leaf: its layout, and either `packed` (small: gathered to rank 0) or its chunk grid and this
+    rank's piece."""
+
+    dt: DTensor
+    layout: shards.Layout
+    packed: bool
+    chunks: tuple[int, ...] | None
+    piece: shards.LocalPiece | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    skeleton: Any
+    leaves: list[Leaf]
+    sharded: dict[int, _Sharded]
+    digest: str
+
+
+def _plan(state: Any, pack_below_bytes: int) -> _Plan:
+    skeleton, leaves = flatten(state)
+    world = dist.get_world_size()
+    sharded: dict[int, _Sharded] = {}
+    described: list[Any] = []
+    for i, leaf in enumerate(leaves):
+        v = leaf.value
+        if shards.is_dtensor(v):
+            layout = shards.layout_of(leaf.path, v)
+            nbytes = v.numel() * v.dtype.itemsize
+            packed = nbytes < pack_below_bytes and v.device_mesh.size() == world
+            chunks = None if packed else shards.chunk_shape(layout)
+            piece = None if packed else shards.local_piece(layout, v)
+            sharded[i] = _Sharded(v, layout, packed, chunks, piece)
+            described.append([leaf.path, list(v.shape), str(v.dtype), layout.record(), packed])
+        else:
+            described.append([leaf.path, list(v.shape), str(v.dtype)])
+    digest = hashlib.sha256(json.dumps(described).encode()).hexdigest()
+    return _Plan(skeleton, leaves, sharded, digest)
+
+
+def _write_rank0(
+    folder: Path,
+    plan: _Plan,
+    gathered: dict[int, Any],
+    meta: dict[str, Any] | None,
+    step: int,
+    compression: Compression,
+    pack_below_bytes: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank 0's part of phase 2: the group, every whole array, the DTensors' empty arrays.
+    Returns (the skeleton attribute, the marker's summary)."""
+    arrays: list[tuple[str, np.ndarray[Any, Any]]] = []
+    empty: list[tuple[str, tuple[int, ...], np.dtype[Any], tuple[int, ...]]] = []
+    records: list[dict[str, Any]] = []
+    dtensors: dict[str, Any] = {}
+    packer = _Packer()
+    nbytes = 0
+    for i, leaf in enumerate(plan.leaves):
+        sh = plan.sharded.get(i)
+        if sh is not None and not sh.packed:
+            assert sh.chunks is not None
+            stored = _stored_dtype(sh.dt.dtype)
+            shape = sh.layout.global_shape
+            rec = {"kind": "tensor", "dtype": str(sh.dt.dtype).removeprefix("torch."), "shape": list(shape)}
+            rec |= {"stored": stored.str, "array": leaf.path}
+            empty.append((leaf.path, shape, stored, sh.chunks))
+            nbytes += sh.dt.numel() * stored.itemsize
+        else:
+            arr, rec = _stored_array(Leaf(leaf.path, gathered[i]) if sh is not None else leaf)
+            if arr.nbytes < pack_below_bytes:
+                rec["packed"] = packer.add(arr)
+            else:
+                arrays.append((leaf.path, arr))
+                rec["array"] = leaf.path
+                nbytes += arr.nbytes
+        if sh is not None:
+            dtensors[leaf.path] = {**sh.layout.record(), "chunks": None if sh.chunks is None else list(sh.chunks)}
+        records.append(rec)
+    packed = packer.arrays()
+    arrays += packed
+    nbytes += sum(a.nbytes for _, a in packed)
+    layout = {"world_size": dist.get_world_size(), "dtensors": dtensors}
+    attrs = {"format": FORMAT, "step": step, "meta": meta or {}, "skeleton": plan.skeleton, "leaves": records}
+    attrs["layout"] = layout
+
+    async def write() -> None:
+        root = await _create_root(folder)
+        compressors = _compressors(compression)
+        await _write_arrays(root, arrays, compressors)
+        await asyncio.gather(*(_create_sharded(root, n, s, d, c, compressors) for n, s, d, c in empty))
+
+    folder.mkdir(parents=True)
+    sync(write())
+    return attrs, _summary(plan.skeleton, records, len(arrays) + len(empty), int(nbytes))
+
+
+async def _create_sharded(
+    root: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...], compressors: Any
+) -> None:
+    """A DTensor's array, without data: the ranks write its chunks."""
+    await root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors)
+
+
+async def _write_piece(root: Any, name: str, region: tuple[slice, ...], arr: np.ndarray[Any, Any]) -> str:
+    """Write this rank's piece (exactly one chunk) of array `name`; return the chunk's key under the
+    group. (A module-level function so tests can make it fail, or watch which rank writes what.)"""
+    z = await root.getitem(name)
+    assert isinstance(z, AsyncArray)
+    # Write chunks that equal the fill value too: -0.0 == 0.0, so skipping them is not exact.
+    z = z.with_config({"write_empty_chunks": True})
+    await z.setitem(region, arr)
+    coords = tuple(r.start // c for r, c in zip(region, z.chunks, strict=True))
+    return f"{name}/{z.metadata.encode_chunk_key(coords)}"
+
+
+def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
+    """Phase 3 on every rank: the pieces this rank owns, one chunk each, fsynced."""
+    mine = [
+        (i, sh) for i, sh in plan.sharded.items() if sh.piece is not None and sh.piece.writer and not sh.piece.empty
+    ]
+
+    async def write() -> list[str]:
+        root = await za.open_group(store=LocalStore(str(folder)), mode="r+")
+        sem = asyncio.Semaphore(_CONCURRENT_PIECES)
+        failed = False
+
+        async def one(i: int, sh: _Sharded) -> str:
+            nonlocal failed
+            assert sh.piece is not None
+            async with sem:
+                if failed:
+                    return ""
+                arr, _ = _stored_array(Leaf(plan.leaves[i].path, sh.dt.to_local()))
+                try:
+                    return await _write_piece(root, plan.leaves[i].path, sh.piece.region(), arr)
+                except BaseException:
+                    failed = True
+                    raise
+
+        # As for whole arrays: no cancellation, the in-flight writes finish before the error is raised.
+        results = await asyncio.gather(*(one(i, sh) for i, sh in mine), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in results if isinstance(r, str)]
+
+    keys = sync(write())
+    if fsync:
+        for key in keys:
+            _fsync_path(folder / key)
+
+
+def _fsync_rest(folder: Path, plan: _Plan) -> None:
+    """Rank 0's fsync: every folder (the other ranks' new directory entries) and every file but the
+    DTensors' chunks (their writers fsynced them)."""
+    skip = {folder / plan.leaves[i].path / "c" for i, sh in plan.sharded.items() if not sh.packed}
+    for dirpath, _, files in os.walk(folder, topdown=False):
+        d = Path(dirpath)
+        if not any(d == s or s in d.parents for s in skip):
+            for f in files:
+                _fsync_path(d / f)
+        _fsync_path(d)
+
+
+def save_collective(
+    ckpt_root: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    meta: dict[str, Any] | None = None,
+    *,
+    compression: Compression = "none",
+    pack_below_bytes: int = PACK_BELOW_BYTES,
+    fsync: bool = True,
+    stale_after_s: float = 3600.0,
+) -> Path:
+    """save_checkpoint on every rank of the default process group; all ranks return the same path."""
+    rank = dist.get_rank()
+    what = f"checkpoint {Path(ckpt_root) / checkpoint_name(step)}"
+
+    # Phase 1: plan, compare, learn rank 0's folder.
+    plan: _Plan | None = None
+    error: BaseException | None = None
+    try:
+        plan = _plan(state, pack_below_bytes)
+    except BaseException as e:
+        error = e
+    tmp_name = f".tmp-{checkpoint_name(step)}-{os.getpid()}" if rank == 0 else None
+    got = _exchange(what, error, (plan.digest if plan else None, tmp_name))
+    assert plan is not None
+    differ = [r for r, (digest, _) in enumerate(got) if digest != got[0][0]]
+    if differ:  # the same on every rank: all raise here, before any collective that could mismatch
+        raise ValueError(
+            f"{what}: ranks {differ} passed state trees whose leaves (paths, shapes, dtypes, DTensor layouts) "
+            f"differ from rank 0's; every rank must pass the same structure"
+        )
+    tmp = Path(ckpt_root) / got[0][1]
+    final = Path(ckpt_root) / checkpoint_name(step)
+
+    with contextlib.ExitStack() as claims:
+        if rank == 0:
+            claims.enter_context(_claimed(tmp))
+            claims.enter_context(_claimed(final))
+        try:
+            # Phase 2: gather the small DTensors; rank 0 lays out the group.
+            attrs: dict[str, Any] = {}
+            summary: dict[str, Any] = {}
+            try:
+                gathered = {i: sh.dt.full_tensor() for i, sh in plan.sharded.items() if sh.packed}
+                if rank == 0:
+                    Path(ckpt_root).mkdir(parents=True, exist_ok=True)
+                    if tmp.exists():
+                        shutil.rmtree(tmp)
+                    attrs, summary = _write_rank0(tmp, plan, gathered, meta, step, compression, pack_below_bytes)
+                del gathered
+                error = None
+            except BaseException as e:
+                error = e
+            _exchange(what, error)
+
+            # Phase 3: every rank writes its own chunks.
+            try:
+                _write_pieces(tmp, plan, fsync)
+                error = None
+            except BaseException as e:
+                error = e
+            _exchange(what, error)
+
+            # Phase 4: rank 0 commits.
+            error = None
+            if rank == 0:
+                try:
+                    if fsync:
+                        _fsync_rest(tmp, plan)
+                    sync(_set_attrs(tmp, attrs))
+                    if fsync:
+                        _fsync_path(tmp / "zarr.json")
+                    _commit(Path(ckpt_root), step, tmp, summary)
+                except BaseException as e:
+                    error = e
+            _exchange(what, error)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if rank == 0:
+        prune_checkpoints(Path(ckpt_root), keep_last, stale_after_s=stale_after_s)
+    return final
+
+
+async def _set_attrs(folder: Path, attrs: dict[str, Any]) -> None:
+    root = await za.open_group(store=LocalStore(str(folder)), mode="r+")
+    await root.update_attributes({ATTR: attrs})
