@@ -33,4 +33,12 @@ class Handle(Protocol):
 class Executor(Protocol):
     name: str
 
+    def check(self, node_ids: list[str]) -> None:
+        """Raise RunError, before anything runs, if a node cannot be launched here as its spec asks."""
+        ...
+
+    def slots(self, node_id: str) -> int:
+        """How many of the scheduler's `jobs` an attempt of the node occupies (its processes)."""
+        ...
+
     def launch(self, node_id: str, attempt: int) -> Handle: ...

@@ -1,18 +1,38 @@
-"""The local executor: each node attempt in its own subprocess (a crash kills the node, not the run)."""
+"""The local executor: each node attempt in its own subprocess (a crash kills the node, not the run).
+
+A training node whose layout has several ranks (parallel.gpus_per_node > 1, parallel.nodes = 1)
+runs as `python -m torch.distributed.run --standalone --nproc-per-node N -m trinity.nodes.entry ...`:
+torchrun starts the N rank processes with the rendezvous in their environment, forwards SIGTERM
+to them (they commit a checkpoint and exit) and tears the others down when one fails. torchrun
+exits 1 whatever went wrong, so how the attempt ended is read from the ranks' own records and
+torchrun's failure report (see `torchrun_outcome`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from trinity.execute.executor import Finished
-from trinity.execute.rundir import RunDir
+from trinity.execute.ranks import read_rank_ends
+from trinity.execute.run import RunError, load_node_spec, load_run_graph
+from trinity.execute.rundir import NodeDir, RunDir
+from trinity.nodes.registry import node_world_size
+from trinity.spec.experiment import ExperimentSpec
 
 STOP_GRACE_S = 120.0
+TORCHRUN_SHUTDOWN_S = int(STOP_GRACE_S) - 10
+"""How long torchrun lets its ranks commit a checkpoint after SIGTERM before it kills them."""
+REPORTED_EXIT = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
+"""One failure in torchrun's report: '  rank      : 1 (local_rank: 1)' then '  exitcode  : -9 (pid: 8777)'."""
 
 
 @dataclass
@@ -21,22 +41,80 @@ class LocalHandle:
     attempt: int
     process: subprocess.Popen[bytes]
     stop_sent: float | None = field(default=None)
+    ranks: int = 1
+    """Processes of the attempt (more than 1: `process` is torchrun)."""
+    node_dir: NodeDir | None = None
+    log_path: Path | None = None
 
     def poll(self) -> Finished | None:
         code = self.process.poll()
         if code is None:
             if self.stop_sent is not None and time.monotonic() - self.stop_sent > STOP_GRACE_S:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self._kill()
             return None
         if code < 0:
             return Finished(None, -code, f"killed by signal {signal.Signals(-code).name}")
+        if code > 0 and self.ranks > 1 and self.node_dir is not None and self.log_path is not None:
+            return torchrun_outcome(self.node_dir, self.attempt, self.ranks, code, self.log_path)
         return Finished(code, None, "" if code == 0 else f"exited with status {code}")
 
     def stop(self) -> None:
-        """SIGTERM: the node commits a checkpoint at the next step and exits; SIGKILL after a grace period."""
+        """SIGTERM: the node commits a checkpoint at the next step and exits; SIGKILL after a grace period.
+
+        Under torchrun the signal goes to torchrun, which forwards it to every rank."""
         if self.process.poll() is None and self.stop_sent is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.stop_sent = time.monotonic()
+
+    def _kill(self) -> None:
+        # torchrun starts each rank in its own session: kill the ranks' groups, then torchrun's.
+        for child in _children(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGKILL)
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def torchrun_outcome(node_dir: NodeDir, attempt: int, ranks: int, code: int, log_path: Path) -> Finished:
+    """How a torchrun attempt ended, as a single process's exit would say it (torchrun itself exits 1).
+
+    A rank killed by a signal wrote no end record: the signal, from torchrun's failure report, is
+    the cause. Otherwise rank 0's record says (its exit status carries the deciding rank's: 3 when
+    stopped, 1 when failed)."""
+    ends = read_rank_ends(node_dir, attempt)
+    exits = _reported_exits(log_path)
+    killed = sorted(r for r, status in exits.items() if status < 0 and r not in ends)
+    if killed:
+        sig = -exits[killed[0]]
+        return Finished(None, sig, f"rank {killed[0]} killed by signal {signal.Signals(sig).name}")
+    if 0 in ends:
+        return Finished(ends[0].exit_code, None, ends[0].message)
+    silent = ", ".join(str(r) for r in range(ranks) if r not in ends)
+    return Finished(code, None, f"torchrun exited with status {code}; ranks without an end record: {silent}")
+
+
+def _reported_exits(log_path: Path) -> dict[int, int]:
+    """rank -> exit status (negative: the signal) from torchrun's last failure report in the log."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(max(0, log_path.stat().st_size - 65536))
+            tail = log.read().decode(errors="replace")
+    except OSError:
+        return {}
+    report = tail[tail.rfind("Failures:") :] if "Failures:" in tail else ""
+    return {int(rank): int(status) for rank, status in REPORTED_EXIT.findall(report)}
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 @dataclass
@@ -44,22 +122,65 @@ class LocalExecutor:
     run: RunDir
     name: str = "local"
     env: dict[str, str] = field(default_factory=dict)
+    _nodes: dict[str, tuple[dict[str, Any], ExperimentSpec]] = field(default_factory=dict, repr=False)
+
+    def _node(self, node_id: str) -> tuple[dict[str, Any], ExperimentSpec]:
+        """The node's graph.json entry and the spec it runs with (read once)."""
+        if node_id not in self._nodes:
+            node = load_run_graph(self.run)[node_id]
+            self._nodes[node_id] = node, load_node_spec(self.run, node)
+        return self._nodes[node_id]
+
+    def ranks(self, node_id: str) -> int:
+        """Processes an attempt of the node runs as (its slots in `--jobs`)."""
+        node, spec = self._node(node_id)
+        return node_world_size(str(node["kind"]), spec)
+
+    def slots(self, node_id: str) -> int:
+        return self.ranks(node_id)
+
+    def check(self, node_ids: list[str]) -> None:
+        """Refuse, before anything runs, a layout this machine cannot launch: one machine only."""
+        problems = []
+        for node_id in node_ids:
+            node, spec = self._node(node_id)
+            if node_world_size(str(node["kind"]), spec) > 1 and spec.parallel.nodes > 1:
+                problems.append(node_id)
+        if problems:
+            _, spec = self._node(problems[0])
+            raise RunError(
+                f"parallel.nodes = {spec.parallel.nodes} for {', '.join(problems)}: the local executor runs a "
+                "training node's ranks on this machine only (parallel.nodes must be 1; the ranks are "
+                "parallel.gpus_per_node). Set parallel.nodes=1 or run with --executor slurm."
+            )
 
     def launch(self, node_id: str, attempt: int) -> LocalHandle:
         node_dir = self.run.node(node_id)
         log_path = node_dir.log_file(attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "trinity.nodes.entry",
-            str(self.run.root),
-            node_id,
-            "--attempt",
-            str(attempt),
-            "--executor",
-            self.name,
-        ]
+        entry = ["-m", "trinity.nodes.entry", str(self.run.root), node_id, "--attempt", str(attempt)]
+        entry += ["--executor", self.name]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        ranks = self.ranks(node_id)
+        if ranks > 1:
+            _, spec = self._node(node_id)
+            threads = spec.execution.local.threads or max(1, (os.cpu_count() or 1) // ranks)
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(ranks),
+                "--shutdown-timeout",
+                str(TORCHRUN_SHUTDOWN_S),
+                "--log-dir",
+                str(node_dir.logs / f"torchrun-{attempt:04d}"),
+                *entry,
+            ]
+            env["OMP_NUM_THREADS"] = str(threads)
+        else:
+            command = [sys.executable, *entry]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 command,
@@ -67,6 +188,6 @@ class LocalExecutor:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches the scheduler, which stops nodes cleanly
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                env={**env, **self.env},
             )
-        return LocalHandle(node_id, attempt, process)
+        return LocalHandle(node_id, attempt, process, ranks=ranks, node_dir=node_dir, log_path=log_path)

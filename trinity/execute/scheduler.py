@@ -3,6 +3,9 @@
 A node starts when all its dependencies SUCCEEDED. When one fails, everything downstream of it
 is DEP_FAILED (and re-runs on resume). Ctrl-C asks running nodes to stop: a training node
 commits a checkpoint at its next step and exits; the run can be resumed from there.
+
+`jobs` counts processes: a training node of N ranks occupies N of them. A node larger than
+`jobs` still runs, alone, once nothing else does.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def execute(
 ) -> dict[str, str]:
     """Run every node whose decision is 'run'; returns the final state of each node."""
     order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
+    executor.check([n.id for n in order])
     for node in order:
         supersede(run, node)
         mark_pending(run, node)
@@ -49,8 +53,11 @@ def execute(
                     if not _settle(run, graph, node_id, handle.attempt, finished):
                         pending = _fail_downstream(run, graph, node_id, pending)
             for node_id in list(pending):
-                if len(running) >= jobs:
+                used = sum(executor.slots(n) for n in running)
+                if used >= jobs:
                     break
+                if used + executor.slots(node_id) > jobs and running:
+                    continue  # wait for room; a smaller ready node may still fit
                 if all(NodeStatus.read(run.node(d)).state == "SUCCEEDED" for d in graph.predecessors(node_id)):
                     pending.remove(node_id)
                     running[node_id] = _launch(run, graph, executor, node_id)
@@ -86,12 +93,15 @@ def _settle(run: RunDir, graph: nx.DiGraph, node_id: str, attempt: int, finished
     if finished.exit_code == 0 and status.state == "SUCCEEDED":
         return True
     message = status.message if status.state == "FAILED" and status.message else finished.message
+    if finished.signal is not None and status.state == "FAILED" and status.message and finished.message:
+        # A rank killed by a signal said nothing; rank 0 wrote only what it saw (a peer gone): both.
+        message = f"{finished.message}; {status.message}"
     if record.end is None or record.state == "RUNNING":
         record.finish(node_dir, "FAILED", finished.exit_code, finished.signal, message)
     elif record.exit_code is None and record.signal is None:  # the node wrote its end; add how it exited
-        record.exit_code, record.signal = finished.exit_code, finished.signal
+        record.exit_code, record.signal, record.message = finished.exit_code, finished.signal, message
         record.write(node_dir)
-    if status.state != "FAILED":
+    if status.state != "FAILED" or status.message != message:
         status.state, status.message = "FAILED", message or "the node process ended without success"
         status.write(node_dir)
     return False

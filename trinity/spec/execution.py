@@ -35,12 +35,13 @@ class SlurmSpec(SpecModel):
 
 
 class LocalSpec(SpecModel):
-    """The local executor (each node in its own subprocess)."""
+    """The local executor (each node in its own subprocess).
 
-    processes: PositiveInt = 1
-    """Processes per training node (more than 1 launches through torchrun)."""
+    A training node runs as `parallel.gpus_per_node` processes through torchrun (the `parallel`
+    section is the one source of the layout; the local executor needs `parallel.nodes` = 1)."""
+
     threads: PositiveInt | None = None
-    """torch threads per process (None: torch's default)."""
+    """torch threads per process (None: torch's default for one process; CPU cores / ranks under torchrun)."""
 
 
 class ExecutionSpec(SpecModel):
