@@ -59,3 +59,15 @@ def test_bf16_inputs_route_in_fp32() -> None:
     out, _, _ = fast(torch.randn(2, 5, 16, dtype=torch.bfloat16))
     scores, _, _ = fast.route(torch.randn(4, 16, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and scores.dtype == torch.float32
+
+
+def test_expert_keys_and_old_flat_checkpoints_load() -> None:
+    """Experts live at `experts.*`; a state dict with the pre-GroupedExperts flat names loads into the same place."""
+    fast, _ = make_pair(5)
+    sd = fast.state_dict()
+    assert {"experts.w1_EFD", "experts.w3_EFD", "experts.w2_EDF"} <= set(sd)
+    flat = {k.removeprefix("experts."): v for k, v in sd.items()}
+    fresh = MoE(16, n_experts=6, top_k=2, expert_hidden=12, route_scale=2.5)
+    fresh.load_state_dict(flat)  # strict: every key is consumed
+    for name, value in sd.items():
+        assert torch.equal(fresh.state_dict()[name], value), name

@@ -76,7 +76,7 @@ def test_init_scheme() -> None:
     assert w.abs().max() <= 3 * std + 1e-7
     # A normal truncated at 3 std has std ~0.9866 x std.
     assert w.std().item() == pytest.approx(0.9866 * std, rel=0.05)
-    assert model.layers[2].mlp.w1_EFD.std().item() == pytest.approx(0.9866 * std, rel=0.05)
+    assert model.layers[2].mlp.experts.w1_EFD.std().item() == pytest.approx(0.9866 * std, rel=0.05)
     for block in model.layers:
         assert torch.all(block.post_attn_norm.weight == 1 / math.sqrt(4))
         assert torch.all(block.post_mlp_norm.weight == 1 / math.sqrt(4))

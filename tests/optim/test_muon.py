@@ -93,7 +93,7 @@ def small_model() -> TrinityModel:
 def test_groups(router: str) -> None:
     names = param_group_names(small_model(), OptimSpec(router_optimizer=router))
     assert "tok_embeddings.weight" in names["adamw_decay"] and "output.weight" in names["adamw_decay"]
-    assert "layers.1.mlp.w1_EFD" in names["muon"] and "layers.0.attn.wq.weight" in names["muon"]
+    assert "layers.1.mlp.experts.w1_EFD" in names["muon"] and "layers.0.attn.wq.weight" in names["muon"]
     assert all(n.endswith("weight") and "norm" in n for n in names["adamw_no_decay"])
     assert "layers.1.mlp.router.weight" in names[router if router == "muon" else "adamw_decay"]
     assert not any("expert_bias" in n for ns in names.values() for n in ns)

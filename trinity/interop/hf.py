@@ -9,8 +9,8 @@ The architectures agree on everything PAPER.md 2 describes, so the mapping is a 
 - expert weights: transformers fuses gate and up in memory as gate_up_proj [E, 2F, D] (gate
   first) with down_proj [E, D, F], but its save_pretrained writes one gate/up/down matrix per
   expert (`experts.{e}.gate_proj.weight`, ...). We write that on-disk layout and read both.
-  trinity keeps w1_EFD, w3_EFD, w2_EDF separately so that Muon orthogonalises gate and up as
-  the separate matrices they are.
+  trinity keeps w1_EFD, w3_EFD, w2_EDF separately (at `layers.{i}.mlp.experts.`) so that Muon
+  orthogonalises gate and up as the separate matrices they are.
 Differences, handled honestly:
 - transformers has no intra-document masking or per-document positions; an exported model
   behaves like trinity called without doc_ids (the training-time option is not a weight).
@@ -151,7 +151,7 @@ def to_hf_state_dict(model: TrinityModel) -> dict[str, torch.Tensor]:
         for ours, theirs in names.items():
             out[f"model.layers.{i}.{theirs}"] = sd[f"layers.{i}.{ours}"]
         if block.is_moe:  # transformers' on-disk layout: one gate/up/down matrix per expert
-            w1, w3, w2 = (sd[f"layers.{i}.mlp.{n}"] for n in ("w1_EFD", "w3_EFD", "w2_EDF"))
+            w1, w3, w2 = (sd[f"layers.{i}.mlp.experts.{n}"] for n in ("w1_EFD", "w3_EFD", "w2_EDF"))
             for e in range(w1.shape[0]):
                 prefix = f"model.layers.{i}.mlp.experts.{e}"
                 out[f"{prefix}.gate_proj.weight"] = w1[e]
@@ -171,7 +171,7 @@ def _experts_from_hf(hf_sd: dict[str, torch.Tensor], layer: int, n_experts: int)
             torch.stack([hf_sd[f"{prefix}.{e}.{name}.weight"] for e in range(n_experts)])
             for name in ("gate_proj", "up_proj", "down_proj")
         )
-    ours = f"layers.{layer}.mlp"
+    ours = f"layers.{layer}.mlp.experts"
     return {f"{ours}.w1_EFD": w1, f"{ours}.w3_EFD": w3, f"{ours}.w2_EDF": w2}
 
 

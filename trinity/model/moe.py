@@ -5,9 +5,14 @@ no-grad fp32 buffer moved by SMEBU / the sign update); GATES from the unbiased s
 experts, normalised over the k, times route_scale. No capacity limit, no token dropping.
 
 Fast path (`MoE`): the T*K (token, expert) pairs are sorted by expert, gathered into one
-[T*K, D] matrix and run through grouped matmuls (torch._grouped_mm; one kernel per projection,
-however many experts), then un-sorted and summed over the k. `MoEReference` computes every
-expert on every token with a dense gate matrix: slow, obvious, used by tests.
+[T*K, D] matrix and handed with the per-expert row counts to `GroupedExperts` (at `mlp.experts`,
+holding the stacked w1_EFD, w3_EFD, w2_EDF), which runs them through grouped matmuls
+(torch._grouped_mm; one kernel per projection, however many experts); the MoE then un-sorts the
+rows and sums them over the k with the gates. Expert parallelism (trinity/distributed/
+expert_parallel.py) swaps `mlp.experts` for a subclass that ships the sorted rows to the ranks
+owning their experts and back; routing, sorting and combining stay here, unchanged.
+`MoEReference` computes every expert on every token with a dense gate matrix: slow, obvious,
+used by tests.
 
 Legend: B batch, T tokens (flattened B*T where noted), D d_model, E routed experts, K top-k,
 F expert hidden, M = T*K routed rows, S shared hidden.
@@ -15,6 +20,7 @@ F expert hidden, M = T*K routed rows, S shared hidden.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,8 +76,52 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
     return out
 
 
+def swiglu_grouped(
+    x_MD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """w2_e(silu(w1_e x) * w3_e x) for the counts_E[e] consecutive rows of each expert e (plain tensors)."""
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    h_MF = F.silu(grouped_linear(x_MD, w1_EFD, offsets_E)) * grouped_linear(x_MD, w3_EFD, offsets_E)
+    return grouped_linear(h_MF, w2_EDF, offsets_E)
+
+
+# How rows reach experts held elsewhere: (x_MD, counts_E, experts) -> y_MD, set by expert parallelism.
+ExpertDispatch = Callable[[torch.Tensor, torch.Tensor, "GroupedExperts"], torch.Tensor]
+
+
+class GroupedExperts(nn.Module):
+    """E routed SwiGLU experts stacked as 3-D weights, applied to rows already sorted by expert.
+
+    Per-expert [out, in] matrices are stacked along E: expert parallelism shards them along E, and
+    Muon orthogonalises each expert's matrix separately. `dispatch` is None on one device; under
+    expert parallelism (trinity.distributed.expert_parallel) it holds this rank's E / ep experts'
+    shard of the weights and an all-to-all that brings every rank's rows to their expert and back.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, expert_hidden: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.w3_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        self.dispatch: ExpertDispatch | None = None
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """expert_e(rows) for each block of counts_E[e] consecutive rows of x_MD (sorted by expert, all E)."""
+        if self.dispatch is not None:
+            return self.dispatch(x_MD, counts_E, self)
+        return swiglu_grouped(x_MD, self.w1_EFD, self.w3_EFD, self.w2_EDF, counts_E)
+
+
+def _rename_flat_expert_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints from before `mlp.experts` existed keep loading: `mlp.w1_EFD` -> `mlp.experts.w1_EFD`."""
+    for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
+        if prefix + name in state_dict and prefix + "experts." + name not in state_dict:
+            state_dict[prefix + "experts." + name] = state_dict.pop(prefix + name)
+
+
 class MoE(nn.Module):
-    """Routed experts stacked as 3-D weights, a sigmoid router, expert bias and the shared expert."""
+    """A sigmoid router, expert bias, the routed `GroupedExperts` and the shared expert."""
 
     expert_bias: torch.Tensor
     expert_bias_momentum: torch.Tensor
@@ -91,15 +141,13 @@ class MoE(nn.Module):
         self.n_experts, self.top_k, self.route_scale = n_experts, top_k, route_scale
         self.score_function, self.normalize_gates = score_function, normalize_gates
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        # Per-expert [out, in] matrices, stacked: sharded along E, orthogonalised per expert by Muon.
-        self.w1_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
-        self.w3_EFD = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
-        self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        self.experts = GroupedExperts(n_experts, d_model, expert_hidden)
         # n shared experts of width F are one SwiGLU of width n*F (their outputs are summed).
         self.shared = SwiGLU(d_model, n_shared_experts * expert_hidden) if n_shared_experts > 0 else None
         # fp32 balancing state: no gradient, but saved and restored with the model.
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
         self.register_buffer("expert_bias_momentum", torch.zeros(n_experts, dtype=torch.float32))
+        self._register_load_state_dict_pre_hook(_rename_flat_expert_keys)
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores_TE fp32, topk_ids_TK, gates_TK fp32)."""
@@ -112,30 +160,28 @@ class MoE(nn.Module):
             gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)  # 1e-20: as transformers
         return scores_TE, topk_ids_TK, gates_TK * self.route_scale
 
-    def routed_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
-        """Sum over the k chosen experts of gate * expert(x), by sort + grouped matmul."""
+    def routed_experts(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over the k chosen experts of gate * expert(x): sort by expert, experts, un-sort."""
         T, D = x_TD.shape
-        ids_M = topk_ids_TK.reshape(-1)
-        order_M = torch.argsort(ids_M, stable=True)
-        counts_E = torch.bincount(ids_M, minlength=self.n_experts)
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        order_M = torch.argsort(topk_ids_TK.reshape(-1), stable=True)
         x_MD = x_TD.index_select(0, order_M // self.top_k)
-        h_MF = F.silu(grouped_linear(x_MD, self.w1_EFD, offsets_E)) * grouped_linear(x_MD, self.w3_EFD, offsets_E)
-        y_MD = grouped_linear(h_MF, self.w2_EDF, offsets_E)
+        y_MD = self.experts(x_MD, counts_E)
         y_MD = y_MD * gates_TK.reshape(-1)[order_M, None].to(y_MD.dtype)
         # Un-sort: row m of y_MD belongs to flat pair order_M[m].
         y_unsorted_MD = permute_rows(y_MD, torch.argsort(order_M), order_M)
         return y_unsorted_MD.view(T, self.top_k, D).sum(dim=1)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(output_BTD, counts_E int64 on biased top-k, unweighted sequence aux loss)."""
+        """(output_BTD, counts_E int64 on biased top-k of these tokens, unweighted sequence aux loss)."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         scores_TE, topk_ids_TK, gates_TK = self.route(x_TD)
-        out_TD = self.routed_experts(x_TD, topk_ids_TK, gates_TK)
+        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
+        out_TD = self.routed_experts(x_TD, topk_ids_TK, gates_TK, counts_E)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
         aux = sequence_aux_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1))
         return out_TD.view(B, T, D), counts_E, aux
 
@@ -143,11 +189,14 @@ class MoE(nn.Module):
 class MoEReference(MoE):
     """Same parameters and routing; experts computed densely on every token (tests only)."""
 
-    def routed_experts(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+    def routed_experts(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
         gates_TE = torch.zeros(x_TD.shape[0], self.n_experts, dtype=gates_TK.dtype, device=x_TD.device)
         gates_TE = gates_TE.scatter(1, topk_ids_TK, gates_TK)
         out_TD = torch.zeros_like(x_TD)
+        w = self.experts
         for e in range(self.n_experts):
-            h_TF = F.silu(x_TD @ self.w1_EFD[e].T) * (x_TD @ self.w3_EFD[e].T)
-            out_TD = out_TD + gates_TE[:, e : e + 1].to(x_TD.dtype) * (h_TF @ self.w2_EDF[e].T)
+            h_TF = F.silu(x_TD @ w.w1_EFD[e].T) * (x_TD @ w.w3_EFD[e].T)
+            out_TD = out_TD + gates_TE[:, e : e + 1].to(x_TD.dtype) * (h_TF @ w.w2_EDF[e].T)
         return out_TD
