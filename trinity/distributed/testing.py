@@ -6,8 +6,9 @@
 Each worker sets torch to one thread, joins the default process group through a TCP store on
 127.0.0.1 (its free port chosen by the OS, so parallel launches never collide), runs `fn`, and
 sends back the pickled return value. The first failing rank's traceback is raised here as a
-RuntimeError and the other workers are killed; a rank that dies without a result, or a launch that
-exceeds `timeout_s`, raises too.
+RuntimeError (naming any rank that crashed outright, often the cause) and the other workers are
+killed; a rank that dies without a result raises a RuntimeError, a launch that exceeds
+`timeout_s` a TimeoutError.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _worker(
 ) -> None:
     try:
         torch.set_num_threads(1)
-        store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))  # type: ignore[attr-defined]
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
@@ -54,12 +55,18 @@ def _worker(
             dist.destroy_process_group()
 
 
+def _crashed(procs: list[Any], reported: dict[int, Any]) -> str:
+    """'rank r exited with code c without a result' for ranks that died without reporting ('' if none)."""
+    dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
+    return ", ".join(f"rank {r} exited with code {code} without a result" for r, code in dead)
+
+
 def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 180.0) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` spawned gloo ranks; their return values, by rank."""
     if world_size < 1:
         raise ValueError(f"world_size = {world_size} must be >= 1")
     ctx = mp.get_context("spawn")
-    store = dist.TCPStore(HOST, 0, world_size, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore(HOST, 0, world_size, is_master=True, wait_for_workers=False)  # type: ignore[attr-defined]
     results: Any = ctx.Queue()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, store.port, timeout_s, fn, args, results), daemon=True)
@@ -74,13 +81,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
         while len(got) < world_size:
             try:
                 rank, ok, payload = results.get(timeout=0.2)
-            except queue.Empty:  # nothing yet: check for dead ranks and the deadline
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                if dead and results.empty():
-                    r, code = dead[0]
-                    raise RuntimeError(
-                        f"{name}: rank {r} of {world_size} exited with code {code} without a result"
-                    ) from None
+            except queue.Empty:  # nothing yet: check for crashed ranks and the deadline
+                crashed = _crashed(procs, got)
+                if crashed and results.empty():
+                    raise RuntimeError(f"{name}: {crashed} (of {world_size} ranks)") from None
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(got))
                     raise TimeoutError(
@@ -88,7 +92,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
                     ) from None
                 continue
             if not ok:
-                raise RuntimeError(f"{name}: rank {rank} of {world_size} failed:\n{payload}")
+                time.sleep(1.0)  # a rank that crashed outright is often the cause of this one's error
+                crashed = _crashed(procs, {**got, rank: None})
+                also = f"\nMeanwhile {crashed}." if crashed else ""
+                raise RuntimeError(f"{name}: rank {rank} of {world_size} failed:\n{payload}{also}")
             got[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))

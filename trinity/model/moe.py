@@ -113,7 +113,7 @@ class GroupedExperts(nn.Module):
         return swiglu_grouped(x_MD, self.w1_EFD, self.w3_EFD, self.w2_EDF, counts_E)
 
 
-def _rename_flat_expert_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _rename_flat_expert_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Checkpoints from before `mlp.experts` existed keep loading: `mlp.w1_EFD` -> `mlp.experts.w1_EFD`."""
     for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
         if prefix + name in state_dict and prefix + "experts." + name not in state_dict:
@@ -147,7 +147,7 @@ class MoE(nn.Module):
         # fp32 balancing state: no gradient, but saved and restored with the model.
         self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
         self.register_buffer("expert_bias_momentum", torch.zeros(n_experts, dtype=torch.float32))
-        self._register_load_state_dict_pre_hook(_rename_flat_expert_keys)
+        self.register_load_state_dict_pre_hook(_rename_flat_expert_keys)  # type: ignore[no-untyped-call]
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores_TE fp32, topk_ids_TK, gates_TK fp32)."""
