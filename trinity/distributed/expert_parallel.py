@@ -26,8 +26,9 @@ receives for its local experts, E experts, P = ep ranks, L = E / P local experts
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -42,17 +43,24 @@ EXPERT_PARAMS = ("w1_EFD", "w3_EFD", "w2_EDF")
 
 
 @dataclass
-class AllToAllStats:
-    """Totals since the last `reset_stats()` on this rank (bytes to and from other ranks only)."""
+class ExchangeStats:
+    """All-to-all totals of one phase since the last `reset_stats()` on this rank.
 
-    forward_calls: int = 0
-    forward_bytes_sent: int = 0
-    forward_bytes_received: int = 0
-    forward_seconds: float = 0.0
-    backward_calls: int = 0
-    backward_bytes_sent: int = 0
-    backward_bytes_received: int = 0
-    backward_seconds: float = 0.0
+    Bytes count only what leaves (sent) or enters (received) this rank: rows a rank routes to its
+    own experts never cross the network. The forward has three exchanges per MoE layer (counts,
+    rows out, rows back), the backward two (the row exchanges reversed).
+    """
+
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class AllToAllStats:
+    forward: ExchangeStats = field(default_factory=ExchangeStats)
+    backward: ExchangeStats = field(default_factory=ExchangeStats)
     # Time device work too: synchronise CUDA before and after each exchange (costs overlap).
     synchronize_cuda: bool = False
 
@@ -61,18 +69,13 @@ STATS = AllToAllStats()
 
 
 def reset_stats() -> None:
-    """Zero the counters (keeps `synchronize_cuda`)."""
-    sync = STATS.synchronize_cuda
-    for name, value in asdict(AllToAllStats()).items():
-        setattr(STATS, name, value)
-    STATS.synchronize_cuda = sync
+    """Zero the counters of both phases (keeps `synchronize_cuda`)."""
+    STATS.forward, STATS.backward = ExchangeStats(), ExchangeStats()
 
 
 def read_stats() -> dict[str, float]:
-    """The counters as a dict (calls, bytes_sent, bytes_received, seconds for forward and backward)."""
-    out: dict[str, float] = asdict(STATS)
-    out.pop("synchronize_cuda")
-    return out
+    """{forward,backward}_{calls,bytes_sent,bytes_received,seconds} since the last reset."""
+    return {f"{phase}_{k}": v for phase in ("forward", "backward") for k, v in asdict(getattr(STATS, phase)).items()}
 
 
 def _exchange(
@@ -81,9 +84,9 @@ def _exchange(
     out_splits: list[int] | None,
     in_splits: list[int] | None,
     group: Any,
-    phase: str,
+    phase: ExchangeStats,
 ) -> None:
-    """dist.all_to_all_single, timed and counted in STATS under `phase` ('forward' or 'backward')."""
+    """dist.all_to_all_single (even splits when None) along dim 0, timed and counted in `phase`."""
     sync = STATS.synchronize_cuda and inp.is_cuda
     if sync:
         torch.cuda.synchronize(inp.device)
@@ -91,17 +94,13 @@ def _exchange(
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
     if sync:
         torch.cuda.synchronize(inp.device)
-    seconds = time.perf_counter() - start
-    me = dist.get_rank(group)
-    P = dist.get_world_size(group)
-    row_bytes_in = inp[:1].numel() * inp.element_size() if inp.ndim > 1 else inp.element_size()
-    row_bytes_out = out[:1].numel() * out.element_size() if out.ndim > 1 else out.element_size()
-    sent = inp.shape[0] - (in_splits[me] if in_splits is not None else inp.shape[0] // P)
-    received = out.shape[0] - (out_splits[me] if out_splits is not None else out.shape[0] // P)
-    setattr(STATS, f"{phase}_calls", getattr(STATS, f"{phase}_calls") + 1)
-    setattr(STATS, f"{phase}_bytes_sent", getattr(STATS, f"{phase}_bytes_sent") + sent * row_bytes_in)
-    setattr(STATS, f"{phase}_bytes_received", getattr(STATS, f"{phase}_bytes_received") + received * row_bytes_out)
-    setattr(STATS, f"{phase}_seconds", getattr(STATS, f"{phase}_seconds") + seconds)
+    phase.seconds += time.perf_counter() - start
+    me, P = dist.get_rank(group), dist.get_world_size(group)
+    kept_in = in_splits[me] if in_splits is not None else inp.shape[0] // P
+    kept_out = out_splits[me] if out_splits is not None else out.shape[0] // P
+    phase.calls += 1
+    phase.bytes_sent += (inp.shape[0] - kept_in) * math.prod(inp.shape[1:]) * inp.element_size()
+    phase.bytes_received += (out.shape[0] - kept_out) * math.prod(out.shape[1:]) * out.element_size()
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -111,13 +110,13 @@ class _AllToAllRows(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        _exchange(out, x.contiguous(), out_splits, in_splits, group, "forward")
+        _exchange(out, x.contiguous(), out_splits, in_splits, group, STATS.forward)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         grad_x = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        _exchange(grad_x, grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, "backward")
+        _exchange(grad_x, grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, STATS.backward)
         return grad_x, None, None, None
 
 
@@ -145,8 +144,7 @@ class AllToAllDispatch:
         L = counts_E.numel() // P
         send_PL = counts_E.reshape(P, L).contiguous()
         recv_PL = torch.empty_like(send_PL)
-        with torch.no_grad():
-            _exchange(recv_PL, send_PL, None, None, self.group, "forward")
+        _exchange(recv_PL, send_PL, None, None, self.group, STATS.forward)
         send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # host sync: sizes
         x_RD = all_to_all_rows(x_MD, recv_splits, send_splits, self.group)
         # Arrived in (source rank, local expert) blocks; the grouped matmul needs (local expert, source rank).
