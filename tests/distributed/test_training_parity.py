@@ -4,6 +4,11 @@ Each layout runs the real code path (build_training: init as one process, mesh, 
 FSDP2 per block; Trainer.train_step: micro-batch slices, FSDP gradient averaging, global grad
 norm, Muon orthogonalising whole matrices, summed expert counts and the bias update) on gloo
 ranks; the reference is the same code with no process group.
+
+Muon's Newton-Schulz runs in fp32 here (optim.muon.ns_dtype): in bf16 (torch.optim.Muon's choice,
+the default) gradients that agree to ~1e-9 can still round to different bf16 values, and the
+iteration spreads one flip over the whole matrix (an lr x 2^-6 difference per step), which says
+nothing about the layout.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from trinity.spec.stability import StabilitySpec
 
 SEQ, MICRO, BATCH = 64, 2, 8  # 8 sequences a step = 4 micro-batches of 2
 MUON_LR = 0.02
-ADAMW_MATRICES = ("tok_embeddings.weight", "output.weight", "router.weight")  # the AdamW group
 
 MODEL = dict(
     vocab_size=256,
@@ -43,7 +47,8 @@ MODEL = dict(
 
 
 class SyntheticBatches:
-    """A deterministic stream of micro-batches with documents (so intra-document masking is exercised)."""
+    """A deterministic, learnable stream (each document follows x' = 5x + 3 mod V from a random start)
+    of micro-batches with document ids (so intra-document masking is exercised)."""
 
     def __init__(self) -> None:
         self.index = 0
@@ -51,8 +56,12 @@ class SyntheticBatches:
     def next_batch(self) -> Batch:
         g = torch.Generator().manual_seed(1000 + self.index)
         self.index += 1
-        tokens = torch.randint(0, MODEL["vocab_size"], (MICRO, SEQ + 1), generator=g)  # type: ignore[arg-type]
-        doc_ids = torch.cumsum(torch.rand(MICRO, SEQ, generator=g) < 0.05, dim=1)
+        vocab: int = MODEL["vocab_size"]  # type: ignore[assignment]
+        starts = torch.rand(MICRO, SEQ + 1, generator=g) < 0.05
+        tokens = torch.randint(0, vocab, (MICRO, SEQ + 1), generator=g)
+        for t in range(1, SEQ + 1):
+            tokens[:, t] = torch.where(starts[:, t], tokens[:, t], (5 * tokens[:, t - 1] + 3) % vocab)
+        doc_ids = torch.cumsum(starts[:, 1:].long(), dim=1)
         return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), doc_ids)
 
     def state_dict(self) -> dict[str, Any]:
@@ -78,7 +87,7 @@ def _spec(world: int, fsdp_group: int, ep: int) -> Any:
                 "intra_document_masking": True,
             }
         ),
-        optim=OptimSpec.model_validate({"muon": {"lr": MUON_LR}, "adamw": {"lr": 3e-3}}),
+        optim=OptimSpec.model_validate({"muon": {"lr": MUON_LR, "ns_dtype": "fp32"}, "adamw": {"lr": 3e-3}}),
     )
 
 
@@ -118,19 +127,10 @@ def reference_one_step() -> dict[str, Any]:
 
 
 def _assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
-    """Equal to `atol`; Muon matrices to one bf16 step of their update.
-
-    Muon's Newton-Schulz runs in bf16 (as torch.optim.Muon). Gradients agree to ~1e-9 whatever the
-    layout, but where that moves an input element across a bf16 rounding boundary the iteration
-    spreads the change over the matrix, and output elements land one bf16 step (2^-7 relative,
-    values up to ~2) apart: lr_muon x 2^-6 in the parameter. Orthogonalising per shard instead of
-    per whole matrix would be off by the size of the update itself (~lr_muon x 0.1).
-    """
     assert got.keys() == want.keys()
     for k in want:
-        tol = atol + (MUON_LR * 2**-6 if want[k].ndim >= 2 and not k.endswith(ADAMW_MATRICES) else 0.0)
         diff = (got[k].float() - want[k].float()).abs().max().item()
-        assert diff < tol, f"{k}: largest difference {diff:.3g} (allowed {tol:.3g})"
+        assert diff < atol, f"{k}: largest difference {diff:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -151,6 +151,6 @@ def test_one_step_equals_single_process(
 
 def test_twenty_steps_of_losses_hsdp_ep(reference: dict[str, Any]) -> None:
     (got, *_) = run_workers(_train, 4, 2, 2, 20)
-    assert got["losses"] == pytest.approx(reference["losses"], rel=2e-4)
+    assert got["losses"] == pytest.approx(reference["losses"], rel=2e-5)
     assert reference["losses"][-1] < reference["losses"][0] - 0.5  # it trains
-    _assert_same_params(got["params"], reference["params"], atol=2e-3)
+    _assert_same_params(got["params"], reference["params"], atol=2e-4)

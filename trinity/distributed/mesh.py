@@ -51,10 +51,10 @@ class Layout:
         return self.world_size
 
     def describe(self) -> str:
-        kind = "HSDP" if self.replicas > 1 else "FSDP"
-        text = f"{kind} {self.replicas} x {self.fsdp_group}" if self.replicas > 1 else f"FSDP {self.fsdp_group}"
-        if kind == "FSDP" and self.fsdp_group == 1:
-            text = "single rank"
+        """E.g. 'HSDP 2 x 2, expert-parallel 2', 'FSDP 8', 'one rank'."""
+        if self.world_size == 1:
+            return "one rank"
+        text = f"HSDP {self.replicas} x {self.fsdp_group}" if self.replicas > 1 else f"FSDP {self.fsdp_group}"
         return text + (f", expert-parallel {self.ep}" if self.ep > 1 else "")
 
 

@@ -97,6 +97,7 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> TrinityOptimizer:
             ns_steps=m.ns_steps,
             eps=m.eps,
             lr_scaling=m.lr_scaling,
+            ns_dtype=m.ns_dtype,
         )
     adam_groups = [
         {"params": [params[n] for n in names[g]], "name": g, "weight_decay": wd, "base_lr": a.lr}

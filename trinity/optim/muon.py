@@ -34,16 +34,20 @@ from torch.optim import Optimizer
 
 
 def zeropower_via_newtonschulz(
-    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    g: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Approximately orthogonalise each trailing [A, C] matrix of `g` (in bf16, quintic NS).
+    """Approximately orthogonalise each trailing [A, C] matrix of `g` (quintic NS, in `dtype`).
 
     Works on a wide matrix (A <= C) so the Gram matrix is the small one; the Frobenius norm
     normalisation is per matrix, so stacked experts never influence each other. For a 2-D input
     this is operation for operation torch.optim.Muon's `_zeropower_via_newtonschulz`.
     """
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
@@ -65,6 +69,9 @@ def zeropower_via_newtonschulz(
     return x.mT if tall else x
 
 
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _whole_matrices(placements: tuple[Placement, ...], ndim: int) -> list[Placement]:
     """The placements under which every local piece holds whole trailing matrices."""
     return [pl if isinstance(pl, Shard) and pl.dim < ndim - 2 else Replicate() for pl in placements]
@@ -73,10 +80,11 @@ def _whole_matrices(placements: tuple[Placement, ...], ndim: int) -> list[Placem
 def orthogonalised(update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """NS5 of each trailing matrix of `update`, a plain tensor or a sharded DTensor (same placements out)."""
     coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    dtype = NS_DTYPES[group.get("ns_dtype", "bf16")]  # checkpoints from before the option: bf16
     if not isinstance(update, DTensor):
-        return zeropower_via_newtonschulz(update, coefficients, steps, eps)
+        return zeropower_via_newtonschulz(update, coefficients, steps, eps, dtype)
     whole = update.redistribute(update.device_mesh, _whole_matrices(update.placements, update.ndim))
-    ortho = zeropower_via_newtonschulz(whole.to_local(), coefficients, steps, eps)
+    ortho = zeropower_via_newtonschulz(whole.to_local(), coefficients, steps, eps, dtype)
     result = DTensor.from_local(ortho, whole.device_mesh, whole.placements, shape=update.shape, stride=update.stride())
     return result.redistribute(update.device_mesh, update.placements)
 
@@ -103,7 +111,10 @@ class Muon(Optimizer):
         ns_steps: int = 5,
         eps: float = 1e-7,
         lr_scaling: str = "sqrt_fan_ratio",
+        ns_dtype: str = "bf16",
     ) -> None:
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype = {ns_dtype!r} must be one of {sorted(NS_DTYPES)}")
         if lr_scaling not in ("sqrt_fan_ratio", "none"):
             raise ValueError(f"lr_scaling = {lr_scaling!r} must be 'sqrt_fan_ratio' or 'none'")
         defaults = {
@@ -116,6 +127,7 @@ class Muon(Optimizer):
             "ns_steps": ns_steps,
             "eps": eps,
             "lr_scaling": lr_scaling,
+            "ns_dtype": ns_dtype,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:

@@ -29,6 +29,10 @@ class MuonSpec(SpecModel):
     """Per-matrix lr multiplier: sqrt(max(1, fan_out / fan_in)) (Trinity) or none."""
     eps: PositiveFloat = 1e-7
     """Added to the Frobenius norm before Newton-Schulz."""
+    ns_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Precision of Newton-Schulz ([open]): bf16 as torch.optim.Muon (fast on GPUs), or fp32 (CPUs
+    without bf16 matrix units; results then agree across parallel layouts to fp32 rounding, where
+    in bf16 a rounding flip spreads over the whole matrix)."""
 
 
 class AdamWSpec(SpecModel):
