@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,3 +341,29 @@ def test_refused_layouts_and_trees_raise_on_every_rank(runs: Runs) -> None:
         assert r.refused.startswith("ValueError: w: placements ['S(0)', 'S(0)']"), r.refused
         assert "rank 1 the slice [2:3] of dim 0" in r.refused
         assert r.mismatch.startswith("ValueError") and "ranks [3] passed state trees" in r.mismatch, r.mismatch
+
+
+@pytest.fixture
+def one_rank_mesh() -> Iterator[DeviceMesh]:
+    """A gloo group of one, in this process (a job on one rank that still uses DTensors)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_dtensors_save_whole_with_either_writer(tmp_path: Path, one_rank_mesh: DeviceMesh) -> None:
+    lay: Layout = {k: (one_rank_mesh, (Shard(0),)) for k in SHARDED}
+    state = state_in(lay)
+    single = save_checkpoint(tmp_path / "single", 1, state, keep_last=1, pack_below_bytes=PACK_BELOW)
+    collective = save_checkpoint(
+        tmp_path / "coll", 1, state, keep_last=1, pack_below_bytes=PACK_BELOW, distributed=True
+    )
+    assert read_checkpoint_layout(single) == {"world_size": 1, "dtensors": {}}
+    assert read_checkpoint_layout(collective)["dtensors"]["model/dense.weight"]["placements"] == ["S(0)"]
+    for path in (single, collective):
+        whole = load_checkpoint(path)
+        assert same(whole["model"]["experts.w"], full_tensors()["experts"])
+        assert same(whole["model"]["emb.weight"], full_tensors()["emb"])
+        assert check_sharded(load_checkpoint(path, like=state_in(lay, torch.zeros_like)), lay, str(path)) == []

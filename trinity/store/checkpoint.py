@@ -548,6 +548,8 @@ def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.d
     if like is not None:
         for i, (where, ref) in leaf_targets(skeleton, like).items():
             if shards.is_dtensor(ref):
+                if records[i]["kind"] != "tensor":
+                    raise ValueError(f"{path}: {where} is stored as a numpy array; it cannot be loaded as a DTensor")
                 targets[i] = (where, ref, shards.region_of(where, tuple(records[i]["shape"]), ref))
     wanted: list[tuple[str, Selection]] = []
     for i, rec in enumerate(records):
