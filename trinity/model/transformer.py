@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from trinity.model.attention import Attention, AttentionMasks, build_attention_masks
+from trinity.model.head_loss import GradRatio, head_cross_entropy_and_z
 from trinity.model.losses import cross_entropy_and_z
 from trinity.model.moe import MoE, SwiGLU
 from trinity.model.norm import RMSNorm
@@ -86,6 +87,8 @@ class TrinityModel(nn.Module):
         if spec.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.embed_scale = math.sqrt(spec.d_model) if spec.embedding_scale == "sqrt_d_model" else 1.0
+        # The fused head loss's guess of g_z / g_ce for its precomputed gradient (head_loss.py).
+        self.head_grad_ratio = GradRatio()
         init_weights(self)
 
     def moe_layers(self) -> list[MoE]:
@@ -98,6 +101,7 @@ class TrinityModel(nn.Module):
         doc_ids_BT: torch.Tensor | None = None,
         labels_BT: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> TrinityOutput:
         """One pass over a batch.
 
@@ -106,6 +110,10 @@ class TrinityModel(nn.Module):
         position_ids_BT: RoPE positions; None means 0..T-1. For positions that restart at each
             document pass `trinity.model.rope.positions_from_doc_ids(doc_ids_BT)`.
         labels_BT: next-token targets (already shifted), -100 = ignore.
+        return_logits: with labels, compute the [B, T, V] logits in the forward and the loss from
+            them (the unfused path). By default the head is fused with the loss and the logits are
+            never built (TrinityOutput.logits computes them on access). Without labels the logits
+            are always computed.
         """
         B, T = input_ids_BT.shape
         x_BTD = self.tok_embeddings(input_ids_BT) * self.embed_scale
@@ -120,16 +128,22 @@ class TrinityModel(nn.Module):
             if counts_E is not None and aux is not None:
                 counts.append(counts_E)
                 auxes.append(aux)
-        logits_BTV = self.output(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
+        head_VD = self.output.weight
 
-        ce = z = None
-        if labels_BT is not None:
-            ce, z = cross_entropy_and_z(logits_BTV, labels_BT)
+        ce = z = logits_BTV = None
+        if labels_BT is None or return_logits:
+            logits_BTV = self.output(h_BTD)
+            if labels_BT is not None:
+                ce, z = cross_entropy_and_z(logits_BTV, labels_BT)
+        else:
+            h_ND = h_BTD.reshape(B * T, -1)
+            ce, z = head_cross_entropy_and_z(h_ND, head_VD, labels_BT.reshape(-1), self.head_grad_ratio)
         E = self.spec.moe.n_experts
         dev = input_ids_BT.device
         expert_counts = torch.stack(counts) if counts else torch.zeros(0, E, dtype=torch.long, device=dev)
         aux_per_layer = torch.stack(auxes) if auxes else torch.zeros(0, device=dev)
-        return TrinityOutput(logits_BTV, ce, z, expert_counts, aux_per_layer)
+        return TrinityOutput(ce, z, expert_counts, aux_per_layer, h_BTD, head_VD, logits_BTV)
 
 
 @torch.no_grad()

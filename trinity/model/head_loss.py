@@ -1,0 +1,183 @@
+"""The LM head fused with cross-entropy + z-loss, chunk by chunk of tokens (training's fast path).
+
+`head_cross_entropy_and_z(h_ND, w_VD, labels_N)` equals `cross_entropy_and_z(h_ND @ w_VD.T, labels_N)`
+(losses.py) without ever holding the [N, V] logits or their gradient: rows are processed in chunks
+of C tokens, and for each chunk the logits, their log-softmax and the gradient of the loss w.r.t.
+them live only in a [C, V] buffer small enough to stay in cache. The gradients w.r.t. the hidden
+states and the head weight are computed during the forward, chunk by chunk, as Liger's fused
+linear cross-entropy does; the backward only scales them by the incoming gradient.
+
+Two losses, one precomputed gradient. d/dlogits of mean CE is w_n (p_n - onehot_n) and of the mean
+z-loss (lse^2) it is 2 w_n lse_n p_n (w_n = 1 / #valid labels, 0 on ignored rows), so the gradient
+of g_ce CE + g_z Z is g_ce times that of CE + r Z with r = g_z / g_ce. The forward does not know
+g_ce and g_z yet: it precomputes the gradient for the ratio r the previous backward saw (a
+`GradRatio` owned by the caller; 0 at first, i.e. CE alone). A training loop whose loss is
+ce + z_weight * z always sees the same r, so only its first backward (when z_weight != 0) misses;
+a miss is still exact: the backward then recomputes the head's gradient chunk by chunk with the
+true g_ce and g_z (one more head matmul and exp per chunk) and remembers the new r.
+
+Legend: N tokens (B*T flattened), D d_model, V vocabulary, C tokens per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trinity.model.losses import IGNORE_INDEX
+
+CHUNK_BYTES = 8 * 2**20
+"""Target size of one chunk's fp32 [C, V] logits buffer (C = CHUNK_BYTES / (4 V), at least 16 rows)."""
+
+
+@dataclass
+class GradRatio:
+    """g_z / g_ce of the last backward through the fused head loss; the next forward's guess."""
+
+    value: float = 0.0
+
+
+def chunk_rows(n_rows: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: about `chunk_bytes` of fp32 logits, a multiple of 16, at least 16."""
+    rows = max(16, chunk_bytes // (4 * vocab) // 16 * 16)
+    return min(rows, n_rows) if n_rows > 0 else rows
+
+
+def _head_pass(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    valid_N: torch.Tensor,
+    n_valid: torch.Tensor,
+    grad_coefs: tuple[float, float] | None,
+    need: tuple[bool, bool],
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(lse_N fp32, target logit_N fp32, grad_h_ND, grad_w_VD) in one chunked pass.
+
+    grad_coefs (a, b): gradients are those of a * mean CE + b * mean lse^2 (None: no gradients).
+    need: whether grad_h and grad_w are wanted.
+    """
+    N, _ = h_ND.shape
+    V = w_VD.shape[0]
+    lse_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+    target_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+    want_h = grad_coefs is not None and need[0]
+    want_w = grad_coefs is not None and need[1]
+    grad_h_ND = torch.empty_like(h_ND) if want_h else None
+    # fp32 accumulation of the weight gradient, whatever the compute dtype.
+    grad_w_VD = torch.zeros(V, w_VD.shape[1], dtype=torch.float32, device=h_ND.device) if want_w else None
+    fp32 = h_ND.dtype == torch.float32
+    wt_DV = w_VD.t()
+    logits_buf = torch.empty(rows, V, dtype=h_ND.dtype, device=h_ND.device)
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        h_CD, labels_C = h_ND[start:stop], labels_N[start:stop]
+        logits_CV = torch.mm(h_CD, wt_DV, out=logits_buf[: stop - start])
+        logp_CV = torch.log_softmax(logits_CV, dim=-1, dtype=torch.float32)
+        # lse from the target's own row entry: logit - log p (as exact as F.cross_entropy's CE).
+        logit_t_C = logits_CV.gather(1, labels_C[:, None]).squeeze(1).float()
+        logp_t_C = logp_CV.gather(1, labels_C[:, None]).squeeze(1)
+        lse_N[start:stop] = logit_t_C - logp_t_C
+        target_N[start:stop] = logit_t_C
+        if grad_coefs is None:
+            continue
+        a, b = grad_coefs
+        w_C = valid_N[start:stop] / n_valid
+        # dL/dlogits = w (a + 2 b lse) p - a w onehot, built in place over log p.
+        g_CV = logp_CV.exp_().mul_((w_C * (a + 2 * b * lse_N[start:stop]))[:, None])
+        g_CV.scatter_add_(1, labels_C[:, None], (-a * w_C)[:, None])
+        g_c = g_CV if fp32 else g_CV.to(h_ND.dtype)
+        if grad_h_ND is not None:
+            torch.mm(g_c, w_VD, out=grad_h_ND[start:stop])
+        if grad_w_VD is not None:
+            if fp32:
+                grad_w_VD.addmm_(g_c.t(), h_CD)
+            else:
+                grad_w_VD.add_(torch.mm(g_c.t(), h_CD))
+    return lse_N, target_N, grad_h_ND, grad_w_VD
+
+
+class _HeadCrossEntropyZ(torch.autograd.Function):
+    """(mean CE, mean lse^2) of h @ w^T; gradients precomputed in the forward for the guessed ratio."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h_ND: torch.Tensor,
+        w_VD: torch.Tensor,
+        labels_N: torch.Tensor,
+        ratio: GradRatio,
+        need_h: bool,
+        need_w: bool,
+        rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        valid_N = labels_N != IGNORE_INDEX
+        safe_labels_N = labels_N.clamp(min=0)
+        n_valid = valid_N.sum().clamp(min=1).float()
+        r = ratio.value
+        coefs = (1.0, r) if (need_h or need_w) else None
+        lse_N, target_N, grad_h, grad_w = _head_pass(
+            h_ND, w_VD, safe_labels_N, valid_N, n_valid, coefs, (need_h, need_w), rows
+        )
+        ce = ((lse_N - target_N) * valid_N).sum() / n_valid
+        z = (lse_N.square() * valid_N).sum() / n_valid
+        ctx.save_for_backward(h_ND, w_VD, safe_labels_N, valid_N, n_valid, grad_h, grad_w)
+        ctx.ratio, ctx.guess, ctx.need, ctx.rows = ratio, r, (need_h, need_w), rows
+        return ce, z
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_ce: torch.Tensor | None, g_z: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
+        h_ND, w_VD, labels_N, valid_N, n_valid, grad_h, grad_w = ctx.saved_tensors
+        a = 0.0 if g_ce is None else float(g_ce)
+        b = 0.0 if g_z is None else float(g_z)
+        guess: float = ctx.guess
+        if a != 0.0:
+            ctx.ratio.value = b / a
+        if a == 0.0 and b == 0.0:
+            grad_h = torch.zeros_like(h_ND) if grad_h is not None else None
+            grad_w = torch.zeros_like(grad_w) if grad_w is not None else None
+        elif a != 0.0 and abs(b - guess * a) <= 1e-12 * max(abs(b), abs(a)):
+            # The guess held: the precomputed gradients are those of CE + r Z, times a.
+            if a != 1.0:
+                grad_h = grad_h * a if grad_h is not None else None
+                grad_w = grad_w * a if grad_w is not None else None
+        else:  # recompute with the true coefficients
+            _, _, grad_h, grad_w = _head_pass(h_ND, w_VD, labels_N, valid_N, n_valid, (a, b), ctx.need, ctx.rows)
+        if grad_w is not None:
+            grad_w = grad_w.to(w_VD.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def head_cross_entropy_and_z(
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    labels_N: torch.Tensor,
+    ratio: GradRatio | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean CE, mean logsumexp^2) of the logits h @ w^T over labels != IGNORE_INDEX, never
+    materialising the logits. Under autocast the head matmuls run in the autocast dtype (as an
+    autocast nn.Linear would) and the softmax in fp32.
+
+    `ratio` is the caller's GradRatio (keep one per model so the guess carries across steps);
+    None uses a fresh one (guess: CE alone).
+    """
+    device = h_ND.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
+    elif w_VD.dtype != h_ND.dtype:
+        w_VD = w_VD.to(h_ND.dtype)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h_ND.requires_grad, grad_on and w_VD.requires_grad
+    rows = chunk_rows(h_ND.shape[0], w_VD.shape[0], chunk_bytes)
+    with torch.autocast(device, enabled=False):
+        ce, z = _HeadCrossEntropyZ.apply(  # type: ignore[no-untyped-call]
+            h_ND, w_VD, labels_N, ratio or GradRatio(), need_h, need_w, rows
+        )
+    return ce, z
