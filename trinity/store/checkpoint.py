@@ -25,6 +25,15 @@ A failure in 1 removes the temporary folder; earlier checkpoints are never touch
 
 bfloat16 (and other dtypes numpy lacks, e.g. float8) are stored as their unsigned-integer bit
 pattern of the same width, with the torch dtype recorded, so every round trip is bit-exact.
+
+Many ranks (torch.distributed, FSDP2/HSDP, expert parallelism): save_checkpoint is then a
+collective (trinity.store.checkpoint_dist). The checkpoint has the same layout: a DTensor leaf is
+one array of its global shape, chunked so that each rank's piece is one chunk written by that rank
+alone (trinity.store.shards); the skeleton attribute also records `layout` = {world_size, per
+DTensor leaf: mesh shape, mesh dim names, placements, chunks} (read_checkpoint_layout). Loading
+needs no collective: without `like` every leaf is whole; with `like` (the state dicts of the job
+that loads, on any number of ranks) each DTensor leaf comes back in that layout, each rank reading
+only its own rectangle.
 """
 
 from __future__ import annotations
