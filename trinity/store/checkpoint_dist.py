@@ -20,8 +20,8 @@ reaches, so a failure on any rank is known to all, nobody waits forever and all 
    (metadata only);
 3. each rank writes the pieces it owns, each into its own chunk, and fsyncs those files: for a
    DTensor, the rank at index 0 on every Replicate() mesh dim writes its piece; replicas do not;
-4. rank 0 fsyncs the rest, writes the skeleton attribute (with the layout the checkpoint was
-   written with), renames, writes COMMITTED and prunes.
+4. rank 0 writes the skeleton attribute (with the layout the checkpoint was written with),
+   fsyncs the rest, renames, writes COMMITTED and prunes.
 
 On any failure rank 0 removes the temporary folder: no step folder, no committed checkpoint.
 A rank that dies (killed, not raising) leaves the others waiting in the next exchange until the
@@ -250,7 +250,7 @@ def _fsync_rest(folder: Path, plan: _Plan) -> None:
     skip = {folder / plan.leaves[i].path / "c" for i, sh in plan.sharded.items() if not sh.packed}
     for dirpath, _, files in os.walk(folder, topdown=False):
         d = Path(dirpath)
-        if not any(d == s or s in d.parents for s in skip):
+        if d not in skip and skip.isdisjoint(d.parents):
             for f in files:
                 _fsync_path(d / f)
         _fsync_path(d)
@@ -324,11 +324,9 @@ def save_collective(
             error = None
             if rank == 0:
                 try:
+                    sync(_set_attrs(tmp, attrs))  # metadata last
                     if fsync:
                         _fsync_rest(tmp, plan)
-                    sync(_set_attrs(tmp, attrs))
-                    if fsync:
-                        _fsync_path(tmp / "zarr.json")
                     _commit(Path(ckpt_root), step, tmp, summary)
                 except BaseException as e:
                     error = e
