@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import zarr.api.asynchronous as za
 from torch.distributed.tensor import DTensor
@@ -300,7 +301,8 @@ def save_collective(
             attrs: dict[str, Any] = {}
             summary: dict[str, Any] = {}
             try:
-                gathered = {i: sh.dt.full_tensor() for i, sh in plan.sharded.items() if sh.packed}
+                with torch.no_grad():  # parameters: no autograd graph for the gather
+                    gathered = {i: sh.dt.full_tensor() for i, sh in plan.sharded.items() if sh.packed}
                 if rank == 0:
                     Path(ckpt_root).mkdir(parents=True, exist_ok=True)
                     if tmp.exists():
