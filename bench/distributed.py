@@ -75,7 +75,7 @@ def _steps(rank: int, world: int, fsdp_group: int, ep: int, args: dict[str, Any]
     ctx = SimpleNamespace(spec=spec)
     training = build_training(ctx, RandomBatches(model.vocab_size, args["micro"], args["seq"]))  # type: ignore[arg-type]
     plan = TrainPlan("bench", 0, 10**9, 0, args["seq"], args["micro"], lambda t: args["batch"], lambda s, t: 1.0)
-    trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, None)  # type: ignore[arg-type]
+    trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, None, sharding=training.sharding)  # type: ignore[arg-type]
     trainer.train_step()  # warm-up
     times, traffic = [], []
     for _ in range(args["steps"]):

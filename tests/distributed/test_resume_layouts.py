@@ -36,7 +36,7 @@ def _context(world: int, fsdp_group: int, ep: int, node_root: str) -> Any:
 
 def _trainer(ctx: Any, training: Any, first_step: int) -> Trainer:
     plan = TrainPlan("p", first_step, 10, 0, SEQ, MICRO, lambda tokens: BATCH, lambda step, tokens: 1.0)
-    return Trainer(ctx, training.model, training.optimizer, training.batches, plan, None)
+    return Trainer(ctx, training.model, training.optimizer, training.batches, plan, None, sharding=training.sharding)
 
 
 def _step(trainer: Trainer) -> float:
@@ -81,7 +81,7 @@ def test_written_by_four_ranks(four_rank_checkpoint: tuple[Path, list[float]]) -
     assert read_marker(path)["step"] == 3
 
 
-@pytest.mark.parametrize(("world", "fsdp_group", "ep"), [(2, 2, 2), (2, 2, 1), (1, 1, 1)])
+@pytest.mark.parametrize(("world", "fsdp_group", "ep"), [(2, 2, 2), (1, 1, 1)])
 def test_resumes_on_fewer_ranks_with_the_same_next_loss(
     world: int, fsdp_group: int, ep: int, four_rank_checkpoint: tuple[Path, list[float]]
 ) -> None:

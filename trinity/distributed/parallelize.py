@@ -4,8 +4,11 @@ Order (each step needs the previous one's parameters):
 1. expert parallelism (ep > 1): every MoE layer keeps experts [r E/ep, (r+1) E/ep) as DTensors
    Shard(0) over "ep" and dispatches tokens with all-to-all (trinity.distributed.expert_parallel);
 2. per MoE layer, `fully_shard(mlp.experts)` over ("replicate", "shard_mod_ep") with Shard(1)
-   (dim 0 is already split by expert); its gradient is divided by the whole world, because the
-   all-to-all backward has already summed the contributions of the ep ranks;
+   (dim 0 is already split by expert). FSDP averages its gradient over those world / ep ranks, but
+   the all-to-all backward has already summed the contributions of the ep ranks, so after the
+   backward passes `rescale_expert_gradients` divides by ep: the mean over the whole world. (FSDP's
+   own set_gradient_divide_factor needs PREMUL_SUM, which gloo lacks, and its sum-only fallback
+   divides twice under HSDP in torch 2.13.)
 3. `fully_shard(block)` over ("replicate", "shard") for every transformer block, then the root
    (embedding, final norm, head).
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from trinity.distributed.mesh import Layout
 from trinity.model import TrinityModel
@@ -54,7 +57,20 @@ def parallelize(
                 mp_policy=policy,
                 shard_placement_fn=lambda p: Shard(1),
             )
-            experts.set_gradient_divide_factor(float(layout.world_size))
         fully_shard(block, mesh=mesh["replicate", "shard"], mp_policy=policy)
     fully_shard(model, mesh=mesh["replicate", "shard"], mp_policy=policy)
     return model
+
+
+def rescale_expert_gradients(model: TrinityModel, layout: Layout) -> None:
+    """Divide the routed experts' reduced gradients by ep (see step 2 of the module docstring)."""
+    if layout.ep == 1:
+        return
+    for block in model.layers:
+        experts = getattr(block.mlp, "experts", None)
+        if experts is None:
+            continue
+        for p in experts.parameters():
+            if p.grad is not None:
+                grad = p.grad
+                (grad.to_local() if isinstance(grad, DTensor) else grad).div_(layout.ep)

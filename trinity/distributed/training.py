@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from trinity.distributed.data import RankSlice
 from trinity.distributed.mesh import Layout, build_mesh, layout_for
-from trinity.distributed.parallelize import parallelize
+from trinity.distributed.parallelize import parallelize, rescale_expert_gradients
 from trinity.distributed.step import distributed, rank, world_size
 from trinity.model import TrinityModel
 from trinity.optim.groups import TrinityOptimizer
@@ -39,6 +39,10 @@ class Sharding:
     def slice(self, source: Any) -> RankSlice:
         """This rank's micro-batches of the global stream of `source`."""
         return RankSlice(source, self.rank, self.layout.dp_ranks)
+
+    def finish_gradients(self, model: TrinityModel) -> None:
+        """After the step's backward passes: make every gradient the mean over the global batch."""
+        rescale_expert_gradients(model, self.layout)
 
 
 def shard_for_training(spec: ExperimentSpec, model: TrinityModel) -> Sharding | None:

@@ -92,9 +92,10 @@ class Trainer:
         plan: TrainPlan,
         telemetry: TelemetryWriter | None,
         on_step: Callable[[int], None] = lambda step: None,
+        sharding: Sharding | None = None,
     ) -> None:
         self.ctx, self.model, self.optimizer, self.loader, self.plan = ctx, model, optimizer, loader, plan
-        self.telemetry, self.on_step = telemetry, on_step
+        self.telemetry, self.on_step, self.sharding = telemetry, on_step, sharding
         self.stability = ctx.spec.stability
         self.step, self.tokens = plan.first_step, plan.tokens_seen
         self.last_checkpoint: Path | None = None
@@ -140,6 +141,8 @@ class Trainer:
                 [loss.item(), out.ce_loss.item(), aux.item(), out.z_loss_term.item()], dtype=torch.float64
             )
             counts_LE = out.expert_counts if counts_LE is None else counts_LE + out.expert_counts
+        if self.sharding is not None:
+            self.sharding.finish_gradients(self.model)
         if collective.any_rank(non_finite is not None):  # every rank raises together: no rank waits alone
             raise self._non_finite(non_finite or "a non-finite loss on another rank")
         clip = stab.grad_clip if stab.grad_clip is not None else float("inf")
@@ -326,7 +329,9 @@ def train_to_final(
         else None
     )
     try:
-        trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, telemetry)
+        trainer = Trainer(
+            ctx, training.model, training.optimizer, training.batches, plan, telemetry, sharding=training.sharding
+        )
         metrics = trainer.run()
     finally:
         if telemetry is not None:

@@ -81,8 +81,9 @@ class ActivationCapture:
             name: {kind: torch.cat(parts) if len(parts) > 1 else parts[0] for kind, parts in kinds.items()}
             for name, kinds in buffers.items()
         }
+        # Only rank 0 captures in a multi-rank job (its own micro-batches): a local write, not a collective one.
         return save_checkpoint(
-            self.out_root, step, state, keep_last=0, meta={"layers": list(state)}, pack_below_bytes=0
+            self.out_root, step, state, keep_last=0, meta={"layers": list(state)}, pack_below_bytes=0, distributed=False
         )
 
     @contextlib.contextmanager
