@@ -21,7 +21,7 @@ from trinity.execute.rundir import NodeDir
 from trinity.execute.status import AttemptRecord
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training, resume_into
 from trinity.optim.balancing import update_expert_biases
-from trinity.store.checkpoint import list_checkpoints, read_marker
+from trinity.store.checkpoint import list_checkpoints, load_checkpoint, read_marker
 
 IDENTITY = "test-identity"
 
@@ -94,3 +94,22 @@ def test_resumes_on_fewer_ranks_with_the_same_next_loss(
     assert step == 3
     assert loss == pytest.approx(losses[3], rel=1e-5)
     assert AttemptRecord.read(NodeDir(root), 1).resumed_from_step == 3
+
+
+def test_exports_to_hugging_face(four_rank_checkpoint: tuple[Path, list[float]], tmp_path: Path) -> None:
+    """The 4-rank checkpoint read whole in one process, exported, loaded by transformers: same logits."""
+    transformers = pytest.importorskip("transformers")
+    from trinity.interop.hf import save_pretrained
+    from trinity.model import TrinityModel
+
+    root, _ = four_rank_checkpoint
+    (_, path, _), *_ = list_checkpoints(root / "checkpoints")
+    model = TrinityModel(_spec(1, 1, 1).model)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    save_pretrained(model.eval(), tmp_path / "hf")
+    theirs = transformers.AfmoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = SyntheticBatches().next_batch().tokens_BT
+    with torch.no_grad():
+        ours_logits = model(ids).logits
+        their_logits = theirs(ids).logits
+    assert (ours_logits - their_logits).abs().max().item() < 1e-4
