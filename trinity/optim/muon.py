@@ -10,10 +10,10 @@ torch.optim.Muon on 2-D weights):
     W <- W - lr * sqrt(max(1, out / in)) * O     (lr_scaling 'sqrt_fan_ratio'; 'none' drops the factor)
 
 Sharded parameters (FSDP2 / expert-parallel DTensors): every matrix is orthogonalised WHOLE.
-The momentum and the update stay sharded (they are elementwise); before Newton-Schulz the update
-is gathered on every dimension except shards of a leading (expert) dimension, which always cut
-between whole experts, so each rank orthogonalises complete matrices, then keeps its own piece.
-The result equals the single-process step up to reduction order.
+The momentum and the update stay sharded (they are elementwise); for Newton-Schulz the pieces of
+each matrix are gathered on one owner rank of the shard group, which sends each rank its piece of
+the result (trinity.optim.muon_sharded). The result equals the single-process step up to
+reduction order.
 
 Scheduling: each group keeps its peak lr in `base_lr`; a scheduler sets
 `group["lr"] = group["base_lr"] * factor` (see `TrinityOptimizer.set_lr_factor`).
@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import Placement
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
+
+from trinity.optim.muon_sharded import orthogonalise_sharded
 
 
 def zeropower_via_newtonschulz(
@@ -72,21 +73,21 @@ def zeropower_via_newtonschulz(
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _whole_matrices(placements: tuple[Placement, ...], ndim: int) -> list[Placement]:
-    """The placements under which every local piece holds whole trailing matrices."""
-    return [pl if isinstance(pl, Shard) and pl.dim < ndim - 2 else Replicate() for pl in placements]
+def orthogonalised(update: torch.Tensor, group: dict[str, Any], index: int = 0) -> torch.Tensor:
+    """NS5 of each trailing matrix of `update`, a plain tensor or a sharded DTensor (same placements out).
 
-
-def orthogonalised(update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """NS5 of each trailing matrix of `update`, a plain tensor or a sharded DTensor (same placements out)."""
+    For a DTensor this is a collective over its shard group; `index` (the matrix's position in
+    the step) spreads the matrices over the group's ranks (trinity.optim.muon_sharded).
+    """
     coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
     dtype = NS_DTYPES[group.get("ns_dtype", "bf16")]  # checkpoints from before the option: bf16
+
+    def newton_schulz(x: torch.Tensor) -> torch.Tensor:
+        return zeropower_via_newtonschulz(x, coefficients, steps, eps, dtype)
+
     if not isinstance(update, DTensor):
-        return zeropower_via_newtonschulz(update, coefficients, steps, eps, dtype)
-    whole = update.redistribute(update.device_mesh, _whole_matrices(update.placements, update.ndim))
-    ortho = zeropower_via_newtonschulz(whole.to_local(), coefficients, steps, eps, dtype)
-    result = DTensor.from_local(ortho, whole.device_mesh, whole.placements, shape=update.shape, stride=update.stride())
-    return result.redistribute(update.device_mesh, update.placements)
+        return newton_schulz(update)
+    return orthogonalise_sharded(update, newton_schulz, index)
 
 
 def lr_multiplier(shape: torch.Size, lr_scaling: str) -> float:
@@ -142,11 +143,13 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = -1  # matrices of this step, in order: picks each sharded matrix's owner rank
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                index += 1
                 grad = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -154,7 +157,7 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = orthogonalised(update, group)
+                ortho = orthogonalised(update, group, index)
                 p.mul_(1 - lr * wd)
                 p.add_(ortho.to(p.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
         return loss
