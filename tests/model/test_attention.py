@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trinity.model.attention import Attention, build_attention_masks
-from trinity.model.rope import RotaryEmbedding, apply_rope, positions_from_doc_ids
+from trinity.model.rope import RotaryEmbedding, positions_from_doc_ids
 
 
 def reference_attention(
@@ -23,9 +23,15 @@ def reference_attention(
     q = attn.q_norm(attn.wq(x_BTD).view(B, T, H, K)).transpose(1, 2)
     k = attn.k_norm(attn.wk(x_BTD).view(B, T, G, K)).transpose(1, 2)
     v = attn.wv(x_BTD).view(B, T, G, K).transpose(1, 2)
-    if window is not None:
-        cos, sin = RotaryEmbedding(K, 10_000.0)(pos_BT, x_BTD.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if window is not None:  # RoPE as transformers writes it: x cos + rotate_half(x) sin, full-width tables
+        freqs = pos_BT[..., None].double() / 10_000.0 ** (torch.arange(0, K, 2).double() / K)
+        angles = torch.cat([freqs, freqs], -1)[:, None]
+        cos, sin = angles.cos().float(), angles.sin().float()
+
+        def rotate_half(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([-t[..., K // 2 :], t[..., : K // 2]], -1)
+
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
     t = torch.arange(T)
     allowed = t[None, :] <= t[:, None]
@@ -41,7 +47,7 @@ def reference_attention(
 
 
 @pytest.mark.parametrize("is_local", [True, False])
-@pytest.mark.parametrize("T,window", [(37, 8), (16, 8), (5, 8), (64, 16)])
+@pytest.mark.parametrize("T,window", [(37, 8), (16, 8), (5, 8), (64, 16), (9, 8)])
 @pytest.mark.parametrize("with_docs", [False, True])
 @pytest.mark.parametrize("block", [None, 3])
 def test_attention_matches_dense_reference(
@@ -54,13 +60,19 @@ def test_attention_matches_dense_reference(
     docs = torch.sort(torch.randint(0, 3, (B, T)), dim=1).values if with_docs else None
     pos = positions_from_doc_ids(docs) if docs is not None else torch.arange(T)[None].expand(B, T)
     cos_sin = RotaryEmbedding(8, 10_000.0)(pos, x.dtype)
+    x.requires_grad_()
     got = attn(x, cos_sin, build_attention_masks(T, window, docs, block=block))
     want = reference_attention(attn, x, window if is_local else None, docs, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Gradients too: the key windows, RoPE and norms have hand-written backwards.
+    g = torch.randn_like(got)
+    inputs = [x, *attn.parameters()]
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_local_masks_are_linear_in_sequence_length() -> None:
-    """No T x T mask without documents: the local mask is [B, T / C, 1, C, C + w], i.e. O(T * w)."""
+    """No T x T mask without documents: the local mask is [B, (T - w) / C, 1, C, C + w], i.e. O(T * w)."""
     w = 64
     for T in (1024, 4096):
         for block in (None, 64, 16):
@@ -68,16 +80,18 @@ def test_local_masks_are_linear_in_sequence_length() -> None:
             C = block or 16
             assert masks.global_B1TT is None
             assert masks.local_BN1CS is not None
-            assert masks.local_BN1CS.shape == (1, T // C, 1, C, C + w)
+            assert masks.local_BN1CS.shape == (1, (T - w) // C, 1, C, C + w)
         assert masks.local_BN1CS.dtype == torch.bool
 
 
 def test_window_counts_the_current_token() -> None:
     """With w = 2 a token sees itself and exactly one predecessor."""
     masks = build_attention_masks(6, 2, None, block=2)
-    assert masks.local_BN1CS is not None
-    m = masks.local_BN1CS[0, 1, 0]  # block 1 = positions 2, 3; keys are positions 0..3
-    assert m.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert masks.local_BN1CS is not None and masks.local_BN1CS.shape == (1, 2, 1, 2, 4)
+    # Block n holds queries 2 + 2n, 3 + 2n; its keys are positions 2n .. 2n + 3.
+    for n in range(2):
+        m = masks.local_BN1CS[0, n, 0]
+        assert m.tolist() == [[False, True, True, False], [False, False, True, True]]
 
 
 def test_positions_restart_per_document() -> None:

@@ -6,18 +6,26 @@ elementwise sigmoid gate from the same normed input multiplies the concatenated 
 
 Memory: no float T x T mask is ever built. Without document ids, global layers (and local ones
 when T <= w) call SDPA with `is_causal=True` (a fused kernel, O(T) memory). Local layers with
-T > w are computed blockwise: queries in blocks of C tokens (C <= w), each attending to the C + w
-keys that can reach it, with one boolean [C, C + w] band mask per block shared by all heads;
-scores cost O(T * w) per head, linear in T. Only global layers with document ids need a boolean
-[B, 1, T, T] mask (1 byte per pair, shared by heads).
+T > w split the queries in two: the first w see their whole causal past, so they are one causal
+SDPA call over the first w tokens; the rest are computed blockwise, queries in blocks of C tokens
+(C <= w), each attending to the J C >= C + w keys that can reach it (J = 1 + ceil(w / C)), with
+one boolean [C, J C] band mask per block shared by all heads; scores cost O(T * w) per head,
+linear in T, and no block reads keys before the sequence start. Only global layers with
+document ids need a boolean [B, 1, T, T] mask (1 byte per pair, shared by heads).
+
+Layout: q, k, v stay [B, T, heads, K] (the projections' layout) throughout; SDPA gets transposed
+views, which is the layout CPU's flash kernel works in, so no head-major copies are made. The
+key/value windows of the blocks are gathered by `key_windows` (one copy forward, a sum of J
+shifted slices backward).
 
 Legend: B batch, T sequence, D d_model, H query heads, G kv heads, K head_dim,
-N query blocks, C block length (<= w), S keys per block (= C + w).
+N query blocks, C block length (<= w), J key blocks per query block, S keys per block (= J C).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +41,14 @@ _PAD_DOC = -1  # document id of padding; real ids must be >= 0
 class AttentionMasks:
     """Masks shared by all layers of one forward pass (built once, not per layer or head).
 
-    `local_BN1CS` is None when local layers can use plain causal SDPA; `global_B1TT` is None when
-    global layers can (no document ids).
+    `local_BN1CS` (the band masks of the query blocks t >= w) is None when local layers can use
+    plain causal SDPA (T <= w); `global_B1TT` is None when global layers can (no document ids).
     """
 
     window: int
     local_BN1CS: torch.Tensor | None
     global_B1TT: torch.Tensor | None
+    block: int = 0
 
 
 def build_attention_masks(
@@ -58,20 +67,21 @@ def build_attention_masks(
         # The window covers the whole sequence: local layers are plain causal (+ documents).
         return AttentionMasks(window, None, global_mask)
 
-    C = block or default_block(window)
-    N = -(-T // C)
+    C = min(block or default_block(window), window)
+    J = 1 + -(-window // C)
+    N = -(-(T - window) // C)
     device = doc_ids_BT.device if doc_ids_BT is not None else None
     docs_BT = doc_ids_BT if doc_ids_BT is not None else torch.zeros(1, T, dtype=torch.long, device=device)
-    # Keys of block n are positions [n*C - w, n*C + C); key j of block n sits at n*C - w + j and
-    # query i at n*C + i, so the window t - w < s <= t becomes i < j <= i + w.
+    # Query i of block n sits at w + n*C + i; its keys are positions [n*C, n*C + J*C), key j at
+    # n*C + j, so the window t - w < s <= t becomes i < j <= i + w.
     i_C1 = torch.arange(C, device=device)[:, None]
-    j_1S = torch.arange(C + window, device=device)[None, :]
+    j_1S = torch.arange(J * C, device=device)[None, :]
     band_CS = (j_1S > i_C1) & (j_1S <= i_C1 + window)
-    # Padding (before the start and after the end) gets doc id -1 so it never matches a real token.
-    q_docs_BNC = F.pad(docs_BT, (0, N * C - T), value=_PAD_DOC).view(-1, N, C)
-    k_docs_BNS = F.pad(docs_BT, (window, N * C - T), value=_PAD_DOC).unfold(1, C + window, C)
+    # Padding after the end gets doc id -1 so it never matches a real token.
+    q_docs_BNC = F.pad(docs_BT[:, window:], (0, N * C - (T - window)), value=_PAD_DOC).view(-1, N, C)
+    k_docs_BNS = F.pad(docs_BT, (0, (N + J - 1) * C - T), value=_PAD_DOC).unfold(1, J * C, C)
     local_mask = band_CS & (q_docs_BNC[..., :, None] == k_docs_BNS[..., None, :])
-    return AttentionMasks(window, local_mask[:, :, None], global_mask)
+    return AttentionMasks(window, local_mask[:, :, None], global_mask, C)
 
 
 def default_block(window: int) -> int:
@@ -81,27 +91,77 @@ def default_block(window: int) -> int:
     return max(16, window // 4) if window >= 64 else window
 
 
-def _blockwise_local_attention(
-    q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, mask_BN1CS: torch.Tensor, window: int
+class _KeyWindows(torch.autograd.Function):
+    """Windows of J consecutive C-row blocks, block n = rows [n C, (n + J) C) of x (zero past its end).
+
+    [B, T, G, K] -> [B * N, J * C, G, K]. Backward: each input block sums its J window slices.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_BTGK: torch.Tensor, N: int, C: int, J: int) -> torch.Tensor:
+        B, T, G, K = x_BTGK.shape
+        L = (N + J - 1) * C
+        blocks = F.pad(x_BTGK, (0, 0, 0, 0, 0, L - T)).view(B, N + J - 1, C, G, K)
+        out = x_BTGK.new_empty(B, N, J, C, G, K)
+        for j in range(J):
+            out[:, :, j] = blocks[:, j : j + N]
+        ctx.shape = (B, T, N, C, J)
+        return out.view(B * N, J * C, G, K)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        B, T, N, C, J = ctx.shape
+        G, K = g.shape[-2:]
+        g_BNJCGK = g.reshape(B, N, J, C, G, K)
+        grad = g.new_zeros(B, N + J - 1, C, G, K)
+        for j in range(J):
+            grad[:, j : j + N] += g_BNJCGK[:, :, j]
+        return grad.view(B, (N + J - 1) * C, G, K)[:, :T], None, None, None
+
+
+def key_windows(x_BTGK: torch.Tensor, N: int, C: int, J: int) -> torch.Tensor:
+    """[B * N, J * C, G, K]: for each query block n, rows [n C, (n + J) C) of x (zeros past the end)."""
+    out: torch.Tensor = _KeyWindows.apply(x_BTGK, N, C, J)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _sdpa(
+    q_BTHK: torch.Tensor, k_BTGK: torch.Tensor, v_BTGK: torch.Tensor, mask_B1TT: torch.Tensor | None
 ) -> torch.Tensor:
-    """Sliding-window attention computed per query block of C tokens against its C + w keys."""
-    B, H, T, K = q_BHTK.shape
-    G = k_BGTK.shape[1]
-    N, C, S = mask_BN1CS.shape[1], mask_BN1CS.shape[-2], mask_BN1CS.shape[-1]
-    pad_tail = N * C - T
-    q_BNHCK = F.pad(q_BHTK, (0, 0, 0, pad_tail)).view(B, H, N, C, K).transpose(1, 2)
-    # unfold gives [B, G, N, K, S]: windows of S keys every C positions (a copy of ~2x K and V).
-    k_BNGSK = F.pad(k_BGTK, (0, 0, window, pad_tail)).unfold(2, S, C).permute(0, 2, 1, 4, 3)
-    v_BNGSK = F.pad(v_BGTK, (0, 0, window, pad_tail)).unfold(2, S, C).permute(0, 2, 1, 4, 3)
+    """Causal (or masked) attention on [B, T, heads, K] tensors; returns [B, T, H, K]."""
+    q, k, v = q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
+    if mask_B1TT is None:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
+def _band_attention(
+    q_BQHK: torch.Tensor, k_BTGK: torch.Tensor, v_BTGK: torch.Tensor, mask_BN1CS: torch.Tensor, C: int
+) -> torch.Tensor:
+    """Queries w..T-1 (Q of them) in blocks of C, each against its J C keys from position n C on."""
+    B, Q, H, K = q_BQHK.shape
+    N, S = mask_BN1CS.shape[1], mask_BN1CS.shape[-1]
+    q_BNHCK = F.pad(q_BQHK, (0, 0, 0, 0, 0, N * C - Q)).view(B * N, C, H, K).transpose(1, 2)
+    k_BNGSK = key_windows(k_BTGK, N, C, S // C).transpose(1, 2)
+    v_BNGSK = key_windows(v_BTGK, N, C, S // C).transpose(1, 2)
     mask = mask_BN1CS.expand(B, -1, -1, -1, -1).reshape(B * N, 1, C, S)
-    out = F.scaled_dot_product_attention(
-        q_BNHCK.reshape(B * N, H, C, K),
-        k_BNGSK.reshape(B * N, G, S, K),
-        v_BNGSK.reshape(B * N, G, S, K),
-        attn_mask=mask,
-        enable_gqa=True,
-    )
-    return out.view(B, N, H, C, K).transpose(1, 2).reshape(B, H, N * C, K)[:, :, :T]
+    o = F.scaled_dot_product_attention(q_BNHCK, k_BNGSK, v_BNGSK, attn_mask=mask, enable_gqa=True)
+    return o.transpose(1, 2).reshape(B, N * C, H, K)[:, :Q]
+
+
+def local_attention(
+    q_BTHK: torch.Tensor, k_BTGK: torch.Tensor, v_BTGK: torch.Tensor, masks: AttentionMasks
+) -> torch.Tensor:
+    """Sliding-window attention: queries t < w are plainly causal, the rest go by blocks."""
+    if masks.local_BN1CS is None:  # T <= w: the window is the whole causal past
+        return _sdpa(q_BTHK, k_BTGK, v_BTGK, masks.global_B1TT)
+    w = masks.window
+    first_mask = masks.global_B1TT[:, :, :w, :w] if masks.global_B1TT is not None else None
+    first_BWHK = _sdpa(q_BTHK[:, :w], k_BTGK[:, :w], v_BTGK[:, :w], first_mask)
+    rest_BQHK = _band_attention(q_BTHK[:, w:], k_BTGK, v_BTGK, masks.local_BN1CS, masks.block)
+    return torch.cat([first_BWHK, rest_BQHK], dim=1)
 
 
 class Attention(nn.Module):
@@ -135,29 +195,19 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         q_BTHK = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k_BTGK = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        v_BGTK = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BTGK = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
-        q_BHTK, k_BGTK = q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2)
 
         if self.is_local:
             cos, sin = rope_cos_sin
-            q_BHTK, k_BGTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BGTK, cos, sin)
-            if masks.local_BN1CS is not None:
-                o_BHTK = _blockwise_local_attention(q_BHTK, k_BGTK, v_BGTK, masks.local_BN1CS, masks.window)
-            else:  # T <= w: the window is the whole causal past
-                o_BHTK = self._sdpa(q_BHTK, k_BGTK, v_BGTK, masks.global_B1TT)
+            q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
+            o_BTHK = local_attention(q_BTHK, k_BTGK, v_BTGK, masks)
         else:
-            o_BHTK = self._sdpa(q_BHTK, k_BGTK, v_BGTK, masks.global_B1TT)
+            o_BTHK = _sdpa(q_BTHK, k_BTGK, v_BTGK, masks.global_B1TT)
 
-        o_BTX = o_BHTK.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        o_BTX = o_BTHK.reshape(B, T, self.n_heads * self.head_dim)
         if self.wg is not None:
             o_BTX = o_BTX * torch.sigmoid(self.wg(x_BTD))
         out_BTD: torch.Tensor = self.wo(o_BTX)
         return out_BTD
-
-    @staticmethod
-    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_B1TT: torch.Tensor | None) -> torch.Tensor:
-        if mask_B1TT is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=True)

@@ -122,10 +122,10 @@ def _attend(
     v_BGTK = attn.wv(x_BTD).view(B, T, G, K).transpose(1, 2)
     if attn.q_norm is not None and attn.k_norm is not None:
         q_BTHK, k_BTGK = attn.q_norm(q_BTHK), attn.k_norm(k_BTGK)
-    q_BHTK, k_BGTK = q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2)
     if attn.is_local:
         cos, sin = cos_sin
-        q_BHTK, k_BGTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BGTK, cos, sin)
+        q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
+    q_BHTK, k_BGTK = q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2)
 
     keys_BGSK = torch.cat([lc.k_BGMK, k_BGTK], dim=2)
     values_BGSK = torch.cat([lc.v_BGMK, v_BGTK], dim=2)

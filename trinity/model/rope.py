@@ -2,12 +2,18 @@
 
 Global layers use no positional encoding at all, so only local layers call `apply_rope`.
 The half-split ("rotate_half") convention matches transformers' afmoe, so weights transfer
-without permuting q/k rows.
+without permuting q/k rows: with x = [x1, x2] (halves of the head dimension) and the angles'
+cos c and sin s,
+    rope(x) = [x1 c - x2 s, x2 c + x1 s].
+`apply_rope` computes this directly on the two halves (no rotated copy, no concatenation) in
+one autograd function whose backward is the inverse rotation.
 
 Legend: B batch, T sequence, H heads, K head_dim (Dh), F head_dim / 2 frequencies.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,20 +30,41 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq_F", 1.0 / (theta**exponent_F), persistent=False)
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, 1, T, Dh] (broadcast over heads), computed in fp32 then cast."""
+        """cos, sin of shape [B, T, 1, F] (one value per frequency, broadcast over heads of a
+        [B, T, H, K] tensor), computed in fp32 then cast."""
         freqs_BTF = position_ids_BT[..., None].float() * self.inv_freq_F.to(position_ids_BT.device)
-        angles_BTK = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
-        return angles_BTK.cos().to(dtype)[:, None], angles_BTK.sin().to(dtype)[:, None]
+        return freqs_BTF.cos().to(dtype)[:, :, None], freqs_BTF.sin().to(dtype)[:, :, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[x1 c - x2 s, x2 c + x1 s] into a fresh tensor, half by half."""
+    F = x.shape[-1] // 2
+    x1, x2 = x[..., :F], x[..., F:]
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    o1, o2 = out[..., :F], out[..., F:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
 
 
-def apply_rope(x_BHTK: torch.Tensor, cos_B1TK: torch.Tensor, sin_B1TK: torch.Tensor) -> torch.Tensor:
-    """Rotate query or key vectors by their positions' angles."""
-    return x_BHTK * cos_B1TK + _rotate_half(x_BHTK) * sin_B1TK
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        # A rotation's inverse is the rotation by the opposite angle.
+        return _rotate(g, cos, -sin).to(ctx.x_dtype), None, None
+
+
+def apply_rope(x_BTHK: torch.Tensor, cos_BT1F: torch.Tensor, sin_BT1F: torch.Tensor) -> torch.Tensor:
+    """Rotate query or key vectors [B, T, H, K] by their positions' angles (tables from RotaryEmbedding)."""
+    out: torch.Tensor = _Rope.apply(x_BTHK, cos_BT1F, sin_BT1F)  # type: ignore[no-untyped-call]
+    return out
 
 
 def positions_from_doc_ids(doc_ids_BT: torch.Tensor) -> torch.Tensor:
