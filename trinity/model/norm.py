@@ -27,7 +27,8 @@ class _RMSNormFn(torch.autograd.Function):
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
         rstd = sq.div_(D).add_(eps).rsqrt_()
         ctx.save_for_backward(x, w_D, rstd)
-        return (x * rstd).mul_(w_D)
+        y: torch.Tensor = (x * rstd).mul_(w_D)
+        return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
