@@ -116,12 +116,9 @@ def _attend(
 ) -> torch.Tensor:
     """The attention sublayer for T new tokens against the layer's cache; writes the new keys."""
     B, T, _ = x_BTD.shape
-    H, G, K = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q_BTHK = attn.wq(x_BTD).view(B, T, H, K)
-    k_BTGK = attn.wk(x_BTD).view(B, T, G, K)
-    v_BGTK = attn.wv(x_BTD).view(B, T, G, K).transpose(1, 2)
-    if attn.q_norm is not None and attn.k_norm is not None:
-        q_BTHK, k_BTGK = attn.q_norm(q_BTHK), attn.k_norm(k_BTGK)
+    H, K = attn.n_heads, attn.head_dim
+    q_BTHK, k_BTGK, v_BTGK, gate_BTX = attn.project(x_BTD)
+    v_BGTK = v_BTGK.transpose(1, 2)
     if attn.is_local:
         cos, sin = cos_sin
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
@@ -147,8 +144,8 @@ def _attend(
         lc.cols_M[start : start + T] = cols_T
 
     o_BTX = o_BHTK.transpose(1, 2).reshape(B, T, H * K)
-    if attn.wg is not None:
-        o_BTX = o_BTX * torch.sigmoid(attn.wg(x_BTD))
+    if gate_BTX is not None:
+        o_BTX = o_BTX * torch.sigmoid(gate_BTX)
     out_BTD: torch.Tensor = attn.wo(o_BTX)
     return out_BTD
 
