@@ -200,7 +200,7 @@ class Attention(nn.Module):
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         linears = [self.wq, self.wk, self.wv] + ([self.wg] if self.wg is not None else [])
         w_XD = torch.cat([lin.weight for lin in linears])
-        parts = F.linear(x_BTD, w_XD).split([lin.out_features for lin in linears], dim=-1)
+        parts = F.linear(x_BTD, w_XD).split([lin.out_features for lin in linears], dim=-1)  # type: ignore[no-untyped-call]
         q_BTHK, k_BTGK, v_BTGK = parts[0].view(B, T, H, K), parts[1].view(B, T, G, K), parts[2].view(B, T, G, K)
         if self.q_norm is not None and self.k_norm is not None:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
