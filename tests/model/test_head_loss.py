@@ -34,10 +34,11 @@ def inputs(n: int = 70, d: int = 24, v: int = 301, seed: int = 0) -> tuple[torch
 
 
 def test_chunk_rows() -> None:
-    assert chunk_rows(4096, 4096, 8 * 2**20) == 512
-    assert chunk_rows(4096, 16384, 8 * 2**20) == 128
-    assert chunk_rows(10, 16384, 8 * 2**20) == 10
-    assert chunk_rows(4096, 10**7, 8 * 2**20) == 16  # never fewer than 16 rows
+    assert chunk_rows(4096, 4096) == 512
+    assert chunk_rows(4096, 16384) == 512
+    assert chunk_rows(4096, 200_000) == 80  # 64 MiB of fp32 logits at most
+    assert chunk_rows(10, 16384) == 10
+    assert chunk_rows(4096, 10**7) == 16  # never fewer than 16 rows
 
 
 @pytest.mark.parametrize("coefs", [(1.0, 0.0), (0.5, 1e-2), (0.0, 0.3), (1.0, 1.0)])
@@ -49,7 +50,7 @@ def test_loss_and_gradients_match_plain_pytorch(coefs: tuple[float, float]) -> N
     want = grads(a * want_ce + b * want_z, h, w)
     ratio = GradRatio()
     for _ in range(2):  # the first backward may miss the guessed ratio, the second hits it
-        ce, z = head_cross_entropy_and_z(h, w, labels, ratio, chunk_bytes=16 * 4 * 301)
+        ce, z = head_cross_entropy_and_z(h, w, labels, ratio, rows_per_chunk=16)
         torch.testing.assert_close(ce, want_ce)
         torch.testing.assert_close(z, want_z)
         got = grads(a * ce + b * z, h, w)
