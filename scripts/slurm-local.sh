@@ -7,6 +7,7 @@
 #   scripts/slurm-local.sh env      print `export SLURM_CONF=...`
 #
 # Everything lives in $TRINITY_SLURM_DIR (default /tmp/trinity-slurm): configs, state, logs, PIDs.
+# The node offers max(nproc, $TRINITY_SLURM_MIN_CPUS (default 4)) CPUs: multi-task training jobs fit.
 # Clients need SLURM_CONF=$TRINITY_SLURM_DIR/etc/slurm.conf (`up` and `env` print it).
 # Runs as root (munged runs as the munge user, MariaDB as mysql).
 set -euo pipefail
@@ -18,6 +19,7 @@ LOG=$DIR/log
 HOST=$(hostname -s)
 CONF=$ETC/slurm.conf
 DB_SOCK=$DIR/mysql/mysqld.sock  # MariaDB runs as mysql: its socket lives in its own folder
+MIN_CPUS=${TRINITY_SLURM_MIN_CPUS:-4}
 
 say() { echo "slurm-local: $*" >&2; }
 
@@ -35,7 +37,10 @@ install_packages() {
 write_configs() {
     mkdir -p "$ETC" "$RUN" "$LOG" "$DIR/state" "$DIR/spool" "$DIR/mysql"
     local cpus mem
+    # At least MIN_CPUS slots, so a training node of 4 ranks (4 tasks x 1 CPU) fits on a 2-core machine;
+    # config_overrides lets slurmd accept more CPUs than it detects (the tasks then share the cores).
     cpus=$(nproc)
+    if [ "$cpus" -lt "$MIN_CPUS" ]; then cpus=$MIN_CPUS; fi
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     cat >"$CONF" <<EOF
 ClusterName=trinity
@@ -50,6 +55,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 ReturnToService=2
+SlurmdParameters=config_overrides
 SlurmctldPidFile=$RUN/slurmctld.slurm.pid
 SlurmdPidFile=$RUN/slurmd.slurm.pid
 SlurmdSpoolDir=$DIR/spool

@@ -1,8 +1,10 @@
 """The Slurm executor: the whole DAG queued at once through submitit, watched until it settles.
 
 - Each node is a job (`NodeJob`) with resources from the spec's `execution.slurm` and `parallel`
-  parts. A DAG edge is an `afterok` dependency; with `DependencyParameters=kill_invalid_depend`
-  Slurm cancels the dependants of a failed job, and they are marked DEP_FAILED.
+  parts. A training node of several ranks is one job of `parallel.nodes` nodes with
+  `parallel.gpus_per_node` tasks each, one rank per task (rendezvous from Slurm's environment).
+- A DAG edge is an `afterok` dependency; with `DependencyParameters=kill_invalid_depend` Slurm
+  cancels the dependants of a failed job, and they are marked DEP_FAILED.
 - Sibling nodes of a sweep (same node, different branches) are one job array, in chunks under
   MaxArraySize, with `execution.slurm.array_parallelism`. An array whose siblings each depend on
   the matching task of an upstream array uses `aftercorr`.
@@ -31,6 +33,7 @@ from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.slurm_job import NodeJob
 from trinity.execute.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.graph.compile import Node, nodes_in_order
+from trinity.nodes.registry import node_world_size
 from trinity.spec.experiment import ExperimentSpec
 
 POLL_S = 2.0
@@ -67,14 +70,21 @@ def sbatch_parameters(node: Node, spec: ExperimentSpec) -> dict[str, Any]:
         "array_parallelism": slurm.array_parallelism,
         "stderr_to_stdout": True,
     }
-    if node.kind in TRAINING:
+    if node_world_size(node.kind, spec) > 1:
+        # One task per rank; every task runs NodeJob, which starts that rank's node process. A task that
+        # fails ends the step (--kill-on-bad-exit), so no rank waits for a peer that is gone.
         params.update(
             nodes=par.nodes,
             ntasks_per_node=par.gpus_per_node,
             cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1),
+            srun_args=["--kill-on-bad-exit=1"],
         )
         if on_gpus:
             params["gpus_per_node"] = par.gpus_per_node
+    elif node.kind in TRAINING:  # one process (RL; or a training layout of one rank)
+        params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1))
+        if on_gpus:
+            params["gpus_per_node"] = 1
     else:
         params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or DEFAULT_CPUS.get(node.kind, 4))
         if on_gpus and node.kind == "eval":

@@ -7,6 +7,13 @@ host, and waits for the child. On preemption or an approaching time limit submit
 checkpoint at its next step and exits) and returns itself for requeueing. The requeued job is a new
 attempt and resumes from that checkpoint through the same code path as `trinity resume`.
 
+A training node of several ranks is one job of several tasks (one per rank). Every task runs the
+supervisor: task 0 allocates the attempt and writes its record, then publishes the attempt number
+for the other tasks; each task starts its rank's node process with RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT from Slurm's environment (trinity.distributed.env). Rank 0's process
+writes the node's files. SIGUSR2 reaches every task: task 0 checkpoints and requeues (submitit),
+the others stop their rank's process, and the ranks agree on the step to stop at.
+
 A job whose child was stopped by a signal without SIGUSR2 (`scontrol requeue`, `scancel`) waits for
 Slurm to finish the requeue or the cancellation; if neither comes, it fails and `trinity resume`
 picks the node up.
@@ -21,11 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import submitit
 
-from trinity.execute.rundir import RunDir, read_json
+from trinity.distributed.env import dist_env
+from trinity.execute.rundir import NodeDir, RunDir, atomic_write_json, read_json
 from trinity.execute.status import AttemptRecord, NodeStatus, next_attempt
 
 EXIT_STOPPED = 3  # trinity.nodes.entry's status for "stopped on request"
@@ -33,6 +42,11 @@ STOP_WAIT_S = 240.0
 """How long a stopped child may take to commit its checkpoint (bounded by the signal delay in practice)."""
 AFTER_STOP_WAIT_S = 120.0
 """How long a supervisor whose child stopped waits for Slurm to requeue or cancel the job."""
+ATTEMPT_WAIT_S = 300.0
+"""How long a task other than 0 waits for task 0 to publish the attempt number."""
+HANDOFF_SLACK_S = 600.0
+"""The tasks of one job start together: a published attempt older than this (a job id reused by a
+reinstalled cluster) is not this job's."""
 
 
 class NodeFailed(RuntimeError):
@@ -47,8 +61,36 @@ def slurm_ids() -> tuple[str | None, int | None]:
     return os.environ.get("SLURM_JOB_ID"), None
 
 
+def preemption_signal() -> signal.Signals:
+    """The signal submitit asks Slurm to send before a time limit or on preemption (USR2 by default)."""
+    return signal.Signals[f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}"]
+
+
+def _handoff(node_dir: NodeDir, job_id: str) -> Path:
+    """Where task 0 of a multi-task job tells the other tasks the attempt number of this run of the job
+    (keyed by job id and restart count: a requeued job is the same job id, a new attempt)."""
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return node_dir.root / "slurm" / f"attempt-of-{job_id}.{restart}.json"
+
+
+def _await_attempt(path: Path, since: float) -> int:
+    """The attempt number task 0 published (written after `since`), waiting up to ATTEMPT_WAIT_S."""
+    deadline = time.monotonic() + ATTEMPT_WAIT_S
+    while time.monotonic() < deadline:
+        if path.is_file():
+            data = read_json(path)
+            if float(data["time"]) >= since:
+                return int(data["attempt"])
+        time.sleep(0.2)
+    raise NodeFailed(f"task 0 did not publish the attempt number in {path} within {ATTEMPT_WAIT_S:.0f} s")
+
+
 class NodeJob(submitit.helpers.Checkpointable):
-    """Run one attempt of a node of a run (picklable: holds only paths and ids)."""
+    """Run one attempt of a node of a run (picklable: holds only paths and ids).
+
+    In a job of several tasks (a training node of several ranks) every task runs this: task 0
+    allocates the attempt and writes its record; the others wait for the attempt number and start
+    their rank's node process with the rendezvous in its environment."""
 
     def __init__(self, run_root: str, node_id: str, depends_on: str | None = None) -> None:
         self.run_root, self.node_id, self.depends_on = run_root, node_id, depends_on
@@ -62,38 +104,43 @@ class NodeJob(submitit.helpers.Checkpointable):
         self._child = None
 
     def __call__(self) -> str:
+        started = time.time()
         run = RunDir(Path(self.run_root))
         node_dir = run.node(self.node_id)
         node = {n["id"]: n for n in read_json(run.graph_json)["nodes"]}[self.node_id]
-        attempt = next_attempt(node_dir)
         job_id, index = slurm_ids()
-        AttemptRecord(
-            attempt=attempt,
-            executor="slurm",
-            identity=node["identity"],
-            job_id=job_id,
-            array_index=index,
-            depends_on=self.depends_on,
-            host=socket.gethostname(),
-        ).write(node_dir)
+        place = dist_env()
+        if place.is_primary:
+            attempt = next_attempt(node_dir)
+            AttemptRecord(
+                attempt=attempt,
+                executor="slurm",
+                identity=node["identity"],
+                job_id=job_id,
+                array_index=index,
+                depends_on=self.depends_on,
+                host=socket.gethostname(),
+            ).write(node_dir)
+            if place.world_size > 1 and job_id:
+                atomic_write_json(_handoff(node_dir, job_id), {"attempt": attempt, "time": started})
+        else:
+            assert job_id, "a task of a multi-task job has SLURM_JOB_ID"
+            attempt = _await_attempt(_handoff(node_dir, job_id), since=started - HANDOFF_SLACK_S)
+            # Preemption (SIGUSR2) reaches every task; submitit acts on task 0 only: stop this rank too.
+            signal.signal(preemption_signal(), self._stop_child)
         log = node_dir.log_file(attempt)
         log.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "trinity.nodes.entry",
-            str(run.root),
-            self.node_id,
-            "--attempt",
-            str(attempt),
-            "--executor",
-            "slurm",
-        ]
+        command = [sys.executable, "-m", "trinity.nodes.entry", str(run.root), self.node_id]
+        command += ["--attempt", str(attempt), "--executor", "slurm"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if place.world_size > 1:
+            env.update(place.torchrun_variables())
+            env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         with open(log, "ab") as out:
-            self._child = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
+            self._child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
             code = self._child.wait()
+        if not place.is_primary:
+            return self._rank_ended(code, place.rank)
         status = NodeStatus.read(node_dir)
         if code == 0 and status.state == "SUCCEEDED":
             return "SUCCEEDED"
@@ -108,13 +155,39 @@ class NodeJob(submitit.helpers.Checkpointable):
             time.sleep(AFTER_STOP_WAIT_S)
         raise NodeFailed(status.message or f"node process ended with status {code}")
 
+    def _rank_ended(self, code: int, rank: int) -> str:
+        """A task other than 0: its rank's process ended (rank 0 records the attempt)."""
+        if code == 0:
+            return f"rank {rank} done"
+        if code == EXIT_STOPPED or code < 0:
+            time.sleep(AFTER_STOP_WAIT_S)  # as task 0: Slurm is requeueing or cancelling the job
+        raise NodeFailed(f"rank {rank}: node process ended with status {code}")
+
+    def _stop_child(self, signum: int, frame: FrameType | None) -> None:
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Preemption or time limit: stop the node at a committed checkpoint, then requeue."""
         child = self._child
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
+            if not _reaped_within(child.pid, STOP_WAIT_S):
                 child.kill()
         return submitit.helpers.DelayedSubmission(NodeJob(self.run_root, self.node_id, self.depends_on))
+
+
+def _reaped_within(pid: int, seconds: float) -> bool:
+    """Wait for a child to exit, from a signal handler: the interrupted `Popen.wait()` below it holds the
+    Popen's wait lock, so `Popen.wait(timeout)` would spin until its timeout; waitpid does not need it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped
+            return True
+        if done:
+            return True
+        time.sleep(0.2)
+    return False

@@ -157,7 +157,7 @@ def _report(ctx: NodeContext, outcome: Outcome) -> int:
         own = RankEnd(0, outcome.state, outcome.exit_code, outcome.message, outcome.time)
         ends = [own, *(e for r, e in read_rank_ends(ctx.dir, ctx.attempt).items() if r != 0)]
         cause = deciding_end(ends)
-        if cause is not None and cause.rank != 0:
+        if cause is not None and cause.rank != 0 and not (cause.state == own.state == "STOPPED"):
             outcome = Outcome(cause.state, f"rank {cause.rank}: {cause.message}", cause.exit_code, cause.time)
     if outcome.state == "SUCCEEDED":
         AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, "SUCCEEDED", 0, None, "")
