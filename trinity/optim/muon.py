@@ -73,11 +73,13 @@ def zeropower_via_newtonschulz(
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def orthogonalised(update: torch.Tensor, group: dict[str, Any], index: int = 0) -> torch.Tensor:
-    """NS5 of each trailing matrix of `update`, a plain tensor or a sharded DTensor (same placements out).
+def orthogonalised(
+    update: torch.Tensor, group: dict[str, Any], index: int = 0, like: DTensor | None = None
+) -> torch.Tensor:
+    """NS5 of each trailing matrix of `update` (plain, or this rank's piece of a matrix laid out as `like`).
 
-    For a DTensor this is a collective over its shard group; `index` (the matrix's position in
-    the step) spreads the matrices over the group's ranks (trinity.optim.muon_sharded).
+    For a sharded `like` this is a collective over its shard group; `index` (the matrix's position
+    in the step) spreads the matrices over the group's ranks (trinity.optim.muon_sharded).
     """
     coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
     dtype = NS_DTYPES[group.get("ns_dtype", "bf16")]  # checkpoints from before the option: bf16
@@ -85,9 +87,13 @@ def orthogonalised(update: torch.Tensor, group: dict[str, Any], index: int = 0) 
     def newton_schulz(x: torch.Tensor) -> torch.Tensor:
         return zeropower_via_newtonschulz(x, coefficients, steps, eps, dtype)
 
-    if not isinstance(update, DTensor):
+    if like is None:
         return newton_schulz(update)
-    return orthogonalise_sharded(update, newton_schulz, index)
+    return orthogonalise_sharded(update, like, newton_schulz, index)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def lr_multiplier(shape: torch.Size, lr_scaling: str) -> float:
@@ -150,14 +156,14 @@ class Muon(Optimizer):
                 if p.grad is None:
                     continue
                 index += 1
-                grad = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                # Elementwise math on this rank's pieces (a DTensor's dispatch costs more than the math).
+                grad, buf, weight = (_local(t) for t in (p.grad, state["momentum_buffer"], p))
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = orthogonalised(update, group, index)
-                p.mul_(1 - lr * wd)
-                p.add_(ortho.to(p.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
+                ortho = orthogonalised(update, group, index, p if isinstance(p, DTensor) else None)
+                weight.mul_(1 - lr * wd)
+                weight.add_(ortho.to(weight.dtype), alpha=-lr * lr_multiplier(p.shape, group["lr_scaling"]))
         return loss

@@ -50,33 +50,33 @@ def _pad(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 
 def orthogonalise_sharded(
-    update: DTensor, newton_schulz: Callable[[torch.Tensor], torch.Tensor], index: int
-) -> DTensor:
-    """`newton_schulz` of every whole trailing matrix of `update`, returned with `update`'s placements.
+    update: torch.Tensor, like: DTensor, newton_schulz: Callable[[torch.Tensor], torch.Tensor], index: int
+) -> torch.Tensor:
+    """`newton_schulz` of every whole trailing matrix of a sharded update; this rank's piece of it.
 
-    `index` (the matrix's position in the optimizer's step) picks the owner rank; every rank of
-    the group must call this for the same matrices in the same order (it is a collective).
+    `update` is this rank's local piece, laid out as `like` (the parameter: mesh, placements,
+    global shape). `index` (the matrix's position in the optimizer's step) picks the owner rank;
+    every rank of the group must call this for the same matrices in the same order (a collective).
     """
-    mesh = update.device_mesh
-    cuts = _matrix_cuts(update)
+    mesh, placements = like.device_mesh, like.placements
+    cuts = _matrix_cuts(like)
     if not cuts:  # every local piece already holds whole matrices (e.g. experts split along E)
-        ortho = newton_schulz(update.to_local()).to(update.dtype)
-        return DTensor.from_local(ortho, mesh, update.placements, shape=update.shape, stride=update.stride())
+        return newton_schulz(update).to(update.dtype)
     if len(cuts) > 1:
-        whole = update.redistribute(mesh, _whole_matrices(update.placements, update.ndim))
+        sharded = DTensor.from_local(update, mesh, placements, shape=like.shape, stride=like.stride())
+        whole = sharded.redistribute(mesh, _whole_matrices(placements, like.ndim))
         ortho = newton_schulz(whole.to_local()).to(update.dtype)
-        result = DTensor.from_local(ortho, mesh, whole.placements, shape=update.shape, stride=update.stride())
-        return result.redistribute(mesh, update.placements)
+        result = DTensor.from_local(ortho, mesh, whole.placements, shape=like.shape, stride=like.stride())
+        return result.redistribute(mesh, placements).to_local()
     ((mesh_dim, dim),) = cuts
     group = mesh.get_group(mesh_dim)
     size, me = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     owner = index % size
     owner_rank = dist.get_global_rank(group, owner)
-    n = update.shape[dim]
+    n = like.shape[dim]
     chunk = math.ceil(n / size)
     lengths = [max(0, min(chunk, n - r * chunk)) for r in range(size)]
-    local = update.to_local()
-    padded = _pad(local, dim, chunk)
+    padded = _pad(update, dim, chunk)
 
     pieces = [torch.empty_like(padded) for _ in range(size)] if me == owner else None
     dist.gather(padded, pieces, dst=owner_rank, group=group)
@@ -91,5 +91,4 @@ def orthogonalise_sharded(
         ]
     mine = torch.empty_like(padded)
     dist.scatter(mine, results, src=owner_rank, group=group)
-    ortho_local = mine.narrow(dim, 0, local.shape[dim])
-    return DTensor.from_local(ortho_local, mesh, update.placements, shape=update.shape, stride=update.stride())
+    return mine.narrow(dim, 0, update.shape[dim])
