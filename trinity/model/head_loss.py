@@ -71,8 +71,9 @@ def _head_pass(
     want_h = grad_coefs is not None and need[0]
     want_w = grad_coefs is not None and need[1]
     grad_h_ND = torch.empty_like(h_ND) if want_h else None
-    # fp32 accumulation of the weight gradient, whatever the compute dtype.
-    grad_w_VD = torch.zeros(V, w_VD.shape[1], dtype=torch.float32, device=h_ND.device) if want_w else None
+    # fp32 accumulation of the weight gradient; the first chunk writes it (no zero fill).
+    new_w = torch.empty if N > 0 else torch.zeros
+    grad_w_VD = new_w(V, w_VD.shape[1], dtype=torch.float32, device=h_ND.device) if want_w else None
     fp32 = h_ND.dtype == torch.float32
     wt_DV = w_VD.t()
     # One fp32 [C, V] buffer, reused by every chunk and updated in place (no page faults).
@@ -103,9 +104,11 @@ def _head_pass(
             torch.mm(g_c, w_VD, out=grad_h_ND[start:stop])
         if grad_w_VD is not None:
             if fp32:
-                grad_w_VD.addmm_(g_c.t(), h_CD)
-            else:
+                grad_w_VD.addmm_(g_c.t(), h_CD, beta=1.0 if start else 0.0)
+            elif start:
                 grad_w_VD.add_(torch.mm(g_c.t(), h_CD))
+            else:
+                grad_w_VD.copy_(torch.mm(g_c.t(), h_CD))
     return lse_N, target_N, grad_h_ND, grad_w_VD
 
 
