@@ -89,6 +89,13 @@ def test_no_valid_label_gives_zero_loss_and_gradient() -> None:
     assert not gh.any() and not gw.any()
 
 
+def test_label_out_of_range_is_an_error() -> None:
+    h, w, labels = inputs()
+    labels[3] = w.shape[0]  # one past the vocabulary: must not silently read the next row
+    with pytest.raises((IndexError, RuntimeError)):
+        head_cross_entropy_and_z(h, w, labels)
+
+
 def test_without_grad_only_the_loss() -> None:
     h, w, labels = inputs()
     with torch.no_grad():

@@ -86,8 +86,9 @@ def _head_pass(
         h_CD, labels_C = h_ND[start:stop], labels_N[start:stop]
         logits_CV = torch.mm(h_CD, wt_DV, out=logits_buf[:C])
         x_CV = logits_CV if fp32 else buf_CV[:C].copy_(logits_CV)
+        # gather checks the labels against V (a label >= V must not land in the next row).
+        target_N[start:stop] = x_CV.gather(1, labels_C[:, None]).squeeze(1)
         flat_C = row_offsets_C[:C] + labels_C
-        target_N[start:stop] = x_CV.view(-1).index_select(0, flat_C)
         max_C1 = x_CV.amax(dim=-1, keepdim=True)
         sum_C1 = x_CV.sub_(max_C1).exp_().sum(dim=-1, keepdim=True)  # x_CV now holds exp(logit - max)
         lse_C = lse_N[start:stop]
