@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,15 @@ execution:
 
 
 NODE = "pretrain/phase1"
+
+
+def sigint_as_ctrl_c() -> None:
+    """preexec_fn for a `trinity run` that a test interrupts: SIGINT back to its default disposition.
+
+    A test run started from a non-interactive shell's background job (`cmd &`) inherits SIGINT as
+    ignored, and Python then never turns it into KeyboardInterrupt; a terminal's Ctrl-C does not.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def trinity(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.execute.conftest import MICRO_GRAPH, NODE, losses, trinity
+from tests.execute.conftest import MICRO_GRAPH, NODE, losses, sigint_as_ctrl_c, trinity
 from trinity.distributed.env import DistEnv, dist_env, expand_tasks_per_node, first_host, first_host_of, slurm_port
 from trinity.execute.local import LocalExecutor
 from trinity.execute.ranks import read_rank_ends
@@ -257,6 +257,7 @@ def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_resume_is_exact(
         [sys.executable, "-m", "trinity.cli", "run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=sigint_as_ctrl_c,
     )
     node_dir = RunDir(run).node(NODE)
     deadline = time.monotonic() + 600

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.execute.conftest import NODE, losses, trinity
+from tests.execute.conftest import NODE, losses, sigint_as_ctrl_c, trinity
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
@@ -151,6 +151,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_exactly(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_ctrl_c,
     )
     node_dir = RunDir(run).node(NODE)
     deadline = time.monotonic() + 300
