@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,27 @@ def sigint_as_ctrl_c() -> None:
     ignored, and Python then never turns it into KeyboardInterrupt; a terminal's Ctrl-C does not.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_until_step(graph: Path, run: Path, step: int, timeout_s: float = 300) -> subprocess.Popen[str]:
+    """`trinity run GRAPH --run-dir RUN --nodes NODE` in the background, returned once NODE reports `step`
+    (a test then kills or interrupts it). SIGINT keeps its default disposition (see sigint_as_ctrl_c)."""
+    from trinity.execute.rundir import RunDir
+    from trinity.execute.status import NodeStatus
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(run), "--nodes", NODE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=sigint_as_ctrl_c,
+    )
+    node_dir = RunDir(run).node(NODE)
+    deadline = time.monotonic() + timeout_s
+    while NodeStatus.read(node_dir).progress.get("step", 0) < step:
+        assert proc.poll() is None and time.monotonic() < deadline, f"the node ended before it reached step {step}"
+        time.sleep(0.05)
+    return proc
 
 
 def trinity(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

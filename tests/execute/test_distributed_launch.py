@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.execute.conftest import MICRO_GRAPH, NODE, losses, sigint_as_ctrl_c, trinity
+from tests.execute.conftest import MICRO_GRAPH, NODE, losses, run_until_step, trinity
 from trinity.distributed.env import DistEnv, dist_env, expand_tasks_per_node, first_host, first_host_of, slurm_port
 from trinity.execute.local import LocalExecutor
 from trinity.execute.ranks import read_rank_ends
@@ -212,16 +212,8 @@ def test_killing_rank_1_fails_the_attempt_and_resume_finishes_with_each_step_onc
     _, prepared_run = prepared
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = run_until_step(two_rank_graph, run, 25, timeout_s=600)  # past the first checkpoint (step 20)
     node_dir = RunDir(run).node(NODE)
-    deadline = time.monotonic() + 600
-    while NodeStatus.read(node_dir).progress.get("step", 0) < 25:  # past the first checkpoint (step 20)
-        assert proc.poll() is None and time.monotonic() < deadline, "the node ended before it could be killed"
-        time.sleep(0.05)
     pids = re.findall(r"rank 1 of 2 on \S+ \(pid (\d+)\)", node_dir.log_file(1).read_text())
     os.kill(int(pids[0]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
@@ -253,17 +245,8 @@ def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_resume_is_exact(
     _, prepared_run = prepared
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        preexec_fn=sigint_as_ctrl_c,
-    )
+    proc = run_until_step(two_rank_graph, run, 10, timeout_s=600)
     node_dir = RunDir(run).node(NODE)
-    deadline = time.monotonic() + 600
-    while NodeStatus.read(node_dir).progress.get("step", 0) < 10:
-        assert proc.poll() is None and time.monotonic() < deadline, "the node ended before it could be stopped"
-        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out

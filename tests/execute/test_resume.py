@@ -6,12 +6,9 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from tests.execute.conftest import NODE, losses, sigint_as_ctrl_c, trinity
+from tests.execute.conftest import NODE, losses, run_until_step, trinity
 from trinity.execute.rundir import RunDir, read_json
 from trinity.execute.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
@@ -26,16 +23,8 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(
     expected = straight
 
     kill_at = random.Random(os.getpid()).randint(22, 50)  # past the first checkpoint (every 20 steps)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(killed), "--nodes", NODE],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = run_until_step(graph, killed, kill_at)
     node_dir = RunDir(killed).node(NODE)
-    deadline = time.monotonic() + 300
-    while NodeStatus.read(node_dir).progress.get("step", 0) < kill_at:
-        assert proc.poll() is None and time.monotonic() < deadline, "the node ended before it could be killed"
-        time.sleep(0.05)
     os.kill(read_json(node_dir.lease)["pid"], signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode == 1
@@ -146,18 +135,8 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_continues_exactly(
     graph, prepared_run = prepared
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(run), "--nodes", NODE],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=sigint_as_ctrl_c,
-    )
+    proc = run_until_step(graph, run, 7)
     node_dir = RunDir(run).node(NODE)
-    deadline = time.monotonic() + 300
-    while NodeStatus.read(node_dir).progress.get("step", 0) < 7:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the scheduler
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, output
