@@ -97,3 +97,31 @@ def test_window_counts_the_current_token() -> None:
 def test_positions_restart_per_document() -> None:
     docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
     assert positions_from_doc_ids(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("is_local", [True, False])
+def test_bf16_autocast_close_to_fp32(is_local: bool) -> None:
+    """Under bf16 autocast (the recipe's precision) attention stays within bf16 rounding of fp32,
+    forward and input gradient, and returns bf16; on CPU the masked (local-block) kernels run in
+    fp32, where CPU's flash backward is faster than in bf16."""
+    from trinity.model.attention import _kernel_dtype
+
+    torch.manual_seed(3)
+    B, T, D, window = 2, 40, 64, 16
+    attn = Attention(D, n_heads=4, n_kv_heads=2, head_dim=16, is_local=is_local)
+    x = torch.randn(B, T, D, requires_grad=True)
+    cos_sin = RotaryEmbedding(16, 10_000.0)(torch.arange(T)[None].expand(B, T), x.dtype)
+    masks = build_attention_masks(T, window, None)
+    want = attn(x, cos_sin, masks)
+    (want_gx,) = torch.autograd.grad(want.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x, cos_sin, masks)
+    (got_gx,) = torch.autograd.grad(got.float().sum(), x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
+    torch.testing.assert_close(got_gx, want_gx, atol=2e-2 * want_gx.abs().max().item(), rtol=0)
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert _kernel_dtype(q, masked=True) == torch.float32
+    assert _kernel_dtype(q, masked=False) == torch.bfloat16
+    assert _kernel_dtype(q[..., :32], masked=False) == torch.float32
+    assert _kernel_dtype(q.float(), masked=False) == torch.float32

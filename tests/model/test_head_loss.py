@@ -143,3 +143,36 @@ def test_model_fused_path_under_bf16_autocast() -> None:
         losses.append((out.ce_loss.detach(), model.output.weight.grad.clone(), model.norm.weight.grad.clone()))
     for a, b in zip(*losses, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("held_bytes", [301 * 2 * 16, 2**30])  # one chunk held at a time / all at once
+def test_low_precision_path_against_fp64(monkeypatch: pytest.MonkeyPatch, held_bytes: int) -> None:
+    """Under bf16 autocast the matmuls run in bf16 and the softmax in fp32; the weight gradient
+    is accumulated in fp32 (folded from the held bf16 logit gradients every chunk or once at the
+    end) and returned fp32 for the fp32 weight. Reference: the same bf16-rounded operands in fp64."""
+    monkeypatch.setattr(head_loss, "MAX_GRAD_ROWS_BYTES", held_bytes)
+    h, w, labels = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce, z = head_cross_entropy_and_z(h, w, labels, rows_per_chunk=16)
+    gh, gw = grads(ce + 0.1 * z, h, w)
+    assert gw.dtype == torch.float32 and gh.dtype == torch.float32
+    h64, w64 = (x.detach().bfloat16().double().requires_grad_() for x in (h, w))
+    want_ce, want_z = reference(h64, w64, labels)
+    want_gh, want_gw = grads(want_ce + 0.1 * want_z, h64, w64)
+    # The logits are rounded to bf16 by their matmul (relative 2^-9), so are the logit gradients.
+    torch.testing.assert_close(ce.double(), want_ce, atol=0, rtol=1e-4)
+    torch.testing.assert_close(z.double(), want_z, atol=0, rtol=1e-4)
+    for got, want in ((gh, want_gh), (gw, want_gw)):
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * want.abs().max().item(), rtol=0)
+
+
+def test_held_rows_fold_equals_single_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folding the held bf16 rows into the fp32 weight gradient in groups gives the one-fold result."""
+    h, w, labels = inputs(n=200)
+    results = []
+    for held_bytes in (301 * 2 * 40, 2**30):  # 40 rows held (folds after chunks of 16 + 16), or all
+        monkeypatch.setattr(head_loss, "MAX_GRAD_ROWS_BYTES", held_bytes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ce, _ = head_cross_entropy_and_z(h, w, labels, rows_per_chunk=16)
+        results.append(grads(ce, w)[0])
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)

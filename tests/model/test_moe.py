@@ -71,3 +71,36 @@ def test_expert_keys_and_old_flat_checkpoints_load() -> None:
     fresh.load_state_dict(flat)  # strict: every key is consumed
     for name, value in sd.items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+def test_autocast_runs_experts_in_bf16_close_to_fp32() -> None:
+    """Under bf16 autocast the grouped expert matmuls run in bf16 (as autocast's nn.Linear would;
+    the grouped kernel is not on autocast's list) and the result stays within bf16 rounding of the
+    fp32 reference; routing stays fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[tuple[str, torch.dtype]] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.__name__.split(".")[0]
+            if name in ("_grouped_mm", "mm") and isinstance(args[0], torch.Tensor):
+                self.seen.add((name, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(5)
+    fast = MoE(32, n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1, route_scale=2.0)
+    for p in fast.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref = MoEReference(32, n_experts=4, top_k=2, expert_hidden=16, n_shared_experts=1, route_scale=2.0)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 9, 32)
+    want, counts_want, _ = ref(x)
+    with MatmulDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        got, counts_got, _ = fast(x.clone().requires_grad_())
+    assert torch.equal(counts_got, counts_want)
+    assert ("_grouped_mm", torch.bfloat16) in seen.seen or ("mm", torch.bfloat16) in seen.seen
+    assert ("_grouped_mm", torch.float32) not in seen.seen
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)

@@ -34,6 +34,9 @@ the weight gradient accumulates one [V, D] product per chunk, so too few rows ma
 thin, memory-bound matmul; too many spill the [C, V] buffer out of cache."""
 MAX_CHUNK_BYTES = 64 * 2**20
 """Cap on the fp32 [C, V] buffer: large vocabularies get fewer rows (at least 16)."""
+MAX_GRAD_ROWS_BYTES = 256 * 2**20
+"""Cap on the low-precision logit gradients held for the weight gradient (bf16 at V = 16384:
+8192 rows; at Trinity's V = 200,192: 670 rows)."""
 
 
 @dataclass
@@ -49,6 +52,11 @@ def chunk_rows(n_rows: int, vocab: int, rows: int = CHUNK_ROWS, max_bytes: int =
     return min(rows, n_rows) if n_rows > 0 else rows
 
 
+def _grad_rows(n_rows: int, vocab: int, max_bytes: int = MAX_GRAD_ROWS_BYTES) -> int:
+    """Rows of low-precision logit gradients held before they are folded into the weight gradient."""
+    return max(1, min(n_rows, max_bytes // (2 * vocab)))
+
+
 def _head_pass(
     h_ND: torch.Tensor,
     w_VD: torch.Tensor,
@@ -59,10 +67,16 @@ def _head_pass(
     need: tuple[bool, bool],
     rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(lse_N fp32, target logit_N fp32, grad_h_ND, grad_w_VD) in one chunked pass.
+    """(lse_N fp32, target logit_N fp32, grad_h_ND, grad_w_VD fp32) in one chunked pass.
 
-    grad_coefs (a, b): gradients are those of a * mean CE + b * mean lse^2 (None: no gradients).
-    need: whether grad_h and grad_w are wanted.
+    h_ND and w_VD share a dtype: fp32, or a low-precision compute dtype (autocast), in which
+    case the matmuls run in it and the softmax in fp32. grad_coefs (a, b): gradients are those of
+    a * mean CE + b * mean lse^2 (None: no gradients). need: whether grad_h and grad_w are wanted.
+
+    The weight gradient is fp32. In fp32 every chunk adds its [V, D] product in place (addmm);
+    in low precision the chunks' logit gradients are kept (up to MAX_GRAD_ROWS_BYTES of them)
+    and folded in with one [V, D] matmul per group of chunks, because CPU has no mixed-dtype
+    addmm and casting and adding a [V, D] product per chunk cost twice the matmul itself.
     """
     N, _ = h_ND.shape
     V = w_VD.shape[0]
@@ -71,7 +85,7 @@ def _head_pass(
     want_h = grad_coefs is not None and need[0]
     want_w = grad_coefs is not None and need[1]
     grad_h_ND = torch.empty_like(h_ND) if want_h else None
-    # fp32 accumulation of the weight gradient; the first chunk writes it (no zero fill).
+    # fp32 accumulation of the weight gradient; the first product writes it (no zero fill).
     new_w = torch.empty if N > 0 else torch.zeros
     grad_w_VD = new_w(V, w_VD.shape[1], dtype=torch.float32, device=h_ND.device) if want_w else None
     fp32 = h_ND.dtype == torch.float32
@@ -79,6 +93,19 @@ def _head_pass(
     # One fp32 [C, V] buffer, reused by every chunk and updated in place (no page faults).
     buf_CV = torch.empty(rows, V, dtype=torch.float32, device=h_ND.device)
     logits_buf = buf_CV if fp32 else torch.empty(rows, V, dtype=h_ND.dtype, device=h_ND.device)
+    # Low precision: logit gradients of consecutive chunks, rows [kept_from, start) of h.
+    held_RV = None if fp32 or grad_w_VD is None else h_ND.new_empty(max(rows, _grad_rows(N, V)), V)
+    kept_from = 0
+
+    def fold(stop: int) -> None:
+        """Adds the held rows' product into grad_w (low precision) and empties the holder."""
+        nonlocal kept_from
+        if grad_w_VD is None or held_RV is None or stop == kept_from:
+            return
+        product_VD = torch.mm(held_RV[: stop - kept_from].t(), h_ND[kept_from:stop])
+        grad_w_VD.add_(product_VD) if kept_from else grad_w_VD.copy_(product_VD)
+        kept_from = stop
+
     row_offsets_C = torch.arange(rows, device=h_ND.device) * V
     for start in range(0, N, rows):
         stop = min(start + rows, N)
@@ -100,16 +127,17 @@ def _head_pass(
         # dL/dlogits = w (a + 2 b lse) p - a w onehot, with p = exp(logit - max) / sum, in place.
         x_CV.mul_((w_C * (a + 2 * b * lse_C))[:, None] / sum_C1)
         x_CV.view(-1).index_add_(0, flat_C, -a * w_C)
-        g_c = x_CV if fp32 else logits_buf[:C].copy_(x_CV)
+        if held_RV is not None:
+            if stop - kept_from > held_RV.shape[0]:
+                fold(start)
+            g_c = held_RV[start - kept_from : stop - kept_from].copy_(x_CV)
+        else:
+            g_c = x_CV if fp32 else logits_buf[:C].copy_(x_CV)
         if grad_h_ND is not None:
             torch.mm(g_c, w_VD, out=grad_h_ND[start:stop])
-        if grad_w_VD is not None:
-            if fp32:
-                grad_w_VD.addmm_(g_c.t(), h_CD, beta=1.0 if start else 0.0)
-            elif start:
-                grad_w_VD.add_(torch.mm(g_c.t(), h_CD))
-            else:
-                grad_w_VD.copy_(torch.mm(g_c.t(), h_CD))
+        if grad_w_VD is not None and fp32:
+            grad_w_VD.addmm_(g_c.t(), h_CD, beta=1.0 if start else 0.0)
+    fold(N)
     return lse_N, target_N, grad_h_ND, grad_w_VD
 
 
@@ -127,17 +155,21 @@ class _HeadCrossEntropyZ(torch.autograd.Function):
         need_w: bool,
         rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The weight arrives as stored (fp32 master) and is cast here, so its gradient is
+        # accumulated and returned in fp32 rather than rounded to the compute dtype and back.
+        w_cVD = w_VD.to(h_ND.dtype)
         valid_N = labels_N != IGNORE_INDEX
         safe_labels_N = labels_N.clamp(min=0)
         n_valid = valid_N.sum().clamp(min=1).float()
         r = ratio.value
         coefs = (1.0, r) if (need_h or need_w) else None
         lse_N, target_N, grad_h, grad_w = _head_pass(
-            h_ND, w_VD, safe_labels_N, valid_N, n_valid, coefs, (need_h, need_w), rows
+            h_ND, w_cVD, safe_labels_N, valid_N, n_valid, coefs, (need_h, need_w), rows
         )
         ce = ((lse_N - target_N) * valid_N).sum() / n_valid
         z = (lse_N.square() * valid_N).sum() / n_valid
-        ctx.save_for_backward(h_ND, w_VD, safe_labels_N, valid_N, n_valid, grad_h, grad_w)
+        ctx.save_for_backward(h_ND, safe_labels_N, valid_N, n_valid, grad_h, grad_w)
+        ctx.w_cVD, ctx.w_dtype = w_cVD, w_VD.dtype
         ctx.ratio, ctx.guess, ctx.need, ctx.rows = ratio, r, (need_h, need_w), rows
         return ce, z
 
@@ -145,7 +177,8 @@ class _HeadCrossEntropyZ(torch.autograd.Function):
     def backward(
         ctx: Any, g_ce: torch.Tensor | None, g_z: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
-        h_ND, w_VD, labels_N, valid_N, n_valid, grad_h, grad_w = ctx.saved_tensors
+        h_ND, labels_N, valid_N, n_valid, grad_h, grad_w = ctx.saved_tensors
+        w_VD = ctx.w_cVD
         a = 0.0 if g_ce is None else float(g_ce)
         b = 0.0 if g_z is None else float(g_z)
         guess: float = ctx.guess
@@ -162,7 +195,7 @@ class _HeadCrossEntropyZ(torch.autograd.Function):
         else:  # recompute with the true coefficients
             _, _, grad_h, grad_w = _head_pass(h_ND, w_VD, labels_N, valid_N, n_valid, (a, b), ctx.need, ctx.rows)
         if grad_w is not None:
-            grad_w = grad_w.to(w_VD.dtype)
+            grad_w = grad_w.to(ctx.w_dtype)
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -182,10 +215,7 @@ def head_cross_entropy_and_z(
     """
     device = h_ND.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
-    elif w_VD.dtype != h_ND.dtype:
-        w_VD = w_VD.to(h_ND.dtype)
+        h_ND = h_ND.to(torch.get_autocast_dtype(device))
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h_ND.requires_grad, grad_on and w_VD.requires_grad
     rows = chunk_rows(h_ND.shape[0], w_VD.shape[0], rows_per_chunk)
