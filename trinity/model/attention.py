@@ -135,9 +135,7 @@ def _kernel_dtype(q: torch.Tensor, masked: bool) -> torch.dtype:
     return q.dtype
 
 
-def _flash(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
-) -> torch.Tensor:
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """SDPA on [batch, heads, len, K] (GQA), in `_kernel_dtype`; returns q's dtype."""
     dtype = _kernel_dtype(q, mask is not None)
     # Autocast would cast fp32 inputs back down; the dtype is chosen here instead.
