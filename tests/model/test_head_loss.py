@@ -176,3 +176,16 @@ def test_held_rows_fold_equals_single_fold(monkeypatch: pytest.MonkeyPatch) -> N
             ce, _ = head_cross_entropy_and_z(h, w, labels, rows_per_chunk=16)
         results.append(grads(ce, w)[0])
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_scratch_buffers_are_reused_and_sized() -> None:
+    """CPU scratch buffers persist across calls (no page faults per step) and grow when needed."""
+    from trinity.model.head_loss import _scratch
+
+    a = _scratch("test", 4, 10, torch.float32, torch.device("cpu"))
+    b = _scratch("test", 2, 10, torch.float32, torch.device("cpu"))
+    assert a.shape == (4, 10) and b.shape == (2, 10) and a.data_ptr() == b.data_ptr()
+    c = _scratch("test", 8, 10, torch.float32, torch.device("cpu"))
+    assert c.shape == (8, 10)
+    assert _scratch("test", 4, 10, torch.bfloat16, torch.device("cpu")).dtype == torch.bfloat16
+    head_loss._WORKSPACE.clear()
