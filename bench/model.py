@@ -1,19 +1,23 @@
 """Training-step throughput and memory of trinity vs transformers' AfmoeForCausalLM (prints JSON).
 
-Same config, same weights (exported with trinity.interop.hf), same batch, side by side in one
-process: tokens/s of forward + backward (loss.backward(), no optimizer), their ratio, the step's
-achieved FLOP/s as a fraction of one large fp32 matmul's FLOP/s on this machine, and peak memory
-(resident set, measured in a fresh subprocess per point) of forward + backward at 4k and 16k tokens.
+Same config, same weights (exported with trinity.interop.hf), same batch, same precision, side by
+side in one process: tokens/s of forward + backward (loss.backward(), no optimizer), their ratio,
+the step's achieved FLOP/s as a fraction of one large matmul's FLOP/s in the same dtype on this
+machine, and peak memory (resident set, measured in a fresh subprocess per point) of forward +
+backward at 4k and 16k tokens. Precisions: fp32, and bf16 autocast (`stability.precision: bf16`,
+the recipe's training precision), both models under the same `torch.autocast`.
 
-    python bench/model.py [--iters 5] [--out bench/model.json] [--skip-memory]
+    python bench/model.py [--iters 7] [--precisions fp32,bf16] [--out bench/model.json] [--skip-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,8 +71,8 @@ def step_flops(spec: ModelSpec, B: int, T: int) -> float:
     return 3 * B * (2 * per_token * T + attn_flops)
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(reps):
@@ -76,6 +80,11 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The training step's precision context: bf16 autocast (as trinity's trainer uses) or none."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def models(spec: ModelSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -89,20 +98,20 @@ def models(spec: ModelSpec) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.train(), theirs.train()
 
 
-def time_pair(fn_a: Any, fn_b: Any, iters: int) -> tuple[float, float]:
-    """Best-of-`iters` seconds of two steps run alternately, so that load from other processes
-    on a shared machine hits both alike (the minimum is the least disturbed run)."""
-    fn_a(), fn_b()  # warm-up
+def time_pair(fn_a: Any, fn_b: Any, iters: int) -> tuple[list[float], list[float]]:
+    """Seconds of `iters` steps of each, run alternately (a, b, a, b, ...) after one warm-up each,
+    so that load from other processes on a shared machine hits both alike."""
+    fn_a(), fn_b()
     times_a, times_b = [], []
     for _ in range(iters):
         for fn, times in ((fn_a, times_a), (fn_b, times_b)):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return min(times_a), min(times_b)
+    return times_a, times_b
 
 
-def throughput(name: str, B: int, T: int, iters: int, peak: float) -> dict[str, Any]:
+def throughput(name: str, B: int, T: int, iters: int, precision: str, peak: float) -> dict[str, Any]:
     spec = config(name)
     ours, theirs = models(spec)
     torch.manual_seed(1)
@@ -110,21 +119,32 @@ def throughput(name: str, B: int, T: int, iters: int, peak: float) -> dict[str, 
 
     def step_ours() -> None:
         ours.zero_grad(set_to_none=True)
-        ours(ids, labels_BT=ids).ce_loss.backward()
+        with autocast(precision):
+            out = ours(ids, labels_BT=ids)
+        out.ce_loss.backward()
 
     def step_theirs() -> None:
         theirs.zero_grad(set_to_none=True)
-        theirs(ids, labels=ids).loss.backward()
+        with autocast(precision):
+            out = theirs(ids, labels=ids)
+        out.loss.backward()
 
-    t_ours, t_theirs = time_pair(step_ours, step_theirs, iters)
+    times_ours, times_theirs = time_pair(step_ours, step_theirs, iters)
+    t_ours, t_theirs = min(times_ours), min(times_theirs)
     flops = step_flops(spec, B, T)
     return {
         "config": name,
+        "precision": precision,
         "params": sum(p.numel() for p in ours.parameters()),
         "batch": [B, T],
         "trinity_tokens_per_s": B * T / t_ours,
         "afmoe_tokens_per_s": B * T / t_theirs,
+        # Best step against best step (the least disturbed of each), and the median over the
+        # adjacent (trinity, afmoe) pairs, which shared the machine's load of the moment.
         "speedup": t_theirs / t_ours,
+        "speedup_median_of_pairs": statistics.median(b / a for a, b in zip(times_ours, times_theirs, strict=True)),
+        "trinity_step_s": sorted(times_ours),
+        "afmoe_step_s": sorted(times_theirs),
         "step_flops": flops,
         "trinity_flops_fraction_of_matmul": flops / t_ours / peak,
         "afmoe_flops_fraction_of_matmul": flops / t_theirs / peak,
@@ -156,7 +176,8 @@ def memory_point(impl: str, T: int) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     p.add_argument("--out", type=Path)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-impls", default="trinity,afmoe")
@@ -165,15 +186,17 @@ def main() -> None:
     if args._memory:
         print(json.dumps(memory_point(args._memory[0], int(args._memory[1]))))
         return
-    peak = matmul_flops_per_s()
+    precisions = args.precisions.split(",")
+    peaks = {p: matmul_flops_per_s(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
     result: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-        "matmul_fp32_gflops": peak / 1e9,
+        "matmul_gflops": {p: peak / 1e9 for p, peak in peaks.items()},
         "throughput": [
-            throughput("tiny", 8, 512, args.iters, peak),
-            throughput("medium", 2, 1024, args.iters, peak),
+            throughput(name, B, T, args.iters, precision, peaks[precision])
+            for precision in precisions
+            for name, B, T in (("tiny", 8, 512), ("medium", 2, 1024))
         ],
     }
     if not args.skip_memory:
@@ -195,7 +218,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    assert math.isfinite(peak)
+    assert all(math.isfinite(peak) for peak in peaks.values())
 
 
 if __name__ == "__main__":

@@ -174,16 +174,17 @@ class MoE(nn.Module):
     ) -> torch.Tensor:
         """Sum over the k chosen experts of gate * expert(x): sort by expert, experts, un-sort."""
         T, D = x_TD.shape
-        device = x_TD.device.type
+        out_dtype, device = x_TD.dtype, x_TD.device.type
         if torch.is_autocast_enabled(device):  # the experts compute in it: gather (and ship) half the bytes
             x_TD = x_TD.to(torch.get_autocast_dtype(device))
         order_M = torch.argsort(topk_ids_TK.reshape(-1), stable=True)
         x_MD = x_TD.index_select(0, order_M // self.top_k)
         y_MD = self.experts(x_MD, counts_E)
-        y_MD = y_MD * gates_TK.reshape(-1)[order_M, None].to(y_MD.dtype)
         # Un-sort: row m of y_MD belongs to flat pair order_M[m].
-        y_unsorted_MD = permute_rows(y_MD, torch.argsort(order_M), order_M)
-        return y_unsorted_MD.view(T, self.top_k, D).sum(dim=1)
+        y_TKD = permute_rows(y_MD, torch.argsort(order_M), order_M).view(T, self.top_k, D)
+        # Gates (fp32) times outputs, summed over the k, in fp32: gates rounded to bf16 made the
+        # router's gradient under autocast ~4x noisier than transformers'.
+        return (y_TKD * gates_TK[:, :, None]).sum(dim=1).to(out_dtype)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(output_BTD, counts_E int64 on biased top-k of these tokens, unweighted sequence aux loss)."""
