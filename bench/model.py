@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,19 +151,32 @@ def throughput(name: str, B: int, T: int, iters: int, precision: str, peak: floa
     }
 
 
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: its high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def memory_point(impl: str, T: int) -> dict[str, Any]:
-    """Run in a fresh process: peak RSS of one forward + backward at B=1, T tokens, above the baseline."""
+    """Run in a fresh process: peak resident set of one forward + backward at B=1, T tokens,
+    above the resident set just before it (the high-water mark is reset first, so building and
+    exporting the models does not hide the step's peak)."""
     spec = config("medium")
     ours, theirs = models(spec)
     model = ours if impl == "trinity" else theirs
+    del ours, theirs
+    gc.collect()
     ids = torch.randint(0, spec.vocab_size, (1, T))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux)
+    base = _status_kib("VmRSS")
     t0 = time.perf_counter()
     if impl == "trinity":
         model(ids, labels_BT=ids).ce_loss.backward()
     else:
         model(ids, labels=ids).loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     dense_mask_bytes = spec.n_heads * T * T * 4
     return {
         "impl": impl,
