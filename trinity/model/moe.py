@@ -30,6 +30,15 @@ from torch import nn
 from trinity.model.losses import sequence_aux_loss
 
 
+def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's dtype when autocast is on for its device (else x): cast once for several
+    matmuls that read it, where autocast would cast it (and add its gradient back) per matmul."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): the dense FFN and the shared expert."""
 
@@ -40,6 +49,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_compute_dtype(x)
         out: torch.Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
         return out
 
@@ -172,19 +182,16 @@ class MoE(nn.Module):
     def routed_experts(
         self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor
     ) -> torch.Tensor:
-        """Sum over the k chosen experts of gate * expert(x): sort by expert, experts, un-sort."""
+        """Sum over the k chosen experts of gate * expert(x) (in fp32, the gates' dtype): sort by expert,
+        experts, un-sort."""
         T, D = x_TD.shape
-        out_dtype, device = x_TD.dtype, x_TD.device.type
-        if torch.is_autocast_enabled(device):  # the experts compute in it: gather (and ship) half the bytes
-            x_TD = x_TD.to(torch.get_autocast_dtype(device))
         order_M = torch.argsort(topk_ids_TK.reshape(-1), stable=True)
         x_MD = x_TD.index_select(0, order_M // self.top_k)
         y_MD = self.experts(x_MD, counts_E)
         # Un-sort: row m of y_MD belongs to flat pair order_M[m].
         y_TKD = permute_rows(y_MD, torch.argsort(order_M), order_M).view(T, self.top_k, D)
-        # Gates (fp32) times outputs, summed over the k, in fp32: gates rounded to bf16 made the
-        # router's gradient under autocast ~4x noisier than transformers'.
-        return (y_TKD * gates_TK[:, :, None]).sum(dim=1).to(out_dtype)
+        # Gates (fp32) times outputs, summed over the k, in fp32 (type promotion).
+        return (y_TKD * gates_TK[:, :, None]).sum(dim=1)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(output_BTD, counts_E int64 on biased top-k of these tokens, unweighted sequence aux loss)."""
@@ -192,11 +199,14 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         scores_TE, topk_ids_TK, gates_TK = self.route(x_TD)
         counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
-        out_TD = self.routed_experts(x_TD, topk_ids_TK, gates_TK, counts_E)
+        # Under autocast the experts compute in bf16: cast once for the routed experts (whose
+        # gather, and all-to-all under expert parallelism, then moves half the bytes) and the shared one.
+        x_cTD = to_compute_dtype(x_TD)
+        out_TD = self.routed_experts(x_cTD, topk_ids_TK, gates_TK, counts_E)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            out_TD = out_TD + self.shared(x_cTD)
         aux = sequence_aux_loss(scores_TE.view(B, T, -1), topk_ids_TK.view(B, T, -1))
-        return out_TD.view(B, T, D), counts_E, aux
+        return out_TD.to(x_BTD.dtype).view(B, T, D), counts_E, aux
 
 
 class MoEReference(MoE):
