@@ -95,6 +95,7 @@ class NodeJob(submitit.helpers.Checkpointable):
     def __init__(self, run_root: str, node_id: str, depends_on: str | None = None) -> None:
         self.run_root, self.node_id, self.depends_on = run_root, node_id, depends_on
         self._child: subprocess.Popen[bytes] | None = None
+        self._attempt: tuple[NodeDir, int] | None = None  # task 0: the attempt it recorded
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run_root": self.run_root, "node_id": self.node_id, "depends_on": self.depends_on}
@@ -102,6 +103,7 @@ class NodeJob(submitit.helpers.Checkpointable):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.run_root, self.node_id, self.depends_on = state["run_root"], state["node_id"], state.get("depends_on")
         self._child = None
+        self._attempt = None
 
     def __call__(self) -> str:
         started = time.time()
@@ -123,6 +125,7 @@ class NodeJob(submitit.helpers.Checkpointable):
             ).write(node_dir)
             if place.world_size > 1 and job_id:
                 atomic_write_json(_handoff(node_dir, job_id), {"attempt": attempt, "time": started})
+            self._attempt = (node_dir, attempt)
         else:
             assert job_id, "a task of a multi-task job has SLURM_JOB_ID"
             attempt = _await_attempt(_handoff(node_dir, job_id), since=started - HANDOFF_SLACK_S)
@@ -175,7 +178,18 @@ class NodeJob(submitit.helpers.Checkpointable):
             child.send_signal(signal.SIGTERM)
             if not _reaped_within(child.pid, STOP_WAIT_S):
                 child.kill()
+                self._record_killed()
         return submitit.helpers.DelayedSubmission(NodeJob(self.run_root, self.node_id, self.depends_on))
+
+    def _record_killed(self) -> None:
+        """Task 0: the node process did not stop in time and was killed; its attempt must not stay RUNNING."""
+        if self._attempt is None:
+            return
+        node_dir, attempt = self._attempt
+        record = AttemptRecord.read(node_dir, attempt)
+        if record.state == "RUNNING":
+            message = f"did not stop within {STOP_WAIT_S:.0f} s of the stop request; killed before the requeue"
+            record.finish(node_dir, "FAILED", None, int(signal.SIGKILL), message)
 
 
 def _reaped_within(pid: int, seconds: float) -> bool:

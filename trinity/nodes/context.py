@@ -7,7 +7,6 @@ primary) writes the node's status, attempt record, heartbeat and progress.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,25 @@ class StopRequested(Exception):
     """The executor asked the node to stop (Ctrl-C, preemption, time limit)."""
 
 
+class StopFlag:
+    """A stop request, set from signal handlers and read by the body between steps.
+
+    Deliberately not a threading.Event: Event.set() takes a non-reentrant lock, and on Slurm two
+    signals arrive together (the job's USR2 and the submitit wrapper's SIGTERM), so the second
+    handler could interrupt the first inside set() and wait on that lock forever; a rank hung
+    that way mid-step and its peer with it. Setting a bool is safe to re-enter.
+    """
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    def set(self) -> None:
+        self._requested = True
+
+    def is_set(self) -> bool:
+        return self._requested
+
+
 @dataclass
 class NodeContext:
     run: RunDir
@@ -36,7 +54,7 @@ class NodeContext:
     attempt: int
     run_id: str
     executor: str = "local"
-    stop_event: threading.Event = field(default_factory=threading.Event)
+    stop_event: StopFlag = field(default_factory=StopFlag)
     checks_stop: bool = False
     """A body that polls `stop_event` (training) sets this; others are interrupted at once."""
     rank: int = 0
