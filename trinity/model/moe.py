@@ -95,10 +95,7 @@ def swiglu_grouped(
     grouped matmul is not on autocast's list, so without this it would stay fp32: on a bf16 CPU
     with AMX that is 2-3x slower).
     """
-    device = x_MD.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x_MD, w1_EFD, w3_EFD, w2_EDF = (t.to(dtype) for t in (x_MD, w1_EFD, w3_EFD, w2_EDF))
+    x_MD, w1_EFD, w3_EFD, w2_EDF = (to_compute_dtype(t) for t in (x_MD, w1_EFD, w3_EFD, w2_EDF))
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     h_MF = F.silu(grouped_linear(x_MD, w1_EFD, offsets_E)) * grouped_linear(x_MD, w3_EFD, offsets_E)
     return grouped_linear(h_MF, w2_EDF, offsets_E)
