@@ -31,8 +31,9 @@ import torch
 import yaml
 
 from trinity.model import TrinityModel
+from trinity.nodes.seeds import capture_rng_state
 from trinity.spec.model import ModelSpec
-from trinity.store.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+from trinity.store.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import yaml
 
-from trinity.execute.rundir import NodeDir, RunDir, atomic_write_json
 from trinity.model import TrinityModel
 from trinity.optim.balancing import update_expert_biases
 from trinity.optim.groups import build_optimizer
+from trinity.run.layout import NodeDir, RunDir, atomic_write_json
 from trinity.spec.model import ModelSpec
 from trinity.spec.optim import OptimSpec
 from trinity.spec.stability import SignBalancing

@@ -1,8 +1,9 @@
 """The `trinity` command line: validate, plan, graph, schema, diff.
 
 Every command that reads a graph file takes `--set FIELD.PATH=VALUE` (repeatable). A bad spec
-prints one line per problem (`file:line: field message`) and exits with status 2; other failures
-print one line and exit 1. `--debug` shows tracebacks.
+prints one line per problem (`file:line: field message`) and exits with status 2; any other trinity
+error (`trinity.errors.TrinityError`: a run directory, a node, telemetry) prints one line and exits
+with status 2 too; anything unexpected (a bug) prints one line and exits 1. `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from trinity.execute.run import RunError
-from trinity.execute.scheduler import Interrupted
-from trinity.spec.errors import SpecError
+from trinity.errors import SpecError, TrinityError
 
 app = typer.Typer(
     add_completion=False,
@@ -39,19 +38,9 @@ GraphArg = Annotated[Path, typer.Argument(help="Graph file (YAML).")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _is_user_error(exc: Exception) -> bool:
-    """Errors whose message is the whole story (no traceback, exit 2). Modules load lazily: check if loaded."""
-    if isinstance(exc, RunError):
-        return True
-    catalog = sys.modules.get("trinity.store.catalog")
-    if catalog is not None and isinstance(exc, catalog.CatalogError):
-        return True
-    context = sys.modules.get("trinity.nodes.context")
-    return context is not None and isinstance(exc, context.NodeFailure)
-
-
 def handles_errors(fn: F) -> F:
-    """Turn SpecError into located lines + exit 2, anything else into one line + exit 1."""
+    """A SpecError as located lines, any other TrinityError as one line: exit 2. Ctrl-C: exit 130.
+    Anything else is a bug: its type and message, exit 1 (the traceback with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,19 +55,21 @@ def handles_errors(fn: F) -> F:
             for line in exc.lines:
                 err.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (KeyboardInterrupt, Interrupted):
+        except KeyboardInterrupt:  # trinity.errors.Interrupted too: nodes were stopped at a checkpoint
             err.print(
                 "[yellow]interrupted[/]: running nodes were stopped at a checkpoint; "
                 "continue with `trinity resume RUN_DIR`",
                 highlight=False,
             )
             raise typer.Exit(130) from None
+        except TrinityError as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except Exception as exc:
             if debug:
                 raise
-            if _is_user_error(exc):
-                err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
             err.print(
                 f"[bold red]error[/]: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
                 highlight=False,

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trinity.data.sources import SourceError, iter_documents
+from trinity.data.sources import iter_documents
+from trinity.errors import SourceError
 from trinity.spec.data import DemoSource, FilesSource, JsonlSource, ParquetSource
 
 

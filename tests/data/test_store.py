@@ -10,13 +10,13 @@ import pytest
 from trinity.data.store import (
     COMMIT_MARKER,
     TOKEN_CHUNK,
-    StoreError,
     StoreWriter,
     clear_stale,
     commit_dir,
     open_store,
     temp_dir_for,
 )
+from trinity.errors import StoreError
 
 
 def test_write_commit_read_back(tmp_path: Path) -> None:

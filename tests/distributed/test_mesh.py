@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trinity.distributed.mesh import Layout, LayoutError, layout_for
+from trinity.distributed.mesh import Layout, layout_for
+from trinity.errors import LayoutError
 from trinity.spec.parallel import ParallelSpec
 
 

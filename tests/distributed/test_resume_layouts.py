@@ -17,10 +17,10 @@ import torch
 
 from tests.distributed.test_training_parity import BATCH, MICRO, SEQ, SyntheticBatches, _spec
 from trinity.distributed.testing import run_workers
-from trinity.execute.rundir import NodeDir
-from trinity.execute.status import AttemptRecord
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training, resume_into
 from trinity.optim.balancing import update_expert_biases
+from trinity.run.layout import NodeDir
+from trinity.run.status import AttemptRecord
 from trinity.store.checkpoint import list_checkpoints, load_checkpoint, read_marker
 
 IDENTITY = "test-identity"

@@ -79,8 +79,8 @@ def sigint_as_ctrl_c() -> None:
 def run_until_step(graph: Path, run: Path, step: int, timeout_s: float = 300) -> subprocess.Popen[str]:
     """`trinity run GRAPH --run-dir RUN --nodes NODE` in the background, returned once NODE reports `step`
     (a test then kills or interrupts it). SIGINT keeps its default disposition (see sigint_as_ctrl_c)."""
-    from trinity.execute.rundir import RunDir
-    from trinity.execute.status import NodeStatus
+    from trinity.run.layout import RunDir
+    from trinity.run.status import NodeStatus
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(run), "--nodes", NODE],

@@ -24,10 +24,10 @@ from tests.conftest import ROOT
 from tests.execute.conftest import MICRO_GRAPH, NODE, losses, run_until_step, trinity
 from trinity.distributed.env import DistEnv, dist_env, expand_tasks_per_node, first_host, first_host_of, slurm_port
 from trinity.execute.local import LocalExecutor
-from trinity.execute.ranks import read_rank_ends
 from trinity.execute.run import write_run
-from trinity.execute.rundir import RunDir, read_json
-from trinity.execute.status import AttemptRecord, NodeStatus, list_attempts
+from trinity.run.layout import RunDir, read_json
+from trinity.run.ranks import read_rank_ends
+from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.spec.loading import load_experiment
 
 TWO_RANKS = (
@@ -140,7 +140,7 @@ def test_a_node_launched_with_the_wrong_number_of_processes_fails_with_both_numb
     AttemptRecord(attempt=1, executor="local", identity="x").write(node_dir)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE") and not k.startswith("SLURM_")}
     code = subprocess.run(
-        [sys.executable, "-m", "trinity.nodes.entry", str(run), NODE, "--attempt", "1"], env=env, timeout=300
+        [sys.executable, "-m", "trinity.execute.attempt", str(run), NODE, "--attempt", "1"], env=env, timeout=300
     ).returncode
     assert code == 1
     message = NodeStatus.read(node_dir).message

@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 
 from tests.execute.conftest import NODE, losses, run_until_step, trinity
-from trinity.execute.rundir import RunDir, read_json
-from trinity.execute.status import NodeStatus, list_attempts
+from trinity.run.layout import RunDir, read_json
+from trinity.run.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from tests.execute.conftest import trinity
-from trinity.execute.rundir import RunDir, read_json
-from trinity.execute.status import NodeStatus, list_attempts
+from trinity.run.layout import RunDir, read_json
+from trinity.run.status import NodeStatus, list_attempts
 
 
 def states(run: Path) -> dict[str, str]:
@@ -73,7 +73,8 @@ def test_run_directory_contract(micro_graph: Path, tmp_path: Path) -> None:
 
 
 def test_a_second_scheduler_on_the_same_run_is_refused(micro_graph: Path, tmp_path: Path) -> None:
-    from trinity.execute.run import RunError, RunLock
+    from trinity.errors import RunError
+    from trinity.execute.run import RunLock
 
     run = RunDir(tmp_path / "run")
     with RunLock(run):
@@ -88,8 +89,8 @@ def test_stale_lease_means_died(tmp_path: Path) -> None:
     import os
     import time
 
-    from trinity.execute.rundir import NodeDir, atomic_write_json
-    from trinity.execute.status import lease_is_stale
+    from trinity.run.layout import NodeDir, atomic_write_json
+    from trinity.run.status import lease_is_stale
 
     node = NodeDir(tmp_path / "n")
     assert lease_is_stale(node)  # no lease at all

@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.execute.conftest import NODE, losses, trinity
-from trinity.execute.rundir import RunDir
-from trinity.execute.status import NodeStatus, list_attempts
+from trinity.run.layout import RunDir
+from trinity.run.status import NodeStatus, list_attempts
 
 pytestmark = pytest.mark.slurm
 SLURM = [

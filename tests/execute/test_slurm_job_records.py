@@ -5,9 +5,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from trinity.execute.rundir import RunDir
 from trinity.execute.slurm_job import STOP_WAIT_S, NodeJob
-from trinity.execute.status import AttemptRecord, list_attempts
+from trinity.run.layout import RunDir
+from trinity.run.status import AttemptRecord, list_attempts
 
 
 def test_killed_attempt_is_recorded_failed(tmp_path: Path) -> None:

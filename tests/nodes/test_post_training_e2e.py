@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.nodes.post_graph import POST_GRAPH
-from trinity.execute.rundir import RunDir, read_json
-from trinity.execute.status import NodeStatus, list_attempts
+from trinity.run.layout import RunDir, read_json
+from trinity.run.status import NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_every_post_training_node_succeeds(pretrained: tuple[Path, Path], tmp_pa
     assert sorted(s for (s,) in heldout.fetchall()) == [0, 6]
     assert read_json(RunDir(run).node("eval/arithmetic@rl").outputs / "results.json")["rows"]
 
-    from trinity.nodes.context import NodeFailure
+    from trinity.errors import NodeFailure
     from trinity.nodes.generate_cmd import generate_cli
 
     greedy = generate_cli(run, "rl", "What is 2 + 2?", 8, 0.0, 1.0, 0)

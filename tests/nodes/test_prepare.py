@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trinity.data.store import StoreError, open_store
+from trinity.data.store import open_store
 from trinity.data.tokenizer import load_tokenizer, train_tokenizer
+from trinity.errors import StoreError
 from trinity.nodes.prepare import prepare_phase, store_paths
 from trinity.spec.data import DemoSource, MixSpec, Source
 from trinity.spec.tokenizer import TokenizerSpec

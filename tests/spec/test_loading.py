@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SMALL_GRAPH
-from trinity.spec.errors import SpecError
+from trinity.errors import SpecError
 from trinity.spec.loading import load_experiment
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trinity.execute.rundir import RunDir, atomic_write_json
+from trinity.run.layout import RunDir, atomic_write_json
 from trinity.store.telemetry import TelemetryWriter
 
 L, E = 3, 8  # MoE layers and experts of the synthetic model

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trinity.execute.rundir import RunDir
-from trinity.store.catalog import CatalogError, ReadOnlyViolation, open_catalog
+from trinity.errors import CatalogError, ReadOnlyViolation
+from trinity.run.layout import RunDir
+from trinity.store.catalog import open_catalog
 from trinity.store.sql import query, run_sql
 
 P1 = "pretrain/phase1"

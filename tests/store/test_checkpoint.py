@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 import trinity.store.checkpoint as ckpt
+from trinity.nodes.seeds import capture_rng_state, restore_rng_state
 from trinity.store.checkpoint import (
     MARKER,
-    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_meta,
-    restore_rng_state,
     save_checkpoint,
 )
 

@@ -9,8 +9,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from trinity.execute.rundir import RunDir
-from trinity.store.catalog import CatalogError
+from trinity.errors import CatalogError
+from trinity.run.layout import RunDir
 from trinity.store.plots import plot_run, slug
 
 

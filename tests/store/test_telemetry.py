@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from trinity.execute.rundir import NodeDir, RunDir
+from trinity.run.layout import NodeDir, RunDir
 from trinity.store.catalog import open_catalog
 from trinity.store.telemetry import PART_RE, SCHEMAS, TelemetryWriter, moe_layer_stats
 

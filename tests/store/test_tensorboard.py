@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trinity.execute.rundir import RunDir
+from trinity.run.layout import RunDir
 from trinity.store.catalog import open_catalog
 
 
@@ -39,7 +39,7 @@ def test_event_files_match_the_parquet_rows(
 
 
 def test_evals_get_a_tag_per_task_metric_and_length(tmp_path: Path) -> None:
-    from trinity.execute.rundir import NodeDir
+    from trinity.run.layout import NodeDir
     from trinity.store.telemetry import TelemetryWriter
 
     node = NodeDir(tmp_path / "eval")

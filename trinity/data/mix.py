@@ -23,14 +23,11 @@ from itertools import islice
 from pathlib import Path
 
 from trinity.data.sources import iter_documents
+from trinity.errors import MixError
 from trinity.spec.data import Source
 
 BATCH_DOCUMENTS = 32
 MAX_PASSES = 1000
-
-
-class MixError(ValueError):
-    """A mix cannot be served by its sources."""
 
 
 def quotas(tokens: int, mix: dict[str, float]) -> dict[str, int]:

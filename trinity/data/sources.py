@@ -19,11 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from trinity.data.demo import iter_demo
+from trinity.errors import SourceError
 from trinity.spec.data import DemoSource, FilesSource, JsonlSource, ParquetSource, Source
-
-
-class SourceError(ValueError):
-    """A source cannot be read (no files match, a line is not JSON, a column is missing)."""
 
 
 def expand_paths(patterns: tuple[str, ...], base_dir: Path) -> list[Path]:

@@ -31,14 +31,12 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from trinity.errors import StoreError
+
 COMMIT_MARKER = "COMMITTED"
 FORMAT = "trinity-token-store/1"
 TOKEN_CHUNK = 1 << 20
 OFFSET_CHUNK = 1 << 16
-
-
-class StoreError(RuntimeError):
-    """A token store is missing, unfinished or malformed."""
 
 
 def _compressor() -> BloscCodec:

@@ -20,13 +20,10 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from trinity.errors import LayoutError
 from trinity.spec.parallel import ParallelSpec
 
 DIMS = ("replicate", "shard_mod_ep", "ep")
-
-
-class LayoutError(ValueError):
-    """The launched world does not fit the `parallel` spec."""
 
 
 @dataclass(frozen=True)

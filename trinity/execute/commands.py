@@ -11,20 +11,14 @@ from typing import Any
 import networkx as nx
 from rich.console import Console
 
+from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import LocalExecutor
-from trinity.execute.run import (
-    Decision,
-    RunError,
-    RunLock,
-    decide,
-    default_run_dir,
-    load_run_graph,
-    write_run,
-)
-from trinity.execute.rundir import RunDir, read_json
+from trinity.execute.run import Decision, RunLock, decide, default_run_dir, write_run
 from trinity.execute.scheduler import execute
-from trinity.execute.status import NodeStatus, list_attempts
+from trinity.run.graph import RunGraph
+from trinity.run.layout import RunDir, read_json
+from trinity.run.status import NodeStatus, list_attempts
 from trinity.spec.loading import LoadedSpec, load_experiment
 
 
@@ -112,7 +106,7 @@ def dry_run(graph_file: Path, sets: list[str], nodes: list[str] | None = None) -
 
 def load_run_spec(run: RunDir) -> LoadedSpec:
     """The run's own resolved spec (spec.yaml), with the run's base folder for data paths."""
-    load_run_graph(run)  # refuses a folder that is not a run
+    RunGraph.load(run)  # refuses a folder that is not a run
     meta = read_json(run.run_json)
     return load_experiment(run.spec_yaml, base=Path(meta["base_dir"]))
 
@@ -154,22 +148,22 @@ def explain(run_dir: Path, node_id: str) -> Decision:
 
 def status_report(run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir.resolve())
-    graph = load_run_graph(run)
+    graph = RunGraph.load(run)
     if (run.root / "slurm_jobs.json").is_file():  # jobs may have ended while nobody watched
         from trinity.execute.slurm import reconcile
         from trinity.graph.compile import compile_graph
 
         reconcile(run, compile_graph(load_run_spec(run)))
     nodes = []
-    for node_id, entry in graph.items():
+    for node_id, entry in graph.nodes.items():
         node_dir = run.node(node_id)
         status = NodeStatus.read(node_dir)
         nodes.append(
             {
                 "id": node_id,
-                "kind": entry["kind"],
+                "kind": entry.kind,
                 "state": status.state,
-                "identity": entry["identity"],
+                "identity": entry.identity,
                 "message": status.message,
                 "progress": status.progress,
                 "attempts": [asdict(a) for a in list_attempts(node_dir)],

@@ -11,8 +11,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from trinity.execute.rundir import RunDir
-from trinity.execute.status import NodeStatus
+from trinity.run.layout import RunDir
+from trinity.run.status import NodeStatus
 
 COLORS = {"SUCCEEDED": "green", "RUNNING": "cyan", "FAILED": "red", "DEP_FAILED": "red", "PENDING": "dim"}
 LINE_EVERY_S = 10.0

@@ -1,7 +1,7 @@
 """The local executor: each node attempt in its own subprocess (a crash kills the node, not the run).
 
 A training node whose layout has several ranks (parallel.gpus_per_node > 1, parallel.nodes = 1)
-runs as `python -m torch.distributed.run --standalone --nproc-per-node N -m trinity.nodes.entry ...`:
+runs as `python -m torch.distributed.run --standalone --nproc-per-node N -m trinity.execute.attempt ...`:
 torchrun starts the N rank processes with the rendezvous in their environment, forwards SIGTERM
 to them (they commit a checkpoint and exit) and tears the others down when one fails. torchrun
 exits 1 whatever went wrong, so how the attempt ended is read from the ranks' own records and
@@ -19,13 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from trinity.errors import RunError
 from trinity.execute.executor import Finished
-from trinity.execute.ranks import read_rank_ends
-from trinity.execute.run import RunError, load_node_spec, load_run_graph
-from trinity.execute.rundir import NodeDir, RunDir
-from trinity.nodes.registry import node_world_size
+from trinity.graph.kinds import node_world_size
+from trinity.run.graph import GraphNode, RunGraph
+from trinity.run.layout import NodeDir, RunDir
+from trinity.run.ranks import read_rank_ends
 from trinity.spec.experiment import ExperimentSpec
 
 STOP_GRACE_S = 120.0
@@ -122,19 +122,22 @@ class LocalExecutor:
     run: RunDir
     name: str = "local"
     env: dict[str, str] = field(default_factory=dict)
-    _nodes: dict[str, tuple[dict[str, Any], ExperimentSpec]] = field(default_factory=dict, repr=False)
+    _graph: RunGraph | None = field(default=None, repr=False)
+    _specs: dict[str, ExperimentSpec] = field(default_factory=dict, repr=False)
 
-    def _node(self, node_id: str) -> tuple[dict[str, Any], ExperimentSpec]:
-        """The node's graph.json entry and the spec it runs with (read once)."""
-        if node_id not in self._nodes:
-            node = load_run_graph(self.run)[node_id]
-            self._nodes[node_id] = node, load_node_spec(self.run, node)
-        return self._nodes[node_id]
+    def _node(self, node_id: str) -> tuple[GraphNode, ExperimentSpec]:
+        """The node's graph.json entry and the spec it runs with (each file read once)."""
+        if self._graph is None:
+            self._graph = RunGraph.load(self.run)
+        node = self._graph[node_id]
+        if node.spec_file not in self._specs:
+            self._specs[node.spec_file] = self._graph.spec(node)
+        return node, self._specs[node.spec_file]
 
     def ranks(self, node_id: str) -> int:
         """Processes an attempt of the node runs as (its slots in `--jobs`)."""
         node, spec = self._node(node_id)
-        return node_world_size(str(node["kind"]), spec)
+        return node_world_size(node.kind, spec)
 
     def slots(self, node_id: str) -> int:
         return self.ranks(node_id)
@@ -144,7 +147,7 @@ class LocalExecutor:
         problems = []
         for node_id in node_ids:
             node, spec = self._node(node_id)
-            if node_world_size(str(node["kind"]), spec) > 1 and spec.parallel.nodes > 1:
+            if node_world_size(node.kind, spec) > 1 and spec.parallel.nodes > 1:
                 problems.append(node_id)
         if problems:
             _, spec = self._node(problems[0])
@@ -158,7 +161,7 @@ class LocalExecutor:
         node_dir = self.run.node(node_id)
         log_path = node_dir.log_file(attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        entry = ["-m", "trinity.nodes.entry", str(self.run.root), node_id, "--attempt", str(attempt)]
+        entry = ["-m", "trinity.execute.attempt", str(self.run.root), node_id, "--attempt", str(attempt)]
         entry += ["--executor", self.name]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         ranks = self.ranks(node_id)

@@ -23,19 +23,17 @@ import networkx as nx
 import yaml
 
 import trinity
-from trinity.execute.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
-from trinity.execute.status import NodeStatus, lease_is_stale, list_attempts, now_iso
+from trinity.errors import RunError
 from trinity.graph.compile import Node, branches, compile_graph, nodes_in_order
 from trinity.graph.diff import flatten
 from trinity.graph.identity import canonical_json
+from trinity.run.graph import GraphNode
+from trinity.run.layout import RunDir, atomic_write_json, atomic_write_text, read_json
+from trinity.run.status import NodeStatus, lease_is_stale, list_attempts, now_iso
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
 
 Action = Literal["reuse", "run", "busy"]
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -94,29 +92,20 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
         label = node.branch or first_label
         flat = {k: v for k, (v, _) in flatten(spec).items()}
         nodes.append(
-            {
-                **node.to_json(),
-                "spec_file": spec_files[label],
-                "flat_spec": flat,
-                "payload_digests": payload_digests(node),
-            }
+            GraphNode(
+                id=node.id,
+                kind=node.kind,
+                identity=node.identity,
+                deps=node.deps,
+                target=node.target,
+                branch=node.branch,
+                spec_file=spec_files[label],
+                flat_spec=flat,
+                payload_digests=payload_digests(node),
+            ).to_json()
         )
     atomic_write_json(run.graph_json, {"name": loaded.spec.name, "nodes": nodes})
     return run, graph
-
-
-def load_run_graph(run: RunDir) -> dict[str, dict[str, Any]]:
-    """graph.json's nodes by id."""
-    if not run.exists():
-        raise RunError(f"{run.root}: not a trinity run directory (no graph.json); start one with `trinity run GRAPH`")
-    return {n["id"]: n for n in read_json(run.graph_json)["nodes"]}
-
-
-def load_node_spec(run: RunDir, node: dict[str, Any]) -> ExperimentSpec:
-    """The (branch) spec a node runs with, as resolved when the run was written."""
-    data = yaml.safe_load((run.root / node["spec_file"]).read_text())
-    data.pop("sweep", None)
-    return ExperimentSpec.model_validate(data)
 
 
 def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:

@@ -15,17 +15,14 @@ from collections.abc import Callable
 
 import networkx as nx
 
+from trinity.errors import Interrupted
 from trinity.execute.executor import Executor, Finished, Handle
 from trinity.execute.run import Decision, mark_pending, supersede
-from trinity.execute.rundir import RunDir
-from trinity.execute.status import AttemptRecord, NodeStatus, next_attempt
 from trinity.graph.compile import nodes_in_order
+from trinity.run.layout import RunDir
+from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
 
 POLL_S = 0.5
-
-
-class Interrupted(Exception):
-    """The user stopped the run (Ctrl-C); nodes were asked to stop and have stopped."""
 
 
 def execute(

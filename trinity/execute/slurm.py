@@ -28,12 +28,13 @@ from typing import Any
 import networkx as nx
 import submitit
 
-from trinity.execute.run import Decision, RunError, mark_pending, supersede
-from trinity.execute.rundir import RunDir, read_json
+from trinity.errors import RunError
+from trinity.execute.run import Decision, mark_pending, supersede
 from trinity.execute.slurm_job import NodeJob
-from trinity.execute.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.graph.compile import Node, nodes_in_order
-from trinity.nodes.registry import node_world_size
+from trinity.graph.kinds import TRAINING_KINDS, node_world_size
+from trinity.run.layout import RunDir, read_json
+from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.spec.experiment import ExperimentSpec
 
 POLL_S = 2.0
@@ -49,7 +50,6 @@ FINISHED = {
     "PREEMPTED",
     "REVOKED",
 }
-TRAINING = ("pretrain", "extend", "sft", "rl")
 DEFAULT_CPUS = {"tokenizer": 8, "prepare": 16, "eval": 8}
 
 
@@ -81,7 +81,7 @@ def sbatch_parameters(node: Node, spec: ExperimentSpec) -> dict[str, Any]:
         )
         if on_gpus:
             params["gpus_per_node"] = par.gpus_per_node
-    elif node.kind in TRAINING:  # one process (RL; or a training layout of one rank)
+    elif node.kind in TRAINING_KINDS:  # one process (RL; or a training layout of one rank)
         params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1))
         if on_gpus:
             params["gpus_per_node"] = 1
@@ -308,7 +308,7 @@ def execute_slurm(
 
 def _write_jobs(run: RunDir, state: SlurmRun) -> None:
     """RUN/slurm_jobs.json: node -> job id of this submission (for `trinity cancel` and `status`)."""
-    from trinity.execute.rundir import atomic_write_json
+    from trinity.run.layout import atomic_write_json
 
     path = run.root / "slurm_jobs.json"
     jobs = read_json(path) if path.is_file() else {}

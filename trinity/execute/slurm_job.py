@@ -1,6 +1,6 @@
 """What a Slurm job runs: a small supervisor around the same node process the local executor starts.
 
-The node body runs in a child process (`python -m trinity.nodes.entry`), exactly as locally. The
+The node body runs in a child process (`python -m trinity.execute.attempt`), exactly as locally. The
 supervisor is the submitit callable: it allocates the attempt, records the job id, array index and
 host, and waits for the child. On preemption or an approaching time limit submitit calls
 `checkpoint()` (SIGUSR2): the supervisor asks the child to stop (SIGTERM: a training node commits a
@@ -34,10 +34,11 @@ from typing import Any
 import submitit
 
 from trinity.distributed.env import dist_env
-from trinity.execute.rundir import NodeDir, RunDir, atomic_write_json, read_json
-from trinity.execute.status import AttemptRecord, NodeStatus, next_attempt
+from trinity.run.graph import RunGraph
+from trinity.run.layout import NodeDir, RunDir, atomic_write_json, read_json
+from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
 
-EXIT_STOPPED = 3  # trinity.nodes.entry's status for "stopped on request"
+EXIT_STOPPED = 3  # trinity.execute.attempt's status for "stopped on request"
 STOP_WAIT_S = 240.0
 """How long a stopped child may take to commit its checkpoint (bounded by the signal delay in practice)."""
 AFTER_STOP_WAIT_S = 120.0
@@ -109,7 +110,7 @@ class NodeJob(submitit.helpers.Checkpointable):
         started = time.time()
         run = RunDir(Path(self.run_root))
         node_dir = run.node(self.node_id)
-        node = {n["id"]: n for n in read_json(run.graph_json)["nodes"]}[self.node_id]
+        node = RunGraph.load(run)[self.node_id]
         job_id, index = slurm_ids()
         place = dist_env()
         if place.is_primary:
@@ -117,7 +118,7 @@ class NodeJob(submitit.helpers.Checkpointable):
             AttemptRecord(
                 attempt=attempt,
                 executor="slurm",
-                identity=node["identity"],
+                identity=node.identity,
                 job_id=job_id,
                 array_index=index,
                 depends_on=self.depends_on,
@@ -133,7 +134,7 @@ class NodeJob(submitit.helpers.Checkpointable):
             signal.signal(preemption_signal(), self._stop_child)
         log = node_dir.log_file(attempt)
         log.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "trinity.nodes.entry", str(run.root), self.node_id]
+        command = [sys.executable, "-m", "trinity.execute.attempt", str(run.root), self.node_id]
         command += ["--attempt", str(attempt), "--executor", "slurm"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if place.world_size > 1:

@@ -15,19 +15,17 @@ import copy
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
 
+from trinity.errors import SpecError
 from trinity.graph.identity import identity_payload, node_identity
+from trinity.graph.kinds import NODE_KINDS, NodeKind
 from trinity.spec.data import MixSpec
-from trinity.spec.errors import SpecError
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec, set_path, validate
 from trinity.spec.yaml_source import Located
-
-NodeKind = Literal["tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval"]
-NODE_KINDS: tuple[NodeKind, ...] = ("tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval")
 
 
 @dataclass(frozen=True)

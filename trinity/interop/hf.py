@@ -101,14 +101,22 @@ def spec_from_hf_config(cfg: dict[str, object]) -> ModelSpec:
     def get(key: str, default: object = None) -> object:
         return cfg.get(key, default)
 
-    n_layers = int(get("num_hidden_layers"))  # type: ignore[arg-type]
-    every = int(get("global_attn_every_n_layers", 4) or 4)  # type: ignore[arg-type]
+    def get_int(key: str, default: int | None = None) -> int:
+        value = cfg.get(key)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, int | str):
+            raise ValueError(f"afmoe config: {key} = {value!r} is not an integer")
+        return int(value)
+
+    n_layers = get_int("num_hidden_layers")
+    every = get_int("global_attn_every_n_layers", 4)
     hf_types = get("layer_types")
     types = tuple(_HF_TO_TYPE[t] for t in hf_types) if isinstance(hf_types, list) else None
     default_types = tuple("global" if (i + 1) % every == 0 else "local" for i in range(n_layers))
     rope = get("rope_parameters") or {}
     theta = rope.get("rope_theta", get("rope_theta", 10_000.0)) if isinstance(rope, dict) else 10_000.0
-    n_heads = int(get("num_attention_heads"))  # type: ignore[arg-type]
+    n_heads = get_int("num_attention_heads")
     return ModelSpec.model_validate(
         {
             "vocab_size": get("vocab_size"),

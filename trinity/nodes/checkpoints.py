@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trinity.execute.rundir import NodeDir, atomic_write_json, read_json
+from trinity.run.layout import NodeDir, atomic_write_json, read_json
 from trinity.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 FINAL = "final.json"

@@ -11,17 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trinity.execute.rundir import NodeDir, RunDir
-from trinity.execute.status import NodeStatus
+from trinity.errors import NodeFailure
+from trinity.run.graph import GraphNode, RunGraph
+from trinity.run.layout import NodeDir, RunDir
+from trinity.run.status import NodeStatus
 from trinity.spec.experiment import ExperimentSpec
-
-
-class NodeFailure(RuntimeError):
-    """A node cannot finish; the message is what the user reads in `trinity status`."""
-
-
-class StopRequested(Exception):
-    """The executor asked the node to stop (Ctrl-C, preemption, time limit)."""
 
 
 class StopFlag:
@@ -45,9 +39,10 @@ class StopFlag:
 
 @dataclass
 class NodeContext:
-    run: RunDir
-    node: dict[str, Any]
-    """The node's graph.json entry: id, kind, identity, deps, target, branch, flat_spec."""
+    graph: RunGraph
+    """The run's compiled graph (graph.json), read once when the attempt starts."""
+    node: GraphNode
+    """This node's entry in it: id, kind, identity, deps, target, branch, flat_spec."""
     spec: ExperimentSpec
     base_dir: Path
     """Relative data paths in the spec are relative to this folder (the graph file's)."""
@@ -68,25 +63,34 @@ class NodeContext:
         return self.rank == 0
 
     @property
+    def run(self) -> RunDir:
+        return self.graph.run
+
+    @property
     def node_id(self) -> str:
-        return str(self.node["id"])
+        return self.node.id
 
     @property
     def kind(self) -> str:
-        return str(self.node["kind"])
+        return self.node.kind
 
     @property
     def dir(self) -> NodeDir:
         return self.run.node(self.node_id)
 
     def dep_dir(self, kind: str, target: str | None = None) -> NodeDir:
-        """The folder of the dependency of `kind` (and `target`, e.g. a phase name)."""
-        graph = {n["id"]: n for n in _graph_nodes(self.run)}
-        for dep in self.node["deps"]:
-            entry = graph[dep]
-            if entry["kind"] == kind and (target is None or entry["target"] == target):
-                return self.run.node(dep)
-        raise NodeFailure(f"{self.node_id} has no {kind} dependency" + (f" for {target!r}" if target else ""))
+        """The folder of the direct dependency of `kind` (and `target`, e.g. a phase name)."""
+        dep = self.graph.dep(self.node_id, kind, target)
+        if dep is None:
+            raise NodeFailure(f"{self.node_id} has no {kind} dependency" + (f" for {target!r}" if target else ""))
+        return self.run.node(dep.id)
+
+    def upstream_dir(self, kind: str) -> NodeDir:
+        """The folder of the nearest node of `kind` upstream of this one, directly or not."""
+        found = self.graph.upstream(self.node_id, kind)
+        if not found:
+            raise NodeFailure(f"{self.node_id} has no upstream {kind} node")
+        return self.run.node(found[0].id)
 
     def progress(self, **values: Any) -> None:
         """Publish training progress (step, total_steps, loss, tokens_per_s) in status.json (rank 0 only)."""
@@ -95,9 +99,3 @@ class NodeContext:
         status = NodeStatus.read(self.dir)
         status.progress = {**status.progress, **values}
         status.write(self.dir)
-
-
-def _graph_nodes(run: RunDir) -> list[dict[str, Any]]:
-    from trinity.execute.rundir import read_json
-
-    return list(read_json(run.graph_json)["nodes"])

@@ -6,10 +6,11 @@ from typing import Any
 
 from trinity.data.store import open_store
 from trinity.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from trinity.execute.rundir import atomic_write_json
-from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.errors import NodeFailure
+from trinity.nodes.context import NodeContext
 from trinity.nodes.prepare import prepare_phase, store_paths
 from trinity.nodes.tokenize import run_tokenize
+from trinity.run.layout import atomic_write_json
 from trinity.spec.data import MixSpec
 
 
@@ -33,7 +34,7 @@ def verify_tokenizer_node(ctx: NodeContext) -> None:
 
 def phase_mix(ctx: NodeContext) -> MixSpec:
     """The mix a prepare node tokenizes: a pretraining phase's, or the extension's."""
-    target = ctx.node["target"]
+    target = ctx.node.target
     if target == "extend":
         assert ctx.spec.stages.extend is not None
         return ctx.spec.stages.extend

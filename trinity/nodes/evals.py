@@ -21,14 +21,15 @@ import numpy as np
 import torch
 
 from trinity.data.store import open_store
+from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.evals.heldout import heldout_loss
 from trinity.evals.niah import evaluate_niah
-from trinity.execute.rundir import atomic_write_json, read_json
-from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.nodes.context import NodeContext
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.pretrain import set_threads
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
+from trinity.run.layout import atomic_write_json, read_json
 from trinity.spec.stages import ArithmeticEval, Eval, HeldoutLossEval, NiahEval
 from trinity.store.telemetry import TelemetryWriter
 
@@ -45,10 +46,9 @@ def eval_spec(ctx: NodeContext) -> Eval:
 
 def heldout_documents(ctx: NodeContext) -> dict[str, list[np.ndarray]]:
     """Held-out documents per source, from the prepare nodes this eval depends on (first phase wins)."""
-    graph = {n["id"]: n for n in read_json(ctx.run.graph_json)["nodes"]}
     docs: dict[str, list[np.ndarray]] = {}
-    for dep in ctx.node["deps"]:
-        if graph[dep]["kind"] != "prepare":
+    for dep in ctx.node.deps:
+        if ctx.graph[dep].kind != "prepare":
             continue
         store = open_store(store_paths(ctx.run.node(dep).outputs / "store")[1])
         found: dict[str, list[np.ndarray]] = {}
@@ -63,7 +63,7 @@ def run_eval_node(ctx: NodeContext) -> dict[str, Any]:
     spec = ctx.spec
     set_threads(ctx)
     ev = eval_spec(ctx)
-    stage_dir = ctx.run.node(ctx.node["deps"][0])
+    stage_dir = ctx.run.node(ctx.node.deps[0])
     model, final = load_final_model(stage_dir, spec.model)
     step = int(final["step"])
     rows: list[dict[str, Any]] = []
@@ -128,13 +128,13 @@ def run_eval_node(ctx: NodeContext) -> dict[str, Any]:
                 length=row.get("length"),
                 n=row.get("n"),
                 metric=row["metric"],
-                extra={"stage": ctx.node["target"], "checkpoint": final["checkpoint"], **row.get("extra", {})},
+                extra={"stage": ctx.node.target, "checkpoint": final["checkpoint"], **row.get("extra", {})},
             )
     results = {
         "eval": ev.name,
         "kind": ev.kind,
-        "stage": ctx.node["target"],
-        "stage_node": ctx.node["deps"][0],
+        "stage": ctx.node.target,
+        "stage_node": ctx.node.deps[0],
         "checkpoint": final["checkpoint"],
         "step": step,
         "seconds": time.perf_counter() - t0,

@@ -23,7 +23,8 @@ from typing import Any
 
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
-from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.errors import NodeFailure
+from trinity.nodes.context import NodeContext
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.pretrain import set_threads, verify_training_node
 from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final

@@ -13,15 +13,13 @@ import torch
 
 from trinity.data.chat import user_prompt
 from trinity.data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from trinity.execute.run import load_node_spec, load_run_graph
-from trinity.execute.rundir import RunDir
+from trinity.errors import NodeFailure
+from trinity.graph.kinds import CHAT_KINDS, TRAINING_KINDS
 from trinity.model.generate import generate
-from trinity.nodes.context import NodeFailure
-from trinity.nodes.upstream import load_final_model, upstream_ids
+from trinity.nodes.upstream import load_final_model
 from trinity.rl.rollout import stop_ids
-
-TRAINING_KINDS = ("pretrain", "extend", "sft", "rl")
-CHAT_KINDS = ("sft", "rl")
+from trinity.run.graph import RunGraph
+from trinity.run.layout import RunDir
 
 
 def generate_cli(
@@ -34,22 +32,22 @@ def generate_cli(
     run = RunDir(Path(run_dir).resolve())
     if not run.exists():
         raise NodeFailure(f"{run_dir} is not a run directory (no graph.json)")
-    graph = load_run_graph(run)
+    graph = RunGraph.load(run)
     if node_id not in graph:
-        known = ", ".join(n for n, e in graph.items() if e["kind"] in TRAINING_KINDS)
+        known = ", ".join(n for n, e in graph.nodes.items() if e.kind in TRAINING_KINDS)
         raise NodeFailure(f"{node_id!r} is not a node of this run (training nodes: {known})")
     node = graph[node_id]
-    if node["kind"] not in TRAINING_KINDS:
+    if node.kind not in TRAINING_KINDS:
         raise NodeFailure(
-            f"{node_id} is a {node['kind']} node; generate from a training node ({', '.join(TRAINING_KINDS)})"
+            f"{node_id} is a {node.kind} node; generate from a training node ({', '.join(sorted(TRAINING_KINDS))})"
         )
-    spec = load_node_spec(run, node)
+    spec = graph.spec(node)
     model, _ = load_final_model(run.node(node_id), spec.model)
-    tokenizers = upstream_ids(run, node_id, "tokenizer")
+    tokenizers = graph.upstream(node_id, "tokenizer")
     if not tokenizers:
         raise NodeFailure(f"{node_id} has no upstream tokenizer node")
-    tok = load_tokenizer(run.node(tokenizers[0]).outputs / TOKENIZER_FILE)
-    ids = user_prompt(tok, prompt) if node["kind"] in CHAT_KINDS else tok.encode(prompt)
+    tok = load_tokenizer(run.node(tokenizers[0].id).outputs / TOKENIZER_FILE)
+    ids = user_prompt(tok, prompt) if node.kind in CHAT_KINDS else tok.encode(prompt)
     if not ids:
         raise NodeFailure("the prompt is empty")
     generator = torch.Generator().manual_seed(seed)

@@ -15,9 +15,10 @@ import torch
 
 from trinity.data.loaders import build_loader
 from trinity.data.store import open_store
+from trinity.errors import NodeFailure
 from trinity.graph.estimates import pretrain_steps
 from trinity.nodes.checkpoints import final_state
-from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.nodes.context import NodeContext
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
 from trinity.optim.schedule import pretrain_lr_factor
@@ -33,7 +34,7 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
     spec = ctx.spec
     set_threads(ctx)
     phases = spec.data.phases
-    index = next(i for i, p in enumerate(phases) if p.name == ctx.node["target"])
+    index = next(i for i, p in enumerate(phases) if p.name == ctx.node.target)
     phase = phases[index]
     steps = pretrain_steps(spec)
     first_step, last_step = sum(steps[:index]), sum(steps[: index + 1])
@@ -68,7 +69,7 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
 def verify_training_node(ctx: NodeContext) -> None:
     """SUCCEEDED only if the final checkpoint is committed, loads, and is at the planned step."""
     state = final_state(ctx.dir)
-    if state.get("identity") != ctx.node["identity"]:
+    if state.get("identity") != ctx.node.identity:
         raise NodeFailure("the final checkpoint belongs to another identity")
     if not all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()):
         raise NodeFailure("the final checkpoint holds non-finite weights")

@@ -30,18 +30,20 @@ from typing import Any
 import torch
 
 from trinity.data.tokenizer import Tokenizer
+from trinity.errors import NodeFailure, StopRequested
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.model import TrinityModel
 from trinity.nodes.checkpoints import resume_state, save_training_state, write_final
-from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
+from trinity.nodes.context import NodeContext
 from trinity.nodes.pretrain import set_threads, verify_training_node
+from trinity.nodes.seeds import capture_rng_state, restore_rng_state
 from trinity.nodes.trainer import record_resume
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.rl.grpo import GrpoStats, group_advantages, grpo_loss, policy_batch, token_logprobs
 from trinity.rl.rollout import Rollout, rl_problems, rollout, rollout_generator
 from trinity.spec.stages import RLSpec
-from trinity.store.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state
+from trinity.store.checkpoint import latest_checkpoint
 from trinity.store.telemetry import TelemetryWriter
 
 __all__ = ["run_rl_node", "verify_training_node"]
@@ -109,7 +111,7 @@ def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
         group["base_lr"] = rl.lr
     optimizer.set_lr_factor(1.0)
     step, tokens = 0, 0
-    resumed = resume_state(ctx.dir, ctx.node["identity"])
+    resumed = resume_state(ctx.dir, ctx.node.identity)
     if resumed is not None:
         policy.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -201,7 +203,7 @@ def _checkpoint(ctx: NodeContext, model: TrinityModel, optimizer: TrinityOptimiz
         "rng": capture_rng_state(),
         "step": step,
         "tokens": tokens,
-        "identity": ctx.node["identity"],
+        "identity": ctx.node.identity,
         "phase": PHASE,
     }
     return save_training_state(ctx.dir, step, state, ctx.spec.execution.keep_last)

@@ -18,7 +18,8 @@ from typing import Any
 
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from trinity.nodes.context import NodeContext, NodeFailure
+from trinity.errors import NodeFailure
+from trinity.nodes.context import NodeContext
 from trinity.nodes.pretrain import set_threads, verify_training_node
 from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
 from trinity.optim.schedule import rewarm_factor
@@ -49,8 +50,8 @@ def sft_conversations(spec: ExperimentSpec, tok: Tokenizer, base_dir: Any) -> li
 
 def upstream_training_dir(ctx: NodeContext) -> Any:
     """The folder of the stage SFT continues from: extension if the graph has it, else pretraining."""
-    kinds = {d.split("/")[0] for d in ctx.node["deps"]}
-    return ctx.dep_dir("extend") if "extend" in kinds else ctx.dep_dir("pretrain")
+    has_extend = ctx.graph.dep(ctx.node_id, "extend") is not None
+    return ctx.dep_dir("extend") if has_extend else ctx.dep_dir("pretrain")
 
 
 def run_sft_node(ctx: NodeContext) -> dict[str, Any]:

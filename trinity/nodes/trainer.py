@@ -30,14 +30,15 @@ import torch
 from trinity.data.loaders import Batch
 from trinity.distributed import step as collective
 from trinity.distributed.training import Sharding, shard_for_training, state_template
+from trinity.errors import NodeFailure, StopRequested
 from trinity.model import TrinityModel, init_weights
 from trinity.model.rope import positions_from_doc_ids
 from trinity.nodes.checkpoints import final_state, resume_state, save_training_state, write_final
-from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
+from trinity.nodes.context import NodeContext
+from trinity.nodes.seeds import capture_rng_state, restore_rng_state
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.store.activations import ActivationCapture
-from trinity.store.checkpoint import capture_rng_state, restore_rng_state
 from trinity.store.telemetry import TelemetryWriter
 
 PROGRESS_EVERY_S = 0.5
@@ -234,7 +235,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "step": self.step,
             "tokens": self.tokens,
-            "identity": self.ctx.node["identity"],
+            "identity": self.ctx.node.identity,
             "phase": self.plan.phase,
         }
         self.last_checkpoint = save_training_state(self.ctx.dir, self.step, state, self.ctx.spec.execution.keep_last)
@@ -346,7 +347,7 @@ def train_to_final(
 
 def record_resume(ctx: NodeContext, step: int) -> None:
     """Note in the attempt record (and the log) the checkpoint step this attempt resumed from."""
-    from trinity.execute.status import AttemptRecord
+    from trinity.run.status import AttemptRecord
 
     if collective.rank() == 0:
         record = AttemptRecord.read(ctx.dir, ctx.attempt)
@@ -357,7 +358,7 @@ def record_resume(ctx: NodeContext, step: int) -> None:
 
 def resume_into(ctx: NodeContext, training: Training) -> tuple[int, int] | None:
     """Restore the node's newest committed checkpoint of its identity; (step, tokens), or None to start fresh."""
-    state = resume_state(ctx.dir, ctx.node["identity"], like=training.template())
+    state = resume_state(ctx.dir, ctx.node.identity, like=training.template())
     if state is None:
         return None
     training.model.load_state_dict(state["model"])

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trinity.spec.errors import SpecError
+from trinity.errors import SpecError
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.rules import RuleViolations
 from trinity.spec.schema_walk import allowed_fields

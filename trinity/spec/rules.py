@@ -3,7 +3,7 @@
 A validator never changes a value; it checks. Each violation names the field it is about,
 relative to the model that checks it, so the loader can point at the file and line that set
 it. Pydantic wraps the raised `RuleViolations` in its ValidationError (under `ctx["error"]`);
-`trinity.spec.errors` unpacks it.
+`trinity.spec.loading` unpacks it.
 """
 
 from __future__ import annotations

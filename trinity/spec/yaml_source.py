@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from trinity.spec.errors import SpecError
+from trinity.errors import SpecError
 
 Path_ = tuple[str | int, ...]
 USE_KEY = "use"

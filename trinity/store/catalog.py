@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trinity.execute.rundir import NodeDir, RunDir, read_json
+from trinity.errors import CatalogError
+from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.store.telemetry import PART_RE, SCHEMAS, TABLES
 
 MAX_DEPTH = 3
@@ -51,16 +52,8 @@ _ROW_KEY: dict[str, tuple[str, ...]] = {
     "evals": ("step", "task", "metric", "length"),
 }
 
-_ALLOWED = {duckdb.StatementType.SELECT: "SELECT", duckdb.StatementType.EXPLAIN: "EXPLAIN"}
+ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT: "SELECT", duckdb.StatementType.EXPLAIN: "EXPLAIN"}
 ALLOWED_HELP = "SELECT, WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN"
-
-
-class CatalogError(Exception):
-    """A path without runs, or a query that cannot run; the message says what to do."""
-
-
-class ReadOnlyViolation(CatalogError):
-    """A statement other than a read was given to the read-only SQL entry point."""
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import socket
@@ -594,28 +593,3 @@ def read_checkpoint_layout(path: Path) -> dict[str, Any]:
     layout = _read_attrs(Path(path)).get("layout", {"world_size": 1, "dtensors": {}})
     assert isinstance(layout, dict)
     return layout
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """torch (CPU, and every CUDA device if available), numpy's global and Python's `random` states."""
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Undo to what capture_rng_state saw."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

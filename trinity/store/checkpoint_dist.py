@@ -49,6 +49,7 @@ from zarr import AsyncArray
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from trinity.errors import CollectiveSaveError
 from trinity.store import shards
 from trinity.store.checkpoint import (
     ATTR,
@@ -71,10 +72,6 @@ from trinity.store.checkpoint import (
 from trinity.store.tree import Leaf, flatten
 
 _CONCURRENT_PIECES = 16
-
-
-class CollectiveSaveError(RuntimeError):
-    """A collective save failed on another rank; nothing was committed."""
 
 
 def _exchange(what: str, error: BaseException | None, value: Any = None) -> list[Any]:

@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.colors import TwoSlopeNorm
 
-from trinity.store.catalog import CatalogError, find_runs, open_catalog
+from trinity.errors import CatalogError
+from trinity.store.catalog import find_runs, open_catalog
 
 LINESTYLES = ("-", "--", ":", "-.")
 

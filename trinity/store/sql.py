@@ -19,7 +19,8 @@ from typing import Any
 
 import duckdb
 
-from trinity.store.catalog import _ALLOWED, ALLOWED_HELP, CatalogError, Format, ReadOnlyViolation, open_catalog
+from trinity.errors import CatalogError, ReadOnlyViolation
+from trinity.store.catalog import ALLOWED_HELP, ALLOWED_STATEMENTS, Format, open_catalog
 
 
 def check_read_only(query: str) -> None:
@@ -33,7 +34,7 @@ def check_read_only(query: str) -> None:
     if len(statements) > 1:
         raise CatalogError(f"give one statement at a time (got {len(statements)})")
     st = statements[0]
-    if st.type not in _ALLOWED:
+    if st.type not in ALLOWED_STATEMENTS:
         kind = str(st.type).rsplit(".", 1)[-1]
         verb = st.query.strip().split(None, 1)[0].upper() if st.query.strip() else kind
         raise ReadOnlyViolation(f"trinity sql is read-only: {verb} statements are refused (allowed: {ALLOWED_HELP})")

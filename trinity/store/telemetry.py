@@ -35,7 +35,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trinity.execute.rundir import NodeDir
+from trinity.run.layout import NodeDir
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 

@@ -1,4 +1,4 @@
-"""Run one node attempt in this process: `python -m trinity.nodes.entry RUN NODE --attempt N`.
+"""Run one node attempt in this process: `python -m trinity.execute.attempt RUN NODE --attempt N`.
 
 This is what every executor launches. It marks the node RUNNING, keeps a heartbeat lease, runs
 the node's body, verifies its outputs and only then writes SUCCEEDED. A failure is written as
@@ -9,7 +9,7 @@ A training node with several ranks (parallel.nodes x parallel.gpus_per_node) is 
 once per rank, by torchrun locally or by one Slurm task per rank; the rendezvous comes from the
 launcher's environment (trinity.distributed.env). Every rank runs the body; rank 0 alone writes
 the status, the attempt record, the heartbeat and progress, and verifies the outputs. Each rank
-records how it ended (trinity.execute.ranks) before it leaves the process group; rank 0 ends the
+records how it ended (trinity.run.ranks) before it leaves the process group; rank 0 ends the
 attempt as the earliest rank that did not succeed, with that rank's message.
 """
 
@@ -28,12 +28,14 @@ from pathlib import Path
 from types import FrameType
 
 from trinity.distributed.env import destroy_distributed, dist_env, init_distributed
-from trinity.execute.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
-from trinity.execute.run import load_node_spec, load_run_graph
-from trinity.execute.rundir import RunDir, read_json
-from trinity.execute.status import AttemptRecord, Heartbeat, NodeStatus
-from trinity.nodes.context import NodeContext, NodeFailure, StopRequested
-from trinity.nodes.registry import node_kind, node_world_size
+from trinity.errors import NodeFailure, StopRequested
+from trinity.graph.kinds import node_world_size
+from trinity.nodes.context import NodeContext
+from trinity.nodes.registry import node_body
+from trinity.run.graph import RunGraph
+from trinity.run.layout import RunDir, read_json
+from trinity.run.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
+from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
@@ -50,13 +52,14 @@ class Outcome:
 
 def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
     """Run this process's part of the attempt; returns the process exit status."""
-    node = load_run_graph(run)[node_id]
+    graph = RunGraph.load(run)
+    node = graph[node_id]
     meta = read_json(run.run_json)
     launched = dist_env()
     ctx = NodeContext(
-        run=run,
+        graph=graph,
         node=node,
-        spec=load_node_spec(run, node),
+        spec=graph.spec(node),
         base_dir=Path(meta["base_dir"]),
         attempt=attempt,
         run_id=meta["run_id"],
@@ -74,7 +77,7 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
         _start_attempt_record(ctx)
         NodeStatus(
             state="RUNNING",
-            identity=node["identity"],
+            identity=node.identity,
             attempt=attempt,
             message=f"running attempt {attempt}",
             progress={},
@@ -106,7 +109,7 @@ def _run_body(ctx: NodeContext) -> Outcome:
             raise NodeFailure(_world_size_mismatch(ctx, expected))
         if expected > 1:
             init_distributed()
-        kind = node_kind(ctx.kind)
+        kind = node_body(ctx.node.kind)
         heartbeat = Heartbeat(ctx.dir, ctx.attempt, ctx.spec.execution.heartbeat_s)
         with heartbeat if ctx.is_primary else contextlib.nullcontext():
             kind.run(ctx)
@@ -178,7 +181,7 @@ def _start_attempt_record(ctx: NodeContext) -> None:
     if path.is_file():
         record = AttemptRecord.read(ctx.dir, ctx.attempt)
     else:
-        record = AttemptRecord(attempt=ctx.attempt, executor=ctx.executor, identity=str(ctx.node["identity"]))
+        record = AttemptRecord(attempt=ctx.attempt, executor=ctx.executor, identity=ctx.node.identity)
     record.pid = os.getpid()
     record.write(ctx.dir)
 

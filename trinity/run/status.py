@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from trinity.execute.rundir import NodeDir, atomic_write_json, read_json
+from trinity.run.layout import NodeDir, atomic_write_json, read_json
 
 State = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "DEP_FAILED"]
 STALE_PERIODS = 3

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 
-from trinity.execute.rundir import NodeDir, atomic_write_json, read_json
+from trinity.run.layout import NodeDir, atomic_write_json, read_json
 
 
 @dataclass(frozen=True)

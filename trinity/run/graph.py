@@ -1,0 +1,123 @@
+"""The compiled graph as a run directory holds it (graph.json), read back typed.
+
+`trinity.graph.compile` builds the DAG from a spec; `execute.run.write_run` writes it to
+graph.json with what a node needs at run time (its branch's spec file, its flattened spec, the
+digests of its identity payload). Everything that runs or inspects a run reads it through
+`RunGraph`: node entries are `GraphNode`s, never raw dicts, and graph questions (what is
+upstream of what) are networkx's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import yaml
+
+from trinity.errors import RunError
+from trinity.graph.kinds import NODE_KINDS, NodeKind
+from trinity.run.layout import NodeDir, RunDir, read_json
+from trinity.spec.experiment import ExperimentSpec
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One node's entry in graph.json."""
+
+    id: str
+    kind: NodeKind
+    identity: str
+    deps: tuple[str, ...]
+    target: str = ""
+    """What the node works on: a phase name, a stage name, an eval's stage reference."""
+    branch: str = ""
+    spec_file: str = "spec.yaml"
+    """The (branch) spec it runs with, relative to the run directory."""
+    flat_spec: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    payload_digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GraphNode:
+        kind = data["kind"]
+        if kind not in NODE_KINDS:
+            raise RunError(f"graph.json: node {data.get('id')!r} has unknown kind {kind!r} (known: {NODE_KINDS})")
+        return cls(
+            id=str(data["id"]),
+            kind=kind,
+            identity=str(data["identity"]),
+            deps=tuple(data.get("deps", ())),
+            target=str(data.get("target", "")),
+            branch=str(data.get("branch", "")),
+            spec_file=str(data.get("spec_file", "spec.yaml")),
+            flat_spec=dict(data.get("flat_spec", {})),
+            payload_digests=dict(data.get("payload_digests", {})),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "identity": self.identity,
+            "deps": list(self.deps),
+            "target": self.target,
+            "branch": self.branch,
+            "spec_file": self.spec_file,
+            "flat_spec": self.flat_spec,
+            "payload_digests": self.payload_digests,
+        }
+
+
+@dataclass(frozen=True)
+class RunGraph:
+    """graph.json: the run's name and its nodes by id (in the order they were compiled)."""
+
+    run: RunDir
+    name: str
+    nodes: dict[str, GraphNode]
+    digraph: nx.DiGraph = field(repr=False, compare=False)
+    """Edges dependency -> dependant; node attribute `node` holds the GraphNode."""
+
+    @classmethod
+    def load(cls, run: RunDir) -> RunGraph:
+        if not run.exists():
+            raise RunError(
+                f"{run.root}: not a trinity run directory (no graph.json); start one with `trinity run GRAPH`"
+            )
+        data = read_json(run.graph_json)
+        nodes = {n.id: n for n in (GraphNode.from_json(entry) for entry in data["nodes"])}
+        digraph = nx.DiGraph()
+        for node in nodes.values():
+            digraph.add_node(node.id, node=node)
+            digraph.add_edges_from((dep, node.id) for dep in node.deps)
+        return cls(run, str(data.get("name", "")), nodes, digraph)
+
+    def __getitem__(self, node_id: str) -> GraphNode:
+        return self.nodes[node_id]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.nodes
+
+    def dep(self, node_id: str, kind: str, target: str | None = None) -> GraphNode | None:
+        """The direct dependency of `node_id` of `kind` (and `target`), if any."""
+        for dep in self.nodes[node_id].deps:
+            entry = self.nodes[dep]
+            if entry.kind == kind and (target is None or entry.target == target):
+                return entry
+        return None
+
+    def upstream(self, node_id: str, kind: str) -> list[GraphNode]:
+        """The nodes of `kind` that `node_id` depends on, directly or not: nearest first, then by id."""
+        reversed_view = self.digraph.reverse(copy=False)
+        distance: dict[str, int] = nx.single_source_shortest_path_length(reversed_view, node_id)
+        found = [n for n in distance if n != node_id and self.nodes[n].kind == kind]
+        return [self.nodes[n] for n in sorted(found, key=lambda n: (distance[n], n))]
+
+    def spec(self, node: GraphNode) -> ExperimentSpec:
+        """The (branch) spec a node runs with, as resolved when the run was written."""
+        data = yaml.safe_load((self.run.root / node.spec_file).read_text())
+        data.pop("sweep", None)
+        return ExperimentSpec.model_validate(data)
+
+    def node_dir(self, node: GraphNode | str) -> NodeDir:
+        return self.run.node(node if isinstance(node, str) else node.id)
