@@ -21,7 +21,8 @@ from trinity.nodes.trainer import Trainer, TrainPlan, build_training, resume_int
 from trinity.optim.balancing import update_expert_biases
 from trinity.run.layout import NodeDir
 from trinity.run.status import AttemptRecord
-from trinity.store.checkpoint import list_checkpoints, load_checkpoint, read_marker
+from trinity.store.checkpoint import load_checkpoint
+from trinity.store.checkpoint_commit import list_checkpoints, read_marker
 
 IDENTITY = "test-identity"
 
@@ -30,7 +31,11 @@ def _context(world: int, fsdp_group: int, ep: int, node_root: str) -> Any:
     spec = _spec(world, fsdp_group, ep)
     spec.execution = SimpleNamespace(keep_last=2, checkpoint_every=1000, activations=(), activation_steps=())
     return SimpleNamespace(
-        spec=spec, dir=NodeDir(Path(node_root)), node={"identity": IDENTITY}, attempt=1, node_id="pretrain/p"
+        spec=spec,
+        dir=NodeDir(Path(node_root)),
+        node=SimpleNamespace(identity=IDENTITY),
+        attempt=1,
+        node_id="pretrain/p",
     )
 
 

@@ -1,7 +1,9 @@
-"""Activation capture on the tiny Trinity model: what lands in Zarr, checked against the model's own outputs."""
+"""Activation capture on the tiny Trinity model: what lands in Zarr, checked against the model's own outputs;
+and through a run of the micro graph's pretraining node (`execution.activations`)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,13 @@ import torch
 import yaml
 import zarr
 
+from tests.cli_runs import NODE, trinity
 from trinity.model import TrinityModel
+from trinity.run.layout import RunDir
 from trinity.spec.model import ModelSpec
 from trinity.store.activations import ActivationCapture
-from trinity.store.checkpoint import MARKER, list_checkpoints, load_checkpoint
+from trinity.store.checkpoint import load_checkpoint
+from trinity.store.checkpoint_commit import MARKER, list_checkpoints
 
 TINY = Path(__file__).parents[2] / "specs" / "model" / "tiny.yaml"
 B, T = 2, 16
@@ -89,3 +94,29 @@ def test_several_forwards_in_a_step_are_concatenated_and_hooks_removed(model: Tr
 def test_unknown_layer_is_an_error(model: TrinityModel, tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         ActivationCapture(model, ["layers.99"], steps={1}, out_root=tmp_path)
+
+
+def test_activation_capture_writes_committed_zarr(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity(
+        "run",
+        str(graph),
+        "--run-dir",
+        str(run),
+        "--nodes",
+        NODE,
+        "--set",
+        "execution.activations=[layers.3]",
+        "--set",
+        "execution.activation_steps=[5, 40]",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    root = RunDir(run).node(NODE).activations
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-00000005", "step-00000040"]
+    assert (root / "step-00000005" / "COMMITTED").is_file()
+    captured = load_checkpoint(root / "step-00000005")
+    hidden = captured["layers.3"]["hidden"]
+    assert hidden.shape == (8, 64, 64)  # the step's 2 micro-batches of 4 sequences x 64 tokens x d_model
+    assert captured["layers.3"]["router_scores"].shape == (8, 64, 8)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -22,16 +23,20 @@ import pytest
 import torch
 from torch import nn
 
-import trinity.store.checkpoint as ckpt
+import trinity.store.checkpoint_zarr as ckpt_zarr
+from trinity.nodes.checkpoints import last_committed_step
 from trinity.nodes.seeds import capture_rng_state, restore_rng_state
-from trinity.store.checkpoint import (
+from trinity.run.layout import NodeDir
+from trinity.store.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from trinity.store.checkpoint_commit import (
     MARKER,
+    WRITER_ATTR,
     latest_checkpoint,
+    latest_committed,
     list_checkpoints,
-    load_checkpoint,
-    read_checkpoint_meta,
-    save_checkpoint,
+    prune_checkpoints,
 )
+from trinity.store.checkpoint_encoding import PACK_BELOW_BYTES
 
 
 class Net(nn.Module):
@@ -135,7 +140,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
-@pytest.mark.parametrize("pack_below_bytes", [ckpt.PACK_BELOW_BYTES, 0])
+@pytest.mark.parametrize("pack_below_bytes", [PACK_BELOW_BYTES, 0])
 def test_round_trip_equals_torch_save(tmp_path: Path, pack_below_bytes: int) -> None:
     state = realistic_state()
     torch.save(state, tmp_path / "ref.pt")
@@ -231,7 +236,7 @@ def test_rng_capture_restore() -> None:
 def test_failure_mid_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     old = {"w": torch.randn(300, 300), "step": 1}
     save_checkpoint(tmp_path, 1, old, keep_last=1)
-    real = ckpt._write_array
+    real = ckpt_zarr.write_array
     calls = 0
 
     async def disk_full(*args: Any) -> None:
@@ -241,7 +246,7 @@ def test_failure_mid_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         await real(*args)
 
-    monkeypatch.setattr(ckpt, "_write_array", disk_full)
+    monkeypatch.setattr(ckpt_zarr, "write_array", disk_full)
     new = {f"w{i}": torch.randn(300, 300) for i in range(6)}
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(tmp_path, 2, new, keep_last=1, pack_below_bytes=0)
@@ -254,11 +259,12 @@ KILL_CHILD = """
 import asyncio, sys, torch
 from pathlib import Path
 import trinity.store.checkpoint as ckpt
-real = ckpt._write_array
+import trinity.store.checkpoint_zarr as ckpt_zarr
+real = ckpt_zarr.write_array
 async def slow(*args):
     await real(*args)
     await asyncio.sleep(0.2)  # a slow disk: the parent has time to kill us mid-write
-ckpt._write_array = slow
+ckpt_zarr.write_array = slow
 state = {f"w{i}": torch.full((256, 1024), float(i)) for i in range(64)}
 ckpt.save_checkpoint(Path(sys.argv[1]), 2, state, keep_last=1, pack_below_bytes=0)
 """
@@ -301,9 +307,25 @@ def test_keep_last_prunes_old_and_never_the_newest(tmp_path: Path) -> None:
     assert [s for s, _, _ in list_checkpoints(tmp_path)] == [40, 50]
     save_checkpoint(tmp_path, 60, {"step": 6}, keep_last=0)  # 0: keep all
     assert [s for s, _, _ in list_checkpoints(tmp_path)] == [40, 50, 60]
-    assert ckpt.prune_checkpoints(tmp_path, keep_last=1) == [tmp_path / "step-00000040", tmp_path / "step-00000050"]
+    assert prune_checkpoints(tmp_path, keep_last=1) == [tmp_path / "step-00000040", tmp_path / "step-00000050"]
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000060"
     assert load_checkpoint(tmp_path / "step-00000060")["step"] == 6
+
+
+def test_the_step_of_a_checkpoint_is_the_one_its_marker_records(tmp_path: Path) -> None:
+    node = NodeDir(tmp_path / "node")
+    assert last_committed_step(node) is None  # no checkpoints folder yet
+    save_checkpoint(node.checkpoints, 3, {"v": 3}, keep_last=0)
+    save_checkpoint(node.checkpoints, 12, {"v": 12}, keep_last=0)
+    (node.checkpoints / "step-00000020").mkdir()  # debris without a marker: its name is all it has
+    entries = list_checkpoints(node.checkpoints)
+    assert [(e.step, e.path.name, e.committed) for e in entries] == [
+        (3, "step-00000003", True), (12, "step-00000012", True), (20, "step-00000020", False)
+    ]  # fmt: skip
+    assert latest_committed(node.checkpoints) == entries[1] and last_committed_step(node) == 12
+    # A committed checkpoint copied under a newer name still holds step 3: the name does not decide.
+    shutil.copytree(node.checkpoints / "step-00000003", node.checkpoints / "step-00000030")
+    assert last_committed_step(node) == 12
 
 
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
@@ -317,9 +339,7 @@ def _fake_writer(folder: Path, host: str, pid: int, age_s: float = 0.0) -> None:
     folder.mkdir()
     meta = folder / "zarr.json"  # as a writer leaves it before its first array
     meta.write_text(
-        json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": {ckpt.WRITER_ATTR: {"host": host, "pid": pid}}}
-        )
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {WRITER_ATTR: {"host": host, "pid": pid}}})
     )
     t = time.time() - age_s
     for p in (meta, folder):

@@ -34,7 +34,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 import trinity.store.checkpoint_dist as ckpt_dist
 from trinity.distributed.testing import run_workers
-from trinity.store.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_layout, save_checkpoint
+from trinity.store.checkpoint import load_checkpoint, read_checkpoint_layout, save_checkpoint
+from trinity.store.checkpoint_commit import latest_checkpoint
 
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
 PACK_BELOW = 64  # bytes: the tiny `norm` is packed (gathered to rank 0), the rest are arrays

@@ -43,31 +43,30 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import zarr.api.asynchronous as za
 from torch.distributed.tensor import DTensor
 from zarr import AsyncArray
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
 from trinity.errors import CollectiveSaveError
 from trinity.store import shards
-from trinity.store.checkpoint import (
-    ATTR,
-    FORMAT,
-    PACK_BELOW_BYTES,
-    Compression,
-    _claimed,
-    _commit,
-    _compressors,
-    _create_root,
-    _fsync_path,
-    _Packer,
-    _stored_array,
-    _stored_dtype,
-    _summary,
-    _write_arrays,
+from trinity.store.checkpoint_commit import (
     checkpoint_name,
+    claimed,
+    commit,
+    fsync_path,
+    marker_summary,
     prune_checkpoints,
+    temporary_name,
+)
+from trinity.store.checkpoint_encoding import PACK_BELOW_BYTES, StoredLeaves, stored_array, stored_dtype, tensor_record
+from trinity.store.checkpoint_zarr import (
+    FORMAT,
+    Compression,
+    compressors_for,
+    create_group,
+    open_group,
+    set_attrs,
+    write_arrays,
 )
 from trinity.store.tree import Leaf, flatten
 
@@ -141,49 +140,39 @@ def _write_rank0(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rank 0's part of phase 2: the group, every whole array, the DTensors' empty arrays.
     Returns (the skeleton attribute, the marker's summary)."""
-    arrays: list[tuple[str, np.ndarray[Any, Any]]] = []
+    stored = StoredLeaves(pack_below_bytes)
     empty: list[tuple[str, tuple[int, ...], np.dtype[Any], tuple[int, ...]]] = []
-    records: list[dict[str, Any]] = []
     dtensors: dict[str, Any] = {}
-    packer = _Packer()
     nbytes = 0
     for i, leaf in enumerate(plan.leaves):
         sh = plan.sharded.get(i)
         if sh is not None and not sh.packed:
             assert sh.chunks is not None
-            stored = _stored_dtype(sh.dt.dtype)
+            dtype = stored_dtype(sh.dt.dtype)
             shape = sh.layout.global_shape
-            rec = {"kind": "tensor", "dtype": str(sh.dt.dtype).removeprefix("torch."), "shape": list(shape)}
-            rec |= {"stored": stored.str, "array": leaf.path}
-            empty.append((leaf.path, shape, stored, sh.chunks))
-            nbytes += sh.dt.numel() * stored.itemsize
+            stored.add_record({**tensor_record(sh.dt.dtype, shape, dtype), "array": leaf.path})
+            empty.append((leaf.path, shape, dtype, sh.chunks))
+            nbytes += sh.dt.numel() * dtype.itemsize
         else:
-            arr, rec = _stored_array(Leaf(leaf.path, gathered[i]) if sh is not None else leaf)
-            if arr.nbytes < pack_below_bytes:
-                rec["packed"] = packer.add(arr)
-            else:
-                arrays.append((leaf.path, arr))
-                rec["array"] = leaf.path
-                nbytes += arr.nbytes
+            stored.add(leaf.path, gathered[i] if sh is not None else leaf.value)
         if sh is not None:
             dtensors[leaf.path] = {**sh.layout.record(), "chunks": None if sh.chunks is None else list(sh.chunks)}
-        records.append(rec)
-    packed = packer.arrays()
-    arrays += packed
-    nbytes += sum(a.nbytes for _, a in packed)
-    layout = {"world_size": dist.get_world_size(), "dtensors": dtensors}
-    attrs = {"format": FORMAT, "step": step, "meta": meta or {}, "skeleton": plan.skeleton, "leaves": records}
-    attrs["layout"] = layout
+    arrays = stored.arrays()
+    nbytes += sum(a.nbytes for _, a in arrays)
+    attrs = {
+        "format": FORMAT, "step": step, "meta": meta or {}, "skeleton": plan.skeleton, "leaves": stored.records,
+        "layout": {"world_size": dist.get_world_size(), "dtensors": dtensors},
+    }  # fmt: skip
 
     async def write() -> None:
-        root = await _create_root(folder)
-        compressors = _compressors(compression)
-        await _write_arrays(root, arrays, compressors)
+        root = await create_group(folder)
+        compressors = compressors_for(compression)
+        await write_arrays(root, arrays, compressors)
         await asyncio.gather(*(_create_sharded(root, n, s, d, c, compressors) for n, s, d, c in empty))
 
     folder.mkdir(parents=True)
     sync(write())
-    return attrs, _summary(plan.skeleton, records, len(arrays) + len(empty), int(nbytes))
+    return attrs, marker_summary(plan.skeleton, stored.records, len(arrays) + len(empty), int(nbytes))
 
 
 async def _create_sharded(
@@ -212,7 +201,7 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
     ]
 
     async def write() -> list[str]:
-        root = await za.open_group(store=LocalStore(str(folder)), mode="r+")
+        root = await open_group(folder)
         sem = asyncio.Semaphore(_CONCURRENT_PIECES)
         failed = False
 
@@ -222,7 +211,7 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
             async with sem:
                 if failed:
                     return ""
-                arr, _ = _stored_array(Leaf(plan.leaves[i].path, sh.dt.to_local()))
+                arr, _ = stored_array(sh.dt.to_local())
                 try:
                     return await _write_piece(root, plan.leaves[i].path, sh.piece.region(), arr)
                 except BaseException:
@@ -239,7 +228,7 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
     keys = sync(write())
     if fsync:
         for key in keys:
-            _fsync_path(folder / key)
+            fsync_path(folder / key)
 
 
 def _fsync_rest(folder: Path, plan: _Plan) -> None:
@@ -250,8 +239,8 @@ def _fsync_rest(folder: Path, plan: _Plan) -> None:
         d = Path(dirpath)
         if d not in skip and skip.isdisjoint(d.parents):
             for f in files:
-                _fsync_path(d / f)
-        _fsync_path(d)
+                fsync_path(d / f)
+        fsync_path(d)
 
 
 def save_collective(
@@ -277,7 +266,7 @@ def save_collective(
         plan = _plan(state, pack_below_bytes)
     except BaseException as e:
         error = e
-    tmp_name = f".tmp-{checkpoint_name(step)}-{os.getpid()}" if rank == 0 else None
+    tmp_name = temporary_name(step) if rank == 0 else None
     got = _exchange(what, error, (plan.digest if plan else None, tmp_name))
     assert plan is not None
     differ = [r for r, (digest, _) in enumerate(got) if digest != got[0][0]]
@@ -291,8 +280,8 @@ def save_collective(
 
     with contextlib.ExitStack() as claims:
         if rank == 0:
-            claims.enter_context(_claimed(tmp))
-            claims.enter_context(_claimed(final))
+            claims.enter_context(claimed(tmp))
+            claims.enter_context(claimed(final))
         try:
             # Phase 2: gather the small DTensors; rank 0 lays out the group.
             attrs: dict[str, Any] = {}
@@ -326,7 +315,7 @@ def save_collective(
                     sync(_set_attrs(tmp, attrs))  # metadata last
                     if fsync:
                         _fsync_rest(tmp, plan)
-                    _commit(Path(ckpt_root), step, tmp, summary)
+                    commit(Path(ckpt_root), step, tmp, summary)
                 except BaseException as e:
                     error = e
             _exchange(what, error)
@@ -340,5 +329,5 @@ def save_collective(
 
 
 async def _set_attrs(folder: Path, attrs: dict[str, Any]) -> None:
-    root = await za.open_group(store=LocalStore(str(folder)), mode="r+")
-    await root.update_attributes({ATTR: attrs})
+    """Phase 4's first write: the skeleton attribute, into the group every rank has written."""
+    await set_attrs(await open_group(folder), attrs)
