@@ -84,8 +84,3 @@ def iter_documents(source: Source, base_dir: Path | str = ".") -> Iterator[str]:
     if isinstance(source, DemoSource):
         return iter_demo(source.corpus, source.seed, source.max_documents)
     raise TypeError(f"unknown source kind {type(source).__name__}")
-
-
-def is_finite(source: Source) -> bool:
-    """False only for the endless generated math corpus without a document limit."""
-    return not (isinstance(source, DemoSource) and source.corpus == "math" and source.max_documents is None)

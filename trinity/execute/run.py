@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
 
 import networkx as nx
 import yaml
@@ -28,7 +28,7 @@ from trinity.graph.compile import Node, branches, compile_graph, nodes_in_order
 from trinity.graph.diff import flatten
 from trinity.graph.identity import canonical_json
 from trinity.run.graph import GraphNode
-from trinity.run.layout import RunDir, atomic_write_json, atomic_write_text, read_json
+from trinity.run.layout import NodeDir, RunDir, atomic_write_json, atomic_write_text, read_json
 from trinity.run.status import NodeStatus, lease_is_stale, list_attempts, now_iso
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
@@ -143,7 +143,7 @@ def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]
     return Decision(node.id, "run", "it never ran")
 
 
-def _changed_parts(node_dir: Any, node: Node) -> str:
+def _changed_parts(node_dir: NodeDir, node: Node) -> str:
     path = node_dir.root / "payload_digests.json"
     if not path.is_file():
         return "spec fields changed"
@@ -153,7 +153,7 @@ def _changed_parts(node_dir: Any, node: Node) -> str:
     return "changed: " + ", ".join(parts) if parts else "upstream identities changed"
 
 
-def _resume_note(node_dir: Any) -> str:
+def _resume_note(node_dir: NodeDir) -> str:
     if not node_dir.checkpoints.is_dir():
         return ""
     from trinity.nodes.checkpoints import last_committed_step

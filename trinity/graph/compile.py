@@ -21,7 +21,7 @@ import networkx as nx
 
 from trinity.errors import SpecError
 from trinity.graph.identity import identity_payload, node_identity
-from trinity.graph.kinds import NODE_KINDS, NodeKind
+from trinity.graph.kinds import NODE_KINDS, NodeHeader, NodeKind
 from trinity.spec.data import MixSpec
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec, set_path, validate
@@ -29,32 +29,10 @@ from trinity.spec.yaml_source import Located
 
 
 @dataclass(frozen=True)
-class Node:
-    """One unit of work in the DAG."""
+class Node(NodeHeader):
+    """One unit of work in the DAG, with the spec fields that entered its identity."""
 
-    id: str
-    """Unique, readable id: kind/name, with a [branch] label when a sweep makes it differ."""
-    kind: NodeKind
-    identity: str
-    """sha256 of the result-affecting spec fields and the upstream identities."""
-    deps: tuple[str, ...]
-    """Ids of the nodes whose outputs this one reads."""
-    payload: dict[str, Any] = field(repr=False)
-    """The spec fields that entered the identity."""
-    target: str = ""
-    """What the node works on: a phase name, a stage name, an eval's stage reference."""
-    branch: str = ""
-    """The sweep branch label ('' for the only branch)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "identity": self.identity,
-            "deps": list(self.deps),
-            "target": self.target,
-            "branch": self.branch,
-        }
+    payload: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

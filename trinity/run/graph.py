@@ -16,26 +16,21 @@ import networkx as nx
 import yaml
 
 from trinity.errors import RunError
-from trinity.graph.kinds import NODE_KINDS, NodeKind
+from trinity.graph.kinds import NODE_KINDS, NodeHeader
 from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.spec.experiment import ExperimentSpec
 
 
 @dataclass(frozen=True)
-class GraphNode:
-    """One node's entry in graph.json."""
+class GraphNode(NodeHeader):
+    """One node's entry in graph.json: its header and what it needs at run time."""
 
-    id: str
-    kind: NodeKind
-    identity: str
-    deps: tuple[str, ...]
-    target: str = ""
-    """What the node works on: a phase name, a stage name, an eval's stage reference."""
-    branch: str = ""
     spec_file: str = "spec.yaml"
     """The (branch) spec it runs with, relative to the run directory."""
     flat_spec: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Its spec flattened to dotted paths (the telemetry catalog's `spec` columns)."""
     payload_digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """A short digest of each top-level part of its identity payload (`explain` names what changed)."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GraphNode:
@@ -56,12 +51,7 @@ class GraphNode:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "kind": self.kind,
-            "identity": self.identity,
-            "deps": list(self.deps),
-            "target": self.target,
-            "branch": self.branch,
+            **super().to_json(),
             "spec_file": self.spec_file,
             "flat_spec": self.flat_spec,
             "payload_digests": self.payload_digests,
@@ -84,8 +74,14 @@ class RunGraph:
             raise RunError(
                 f"{run.root}: not a trinity run directory (no graph.json); start one with `trinity run GRAPH`"
             )
-        data = read_json(run.graph_json)
-        nodes = {n.id: n for n in (GraphNode.from_json(entry) for entry in data["nodes"])}
+        try:
+            data = read_json(run.graph_json)
+            nodes = {n.id: n for n in (GraphNode.from_json(entry) for entry in data["nodes"])}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(
+                f"{run.graph_json}: damaged ({type(exc).__name__}: {exc}); "
+                "write it again with `trinity run GRAPH --run-dir RUN`"
+            ) from exc
         digraph = nx.DiGraph()
         for node in nodes.values():
             digraph.add_node(node.id, node=node)

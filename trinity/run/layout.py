@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "DEP_FAILED")
-
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so a reader sees the old file or the new one, never a mix."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trinity.errors import CatalogError
+from trinity.run.graph import RunGraph
 from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.store.telemetry import PART_RE, SCHEMAS, TABLES
 
@@ -61,7 +62,7 @@ class Run:
     root: Path
     run_id: str
     meta: dict[str, Any]
-    graph: dict[str, Any]
+    graph: RunGraph
 
 
 # -- finding and reading runs ------------------------------------------------------------------
@@ -98,7 +99,7 @@ def find_runs(path: Path, max_depth: int = MAX_DEPTH) -> list[Path]:
 
 def load_run(root: Path) -> Run:
     meta = read_json(RunDir(root).run_json) if RunDir(root).run_json.is_file() else {}
-    graph = read_json(RunDir(root).graph_json)
+    graph = RunGraph.load(RunDir(root))
     run_id = str(meta.get("run_id") or meta.get("id") or root.name)
     return Run(root, run_id, meta, graph)
 
@@ -145,7 +146,7 @@ def _read_optional(path: Path) -> dict[str, Any]:
 
 
 def _node_ids(run: Run) -> list[str]:
-    return [str(n["id"]) for n in run.graph.get("nodes", [])]
+    return list(run.graph.nodes)
 
 
 def _attempt_numbers(node: NodeDir) -> list[int]:
@@ -223,7 +224,7 @@ def _runs_table(runs: Sequence[Run]) -> pa.Table:
             "created": _time(r.meta.get("created")),
             "trinity_version": _str(r.meta.get("trinity_version") or r.meta.get("version")),
             "path": str(r.root.resolve()),
-            "n_nodes": len(r.graph.get("nodes", [])),
+            "n_nodes": len(r.graph.nodes),
             "meta": json.dumps(r.meta, sort_keys=True, default=str),
         }
         for r in runs
@@ -234,19 +235,19 @@ def _runs_table(runs: Sequence[Run]) -> pa.Table:
 def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
     nodes, attempts = [], []
     for run in runs:
-        for position, n in enumerate(run.graph.get("nodes", [])):
-            node = RunDir(run.root).node(str(n["id"]))
+        for position, n in enumerate(run.graph.nodes.values()):
+            node = RunDir(run.root).node(n.id)
             status = _read_optional(node.status)
             numbers = _attempt_numbers(node)
             nodes.append(
                 {
                     "run_id": run.run_id,
-                    "node": str(n["id"]),
-                    "kind": _str(n.get("kind")),
-                    "identity": _str(n.get("identity")),
-                    "deps": [str(d) for d in n.get("deps", [])],
-                    "target": _str(n.get("target")),
-                    "branch": _str(n.get("branch")),
+                    "node": n.id,
+                    "kind": n.kind,
+                    "identity": n.identity,
+                    "deps": list(n.deps),
+                    "target": n.target,
+                    "branch": n.branch,
                     "position": position,
                     "state": _str(status.get("state")) or ("PENDING" if not status else None),
                     "state_updated": _time(status.get("updated")),
@@ -263,7 +264,7 @@ def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
                 attempts.append(
                     {
                         "run_id": run.run_id,
-                        "node": str(n["id"]),
+                        "node": n.id,
                         "attempt": a,
                         "executor": _str(rec.get("executor")),
                         "job_id": _str(rec.get("job_id")),
@@ -317,9 +318,9 @@ def _spec_tables(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
     keys: list[tuple[str, str]] = []
     flats: list[dict[str, Any]] = []
     for run in runs:
-        for n in run.graph.get("nodes", []):
-            keys.append((run.run_id, str(n["id"])))
-            flats.append(dict(n.get("flat_spec") or {}))
+        for n in run.graph.nodes.values():
+            keys.append((run.run_id, n.id))
+            flats.append(dict(n.flat_spec))
     paths = sorted({p for f in flats for p in f})
     columns: dict[str, pa.Array] = {
         "run_id": pa.array([k[0] for k in keys], pa.string()),
@@ -526,11 +527,3 @@ def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConne
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
-
-
-def iter_tables(con: duckdb.DuckDBPyConnection) -> Iterator[tuple[str, str]]:
-    """(name, 'table'|'view') of what a catalog connection exposes, for docs and `SHOW TABLES`."""
-    for name, kind in con.execute(
-        "SELECT table_name, table_type FROM information_schema.tables ORDER BY table_name"
-    ).fetchall():
-        yield str(name), "view" if "VIEW" in str(kind) else "table"
