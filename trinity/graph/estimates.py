@@ -229,17 +229,11 @@ class Estimates:
 
 
 def pretrain_steps(spec: ExperimentSpec) -> list[int]:
-    """Optimizer steps of each pretraining phase, following the batch-size schedule by tokens seen."""
-    steps: list[int] = []
-    seen = 0
-    for phase in spec.data.phases:
-        end = seen + phase.tokens
-        n = 0
-        while seen < end:
-            seen += spec.optim.batch_sequences_at(seen) * phase.seq_len
-            n += 1
-        steps.append(n)
-    return steps
+    """Optimizer steps of each pretraining phase: `spec.pretrain_steps()` (closed form), as a list.
+
+    Kept for `trinity.nodes.pretrain` until it calls the spec's method itself.
+    """
+    return list(spec.pretrain_steps())
 
 
 def estimate(spec: ExperimentSpec) -> Estimates:
@@ -254,17 +248,15 @@ def estimate(spec: ExperimentSpec) -> Estimates:
 
     stages = [
         cost(f"pretrain:{p.name}", p.tokens, p.seq_len, n, flops_per_token(m, p.seq_len))
-        for p, n in zip(spec.data.phases, pretrain_steps(spec), strict=True)
+        for p, n in zip(spec.data.phases, spec.pretrain_steps(), strict=True)
     ]
     memory = memory_per_gpu(m, par, spec.data.max_seq_len)
     if (ext := spec.stages.extend) is not None:
-        steps = math.ceil(ext.tokens / (ext.global_batch_sequences * ext.seq_len))
-        stages.append(cost("extend", ext.tokens, ext.seq_len, steps, flops_per_token(m, ext.seq_len)))
+        stages.append(cost("extend", ext.tokens, ext.seq_len, ext.optimizer_steps, flops_per_token(m, ext.seq_len)))
         ext_memory = memory_per_gpu(m, par, ext.seq_len, ext.cp)
         memory = max(memory, ext_memory, key=lambda e: e.total)
     if (sft := spec.stages.sft) is not None:
-        steps = math.ceil(sft.tokens / (sft.global_batch_sequences * sft.seq_len))
-        stages.append(cost("sft", sft.tokens, sft.seq_len, steps, flops_per_token(m, sft.seq_len)))
+        stages.append(cost("sft", sft.tokens, sft.seq_len, sft.optimizer_steps, flops_per_token(m, sft.seq_len)))
     if (rl := spec.stages.rl) is not None:
         # Upper bound: every response at max length; generation 2N, policy update 6N per token.
         tokens = rl.steps * rl.prompts_per_step * rl.group_size * rl.max_new_tokens

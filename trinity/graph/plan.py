@@ -6,7 +6,6 @@ from typing import Any
 
 from trinity.graph.compile import Node, branches, compile_graph, nodes_in_order
 from trinity.graph.estimates import Estimates, StageCost, estimate
-from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
 
 
@@ -24,9 +23,8 @@ def build_plan(loaded: LoadedSpec) -> dict[str, Any]:
     nodes: list[dict[str, Any]] = []
     total_hours = 0.0
     for node in nodes_in_order(graph):
-        spec: ExperimentSpec = graph.nodes[node.id]["spec"]
-        label = node.branch or next(iter(per_branch))
-        cost = node_cost(node, per_branch.get(label, estimate(spec)))
+        # A node's cost is its branch's (a node shared by all branches: the first branch's, whose spec it holds).
+        cost = node_cost(node, per_branch[node.branch or next(iter(per_branch))])
         entry = node.to_json()
         if cost is not None:
             entry.update(tokens=cost.tokens, seq_len=cost.seq_len, steps=cost.steps, gpu_hours=cost.gpu_hours)

@@ -17,8 +17,6 @@ from trinity.spec.stability import StabilitySpec
 from trinity.spec.stages import StagesSpec
 from trinity.spec.tokenizer import TokenizerSpec
 
-STAGE_REFERENCES = ("pretrain", "extend", "sft", "rl")
-
 
 class SweepSpec(SpecModel):
     """A grid over field paths: one branch per combination; unchanged upstream nodes are shared."""
@@ -163,6 +161,20 @@ class ExperimentSpec(SpecModel):
         refs = ["pretrain", *(f"pretrain:{p.name}" for p in self.data.phases)]
         refs += [s for s in ("extend", "sft", "rl") if getattr(self.stages, s) is not None]
         return tuple(refs)
+
+    def pretrain_steps(self) -> tuple[int, ...]:
+        """Optimizer steps of each pretraining phase, following the batch-size schedule by tokens seen.
+
+        Phases continue one another: the tokens a phase's last step overshoots its budget by count
+        as seen when the next phase starts (`OptimSpec.batch_steps`). Phase i trains the global
+        steps [sum(steps[:i]), sum(steps[:i + 1])).
+        """
+        steps: list[int] = []
+        seen = 0
+        for phase in self.data.phases:
+            n, seen = self.optim.batch_steps(seen, phase.tokens, phase.seq_len)
+            steps.append(n)
+        return tuple(steps)
 
     @property
     def longest_seq_len(self) -> int:

@@ -61,6 +61,12 @@ class ScheduleSpec(SpecModel):
     """The lr at the end of pretraining, as a fraction of the peak (Large: 0.1)."""
 
 
+def whole_steps(tokens: int, step_tokens: int) -> int:
+    """Optimizer steps of `step_tokens` tokens each that cover `tokens` (the last one whole): ceil, in integers
+    (the same as math.ceil(tokens / step_tokens) below 2**53 tokens, exact beyond)."""
+    return -(-tokens // step_tokens)
+
+
 class BatchStep(SpecModel):
     """From `start_tokens` tokens seen on, each optimizer step uses `sequences` sequences."""
 
@@ -111,3 +117,25 @@ class OptimSpec(SpecModel):
             if tokens_seen >= step.start_tokens:
                 current = step.sequences
         return current
+
+    def batch_steps(self, tokens_seen: int, tokens: int, seq_len: int) -> tuple[int, int]:
+        """Optimizer steps that train `tokens` more tokens at `seq_len` from `tokens_seen` on, and the
+        tokens seen after them.
+
+        Each step takes the batch in force when it starts (`batch_sequences_at`) for the whole step,
+        and steps continue while fewer than `tokens_seen + tokens` tokens are seen: the last step is
+        whole, so the budget is met or overshot, and a step that starts before an entry's
+        `start_tokens` and ends past it keeps the old batch. Closed form of that loop: the schedule is
+        piecewise constant, so each piece (up to the next entry's start or the budget's end) takes
+        ceil(remaining / step tokens) steps.
+        """
+        end = tokens_seen + tokens
+        seen, steps, i = tokens_seen, 0, 0
+        while seen < end:
+            while i + 1 < len(self.batch) and self.batch[i + 1].start_tokens <= seen:
+                i += 1
+            step_tokens = self.batch[i].sequences * seq_len
+            until = end if i + 1 == len(self.batch) else min(end, self.batch[i + 1].start_tokens)
+            n = whole_steps(until - seen, step_tokens)
+            steps, seen = steps + n, seen + n * step_tokens
+        return steps, seen

@@ -97,12 +97,5 @@ class ParallelSpec(SpecModel):
         """Data-parallel ranks (each reads its own sequences) at context-parallel degree `cp`."""
         return self.total_ranks // (cp or self.cp)
 
-    def grad_accum_steps(self, global_batch_sequences: int, cp: int | None = None) -> int:
-        """Micro-batches per optimizer step on each rank for a global batch of that many sequences."""
-        return global_batch_sequences // (self.dp_ranks(cp) * self.micro_batch)
-
     def divides_batch(self, global_batch_sequences: int, cp: int | None = None) -> bool:
         return global_batch_sequences % (self.dp_ranks(cp) * self.micro_batch) == 0
-
-
-GIB = 1024**3

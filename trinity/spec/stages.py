@@ -12,6 +12,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from trinity.spec.base import SpecModel, execution_only
 from trinity.spec.data import MixSpec
+from trinity.spec.optim import whole_steps
 
 
 class RewarmLR(SpecModel):
@@ -55,6 +56,11 @@ class ExtendSpec(MixSpec):
     changed_layers: Literal["global"] = "global"
     """Only the global (NoPE) layers are treated as changed: local RoPE theta and window stay."""
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the stage: ceil(tokens / (global_batch_sequences x seq_len))."""
+        return whole_steps(self.tokens, self.global_batch_sequences * self.seq_len)
+
 
 class ChatJsonlSource(SpecModel):
     """Chat conversations from JSON Lines: {"messages": [{"role": ..., "content": ...}, ...]}."""
@@ -80,6 +86,11 @@ class SFTSpec(SpecModel):
     """Peak lr as a fraction of the pretraining peak of each group."""
     warmup_steps: NonNegativeInt = 50
     """Linear warm-up steps, then linear decay to 0."""
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the stage: ceil(tokens / (global_batch_sequences x seq_len))."""
+        return whole_steps(self.tokens, self.global_batch_sequences * self.seq_len)
 
 
 class RLSpec(SpecModel):
