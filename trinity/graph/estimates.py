@@ -228,14 +228,6 @@ class Estimates:
         return asdict(self)
 
 
-def pretrain_steps(spec: ExperimentSpec) -> list[int]:
-    """Optimizer steps of each pretraining phase: `spec.pretrain_steps()` (closed form), as a list.
-
-    Kept for `trinity.nodes.pretrain` until it calls the spec's method itself.
-    """
-    return list(spec.pretrain_steps())
-
-
 def estimate(spec: ExperimentSpec) -> Estimates:
     """Estimates for the whole experiment (memory at the pretraining sequence length)."""
     m, par = spec.model, spec.parallel

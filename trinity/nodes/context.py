@@ -99,3 +99,12 @@ class NodeContext:
         status = NodeStatus.read(self.dir)
         status.progress = {**status.progress, **values}
         status.write(self.dir)
+
+
+def set_threads(ctx: NodeContext) -> None:
+    """Intra-op threads of this process as `execution.local.threads` says (unset: torch's default)."""
+    threads = ctx.spec.execution.local.threads
+    if threads:
+        import torch  # here: a context is built for every node kind, and most never load torch
+
+        torch.set_num_threads(threads)

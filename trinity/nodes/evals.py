@@ -25,9 +25,8 @@ from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.evals.heldout import heldout_loss
 from trinity.evals.niah import evaluate_niah
-from trinity.nodes.context import NodeContext
+from trinity.nodes.context import NodeContext, set_threads
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.pretrain import set_threads
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
 from trinity.run.layout import atomic_write_json, read_json
 from trinity.spec.stages import ArithmeticEval, Eval, HeldoutLossEval, NiahEval

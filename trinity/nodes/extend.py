@@ -2,7 +2,8 @@
 
 Starts from the last pretraining phase's final checkpoint (model, optimizer state, expert bias and
 momentum) and trains `stages.extend.tokens` tokens at `stages.extend.seq_len` on the prepare/extend
-store, whose documents are drawn with a length bias (`trinity.data.length_biased`).
+store, whose documents are drawn with a length bias (`trinity.data.length_biased`) from the seed
+stream `loader/extend`.
 
 "Only the global layers are treated as changed": global layers use no positional encoding, so a
 longer context needs no change to them beyond training; local layers keep their RoPE theta and
@@ -17,17 +18,17 @@ Steps are numbered from 0 within the stage: ceil(tokens / (global_batch_sequence
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
 from trinity.errors import NodeFailure
-from trinity.nodes.context import NodeContext
+from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.loop import verify_training_node
 from trinity.nodes.prepare import store_paths
-from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
+from trinity.nodes.seeds import stream_seed
+from trinity.nodes.trainer import TrainPlan, build_training, train_to_final
 from trinity.optim.schedule import decay_shape, rewarm_factor
 from trinity.spec import data as data_spec
 from trinity.spec.stages import ExtendSpec, RewarmLR
@@ -35,11 +36,6 @@ from trinity.spec.stages import ExtendSpec, RewarmLR
 __all__ = ["run_extend_node", "verify_training_node"]
 
 PHASE = "extend"
-
-
-def extend_steps(ext: ExtendSpec) -> int:
-    """Optimizer steps of the stage (the same count as `trinity plan`'s estimate)."""
-    return math.ceil(ext.tokens / (ext.global_batch_sequences * ext.seq_len))
 
 
 def extend_lr_factor(ext: ExtendSpec, total_steps: int) -> Callable[[int, int], float]:
@@ -67,26 +63,23 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
         raise NodeFailure("the graph has no stages.extend")
     set_threads(ctx)
     store = open_store(store_paths(ctx.dep_dir("prepare", "extend").outputs / "store")[0])
-    loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=spec.seed * 1000 + 901)
-    training = build_training(ctx, loader)
-    total = extend_steps(ext)
-    first_step, tokens_seen = 0, 0
-    resumed = resume_into(ctx, training)
-    if resumed is not None:
-        first_step, tokens_seen = resumed
-    else:
-        training.load_upstream(ctx.dep_dir("pretrain"))
     if spec.model.vocab_size < int(store.attrs.get("vocab_size", 0)):
         raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
+    loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=stream_seed(spec.seed, "loader/extend"))
+    training = build_training(ctx, loader)
+    total = ext.optimizer_steps
+
+    def from_pretraining() -> None:
+        training.load_upstream(ctx.dep_dir("pretrain"))
 
     plan = TrainPlan(
         phase=PHASE,
-        first_step=first_step,
+        first_step=0,
         last_step=total,
-        tokens_seen=tokens_seen,
+        tokens_seen=0,
         seq_len=ext.seq_len,
         micro_batch=spec.parallel.micro_batch,
         batch_sequences=lambda tokens: ext.global_batch_sequences,
         lr_factor=extend_lr_factor(ext, total),
     )
-    return train_to_final(ctx, training, plan)
+    return train_to_final(ctx, training, plan, fresh=from_pretraining)

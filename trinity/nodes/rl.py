@@ -17,34 +17,31 @@ Telemetry per step: `steps` (loss, lr, grad norm, tokens = response tokens so fa
 an `events` row of kind "rl" with reward, pass_rate (exact answers), format_rate,
 response_length, kl, clip_fraction, ratio_mean, zero_advantage_groups, updated (0 when no group had
 a reward spread: the step is skipped, see `grpo_update`) (query with
-`(data->>'reward')::double`). Checkpoints (model, optimizer, RNG, step) every
-`execution.checkpoint_every` steps, at the end and on a stop request; problems and the sampling
+`(data->>'reward')::double`). Resume, checkpoints (model, optimizer, RNG, step) every
+`execution.checkpoint_every` steps, at the end and on a stop request, and final.json are the
+training skeleton's (trinity.nodes.loop), as for every training node; problems and the sampling
 generator depend only on (seed, step), so a resumed run is exact.
 """
 
 from __future__ import annotations
 
-import time
+import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trinity.data.tokenizer import Tokenizer
-from trinity.errors import NodeFailure, StopRequested
+from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.model import TrinityModel
-from trinity.nodes.checkpoints import resume_state, save_training_state, write_final
-from trinity.nodes.context import NodeContext
-from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.seeds import capture_rng_state, restore_rng_state
-from trinity.nodes.trainer import record_resume
+from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.loop import TrainingLoop, verify_training_node
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.rl.grpo import GrpoStats, group_advantages, grpo_loss, policy_batch, token_logprobs
 from trinity.rl.rollout import Rollout, rl_problems, rollout, rollout_generator
 from trinity.spec.stages import RLSpec
-from trinity.store.checkpoint import latest_checkpoint
-from trinity.store.telemetry import TelemetryWriter
 
 __all__ = ["run_rl_node", "verify_training_node"]
 
@@ -84,126 +81,120 @@ def grpo_update(
     return stats, grad_norm
 
 
-def _heldout(ctx: NodeContext, model: TrinityModel, tok: Tokenizer, step: int, telemetry: TelemetryWriter) -> float:
-    spec, rl = ctx.spec, ctx.spec.stages.rl
-    assert rl is not None
-    problems = heldout_problems(spec.seed, HELDOUT_PROBLEMS, trained_prompts(spec))
-    r = evaluate_arithmetic(model, tok, problems, format_reward=rl.format_reward, max_new_tokens=rl.max_new_tokens)
-    for metric in ("reward", "accuracy", "format_rate", "response_length"):
-        telemetry.log_eval(step, "rl_heldout", r[metric], n=r["n"], metric=metric)
-    return float(r["reward"])
+@dataclass
+class RLStep:
+    """One GRPO step: its rollout and its update (tokens: response tokens trained on)."""
+
+    loss: float
+    tokens: int
+    reward: float
+    grad_norm: float
+    stats: GrpoStats
+    rollout: Rollout
+
+
+class GrpoTrainer(TrainingLoop[RLStep]):
+    """The RL kind of training node on the shared skeleton: a rollout and a GRPO update per step."""
+
+    progress_every_s = 0.0  # every step: RL steps are few and slow
+
+    def __init__(self, ctx: NodeContext, policy: TrinityModel, reference: TrinityModel, tok: Tokenizer) -> None:
+        rl = ctx.spec.stages.rl
+        assert rl is not None
+        super().__init__(ctx, PHASE, 0, rl.steps)
+        self.rl, self.policy, self.reference, self.tok = rl, policy, reference, tok
+        self.optimizer = build_optimizer(policy, ctx.spec.optim)
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = rl.lr
+        self.optimizer.set_lr_factor(1.0)
+        self.metrics: dict[str, Any] = {}
+
+    def optimizer_step(self) -> RLStep:
+        spec, rl = self.ctx.spec, self.rl
+        self.policy.eval()
+        ro = rollout(
+            self.policy,
+            self.tok,
+            rl_problems(spec.seed, self.step, rl.prompts_per_step),
+            rl.group_size,
+            rl.max_new_tokens,
+            rl.temperature,
+            rl.top_p,
+            rl.format_reward,
+            rollout_generator(spec.seed, self.step),
+        )
+        self.policy.train()
+        stats, grad_norm = grpo_update(
+            self.policy, self.reference, self.optimizer, ro, rl, self.tok.pad_id, spec.stability.grad_clip
+        )
+        return RLStep(stats.loss, stats.tokens, float(ro.rewards_PG.mean()), grad_norm, stats, ro)
+
+    def log_step(self, r: RLStep, seconds: float) -> None:
+        assert self.telemetry is not None
+        lrs = {g.get("name", ""): g["lr"] for g in self.optimizer.param_groups}
+        self.telemetry.log_step(
+            self.step,
+            tokens=self.tokens,
+            loss=r.loss,
+            lr_muon=lrs.get("muon"),
+            lr_adamw=lrs.get("adamw_decay"),
+            grad_norm=r.grad_norm,
+            tokens_per_s=r.tokens / seconds,
+            step_time_s=seconds,
+            phase=PHASE,
+        )
+        ro = r.rollout
+        self.telemetry.log_event(
+            self.step,
+            "rl",
+            reward=r.reward,
+            pass_rate=float(ro.correct_PG.float().mean()),
+            format_rate=float(ro.formatted_PG.float().mean()),
+            response_length=sum(len(x) for x in ro.response_ids) / len(ro.response_ids),
+            kl=r.stats.kl,
+            clip_fraction=r.stats.clip_fraction,
+            ratio_mean=r.stats.ratio_mean,
+            zero_advantage_groups=int((ro.rewards_PG.std(dim=1) == 0).sum()),
+            updated=int(r.grad_norm > 0),
+        )
+
+    def progress_values(self, r: RLStep) -> dict[str, Any]:
+        return {"reward": round(r.reward, 4)}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def begin(self) -> None:
+        if self.step == 0:  # the SFT starting point
+            self.metrics["heldout_reward_start"] = self._heldout()
+
+    def end(self, last: RLStep | None) -> dict[str, Any]:
+        self.metrics["heldout_reward_end"] = self._heldout()
+        return self.metrics
+
+    def _heldout(self) -> float:
+        """The held-out check at this step: `rl_heldout` rows of `evals`, and the mean reward."""
+        assert self.telemetry is not None
+        spec, rl = self.ctx.spec, self.rl
+        problems = heldout_problems(spec.seed, HELDOUT_PROBLEMS, trained_prompts(spec))
+        r = evaluate_arithmetic(
+            self.policy, self.tok, problems, format_reward=rl.format_reward, max_new_tokens=rl.max_new_tokens
+        )
+        for metric in ("reward", "accuracy", "format_rate", "response_length"):
+            self.telemetry.log_eval(self.step, "rl_heldout", r[metric], n=r["n"], metric=metric)
+        return float(r["reward"])
 
 
 def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
-    spec = ctx.spec
-    rl = spec.stages.rl
-    if rl is None:
+    if ctx.spec.stages.rl is None:
         raise NodeFailure("the graph has no stages.rl")
     set_threads(ctx)
     tok = upstream_tokenizer(ctx)
-    reference, _ = load_final_model(ctx.dep_dir("sft"), spec.model)
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    policy = TrinityModel(spec.model)
-    policy.load_state_dict(reference.state_dict())
-    optimizer = build_optimizer(policy, spec.optim)
-    for group in optimizer.param_groups:
-        group["base_lr"] = rl.lr
-    optimizer.set_lr_factor(1.0)
-    step, tokens = 0, 0
-    resumed = resume_state(ctx.dir, ctx.node.identity)
-    if resumed is not None:
-        policy.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        restore_rng_state(resumed["rng"])
-        step, tokens = int(resumed["step"]), int(resumed["tokens"])
-        record_resume(ctx, step)
-
-    telemetry = TelemetryWriter(ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id)
-    ctx.checks_stop = True
-    last_ckpt = None
-    metrics: dict[str, Any] = {}
-    try:
-        if step == 0:
-            metrics["heldout_reward_start"] = _heldout(ctx, policy, tok, 0, telemetry)
-        while step < rl.steps:
-            t0 = time.perf_counter()
-            policy.eval()
-            ro = rollout(
-                policy,
-                tok,
-                rl_problems(spec.seed, step, rl.prompts_per_step),
-                rl.group_size,
-                rl.max_new_tokens,
-                rl.temperature,
-                rl.top_p,
-                rl.format_reward,
-                rollout_generator(spec.seed, step),
-            )
-            policy.train()
-            stats, grad_norm = grpo_update(policy, reference, optimizer, ro, rl, tok.pad_id, spec.stability.grad_clip)
-            step += 1
-            tokens += stats.tokens
-            seconds = time.perf_counter() - t0
-            lrs = {g.get("name", ""): g["lr"] for g in optimizer.param_groups}
-            telemetry.log_step(
-                step,
-                tokens=tokens,
-                loss=stats.loss,
-                lr_muon=lrs.get("muon"),
-                lr_adamw=lrs.get("adamw_decay"),
-                grad_norm=grad_norm,
-                tokens_per_s=stats.tokens / seconds,
-                step_time_s=seconds,
-                phase=PHASE,
-            )
-            zero_groups = int((ro.rewards_PG.std(dim=1) == 0).sum())
-            reward = float(ro.rewards_PG.mean())
-            telemetry.log_event(
-                step,
-                "rl",
-                reward=reward,
-                pass_rate=float(ro.correct_PG.float().mean()),
-                format_rate=float(ro.formatted_PG.float().mean()),
-                response_length=sum(len(r) for r in ro.response_ids) / len(ro.response_ids),
-                kl=stats.kl,
-                clip_fraction=stats.clip_fraction,
-                ratio_mean=stats.ratio_mean,
-                zero_advantage_groups=zero_groups,
-                updated=int(grad_norm > 0),
-            )
-            ctx.progress(
-                step=step,
-                total_steps=rl.steps,
-                loss=round(stats.loss, 4),
-                reward=round(reward, 4),
-                tokens_per_s=round(stats.tokens / seconds),
-                tokens=tokens,
-            )
-            stop = ctx.stop_event.is_set()
-            if step == rl.steps or stop or step % spec.execution.checkpoint_every == 0:
-                telemetry.flush()
-                last_ckpt = _checkpoint(ctx, policy, optimizer, step, tokens)
-            if stop and step < rl.steps:
-                raise StopRequested()
-        if last_ckpt is None:  # resumed at the last step: the final checkpoint is the resumed one
-            last_ckpt = latest_checkpoint(ctx.dir.checkpoints)
-        metrics["heldout_reward_end"] = _heldout(ctx, policy, tok, step, telemetry)
-    finally:
-        telemetry.close()
-    assert last_ckpt is not None
-    write_final(ctx.dir, last_ckpt, step, tokens, metrics)
-    return metrics
-
-
-def _checkpoint(ctx: NodeContext, model: TrinityModel, optimizer: TrinityOptimizer, step: int, tokens: int) -> Any:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": capture_rng_state(),
-        "step": step,
-        "tokens": tokens,
-        "identity": ctx.node.identity,
-        "phase": PHASE,
-    }
-    return save_training_state(ctx.dir, step, state, ctx.spec.execution.keep_last)
+    reference, _ = load_final_model(ctx.dep_dir("sft"), ctx.spec.model)
+    policy = copy.deepcopy(reference)  # SFT's weights, without initialising a model only to overwrite it
+    reference.requires_grad_(False)
+    return GrpoTrainer(ctx, policy, reference, tok).run()

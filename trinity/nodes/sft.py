@@ -3,9 +3,9 @@
 Starts from the model of the stage before (extension, or the last pretraining phase) with a fresh
 optimizer state; trains ceil(tokens / (global_batch_sequences x seq_len)) optimizer steps with the
 pretraining loop (`Trainer`), fed by `SftBatches` (chat template, packing and loss mask in
-`trinity.data.chat`). Data: every conversation of `stages.sft.chat_sources` plus
-`math_conversations` built-in ones from the math generator (problem as the user turn, worked
-solution ending in `Answer: X` as the assistant turn).
+`trinity.data.chat`; packing order from the seed stream `loader/sft`). Data: every conversation of
+`stages.sft.chat_sources` plus `math_conversations` built-in ones from the math generator (problem
+as the user turn, worked solution ending in `Answer: X` as the assistant turn).
 
 Learning rate: linear warm-up to `peak_fraction` x the pretraining peak of each optimizer group
 over `warmup_steps`, then linear decay to 0 at the last step (`rewarm_factor`).
@@ -13,26 +13,21 @@ over `warmup_steps`, then linear decay to 0 at the last step (`rewarm_factor`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from trinity.errors import NodeFailure
-from trinity.nodes.context import NodeContext
-from trinity.nodes.pretrain import set_threads, verify_training_node
-from trinity.nodes.trainer import TrainPlan, build_training, resume_into, train_to_final
+from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.loop import verify_training_node
+from trinity.nodes.seeds import stream_seed
+from trinity.nodes.trainer import TrainPlan, build_training, train_to_final
 from trinity.optim.schedule import rewarm_factor
 from trinity.spec.experiment import ExperimentSpec
-from trinity.spec.stages import SFTSpec
 
 __all__ = ["run_sft_node", "verify_training_node"]
 
 PHASE = "sft"
-
-
-def sft_steps(sft: SFTSpec) -> int:
-    return math.ceil(sft.tokens / (sft.global_batch_sequences * sft.seq_len))
 
 
 def sft_conversations(spec: ExperimentSpec, tok: Tokenizer, base_dir: Any) -> list[tuple[list[int], list[int]]]:
@@ -65,24 +60,23 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
         conversations = sft_conversations(spec, tok, ctx.base_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise NodeFailure(str(exc)) from None
-    batches = SftBatches(conversations, sft.seq_len, spec.parallel.micro_batch, tok.pad_id, seed=spec.seed * 1000 + 902)
+    seed = stream_seed(spec.seed, "loader/sft")
+    batches = SftBatches(conversations, sft.seq_len, spec.parallel.micro_batch, tok.pad_id, seed=seed)
     training = build_training(ctx, batches)
-    total = sft_steps(sft)
-    first_step, tokens_seen = 0, 0
-    resumed = resume_into(ctx, training)
-    if resumed is not None:
-        first_step, tokens_seen = resumed
-    else:
+    total = sft.optimizer_steps
+
+    def from_upstream_model() -> None:  # a fresh optimizer state
         training.load_upstream(upstream_training_dir(ctx), optimizer=False)
 
     plan = TrainPlan(
         phase=PHASE,
-        first_step=first_step,
+        first_step=0,
         last_step=total,
-        tokens_seen=tokens_seen,
+        tokens_seen=0,
         seq_len=sft.seq_len,
         micro_batch=spec.parallel.micro_batch,
         batch_sequences=lambda tokens: sft.global_batch_sequences,
         lr_factor=lambda step, tokens: rewarm_factor(step, total, sft.peak_fraction, sft.warmup_steps),
     )
-    return train_to_final(ctx, training, plan, {"conversations": len(conversations)})
+    metrics = {"conversations": len(conversations)}
+    return train_to_final(ctx, training, plan, fresh=from_upstream_model, extra_metrics=metrics)

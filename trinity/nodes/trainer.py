@@ -1,4 +1,8 @@
-"""The language-model training loop shared by pretraining, context extension and SFT.
+"""The language-model kind of training node: pretraining, context extension and SFT.
+
+`Trainer` is the skeleton of every training node (trinity.nodes.loop: resume, telemetry, cadence,
+checkpoints, final.json, progress, stopping) with the language-model pieces: the model, optimizer
+and batch source (`build_training`), one optimizer step, and its telemetry rows.
 
 One optimizer step:
   for each micro-batch: forward (intra-document masking from doc ids if the spec asks),
@@ -6,7 +10,7 @@ One optimizer step:
       expert counts summed, micro-batch CE kept for BatchHet;
   clip the global grad norm; refuse a non-finite loss or gradient (nothing of that step is ever
   committed); set the lr from the schedule; optimizer step; expert-bias update once, from the
-  step's summed counts; telemetry; a checkpoint every N steps, at the end, and when asked to stop.
+  step's summed counts, which also gives the step's MaxVio per MoE layer for telemetry.
 
 On several ranks (torch.distributed, see trinity.distributed): each rank runs its share of the
 step's micro-batches (RankSlice), FSDP2 averages the gradients, and the ranks agree once per step
@@ -19,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -30,18 +32,17 @@ import torch
 from trinity.data.loaders import Batch
 from trinity.distributed import step as collective
 from trinity.distributed.training import Sharding, shard_for_training, state_template
-from trinity.errors import NodeFailure, StopRequested
-from trinity.model import TrinityModel, init_weights
+from trinity.errors import NodeFailure
+from trinity.model import TrinityModel
 from trinity.model.rope import positions_from_doc_ids
-from trinity.nodes.checkpoints import final_state, resume_state, save_training_state, write_final
+from trinity.nodes.checkpoints import final_state, last_committed_step
 from trinity.nodes.context import NodeContext
-from trinity.nodes.seeds import capture_rng_state, restore_rng_state
+from trinity.nodes.loop import TrainingLoop, resume_latest
+from trinity.nodes.seeds import restore_rng_state, stream_seed
 from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
 from trinity.store.activations import ActivationCapture
 from trinity.store.telemetry import TelemetryWriter
-
-PROGRESS_EVERY_S = 0.5
 
 
 class BatchSource(Protocol):
@@ -81,9 +82,17 @@ class StepResult:
     batch_het: float
     tokens: int
     counts_LE: torch.Tensor
+    max_vio_L: torch.Tensor | None = None
+    """MaxVio per MoE layer, from the expert-bias update (set by `optimizer_step`)."""
 
 
-class Trainer:
+class Trainer(TrainingLoop[StepResult]):
+    """The language-model kind of training node on the shared skeleton (trinity.nodes.loop).
+
+    telemetry: None lets `run` open (rank 0) and close the attempt's writer; a writer given here is
+    used and left open. final_metrics: recorded in final.json beside the final loss.
+    """
+
     def __init__(
         self,
         ctx: NodeContext,
@@ -91,16 +100,17 @@ class Trainer:
         optimizer: TrinityOptimizer,
         loader: BatchSource,
         plan: TrainPlan,
-        telemetry: TelemetryWriter | None,
-        on_step: Callable[[int], None] = lambda step: None,
+        telemetry: TelemetryWriter | None = None,
         sharding: Sharding | None = None,
+        final_metrics: dict[str, Any] | None = None,
     ) -> None:
-        self.ctx, self.model, self.optimizer, self.loader, self.plan = ctx, model, optimizer, loader, plan
-        self.telemetry, self.on_step, self.sharding = telemetry, on_step, sharding
+        super().__init__(ctx, plan.phase, plan.first_step, plan.last_step, plan.tokens_seen)
+        self.training = Training(model, optimizer, loader, sharding)
+        self.model, self.optimizer, self.loader, self.plan = model, optimizer, loader, plan
+        self.telemetry, self.sharding = telemetry, sharding
         self.stability = ctx.spec.stability
-        self.step, self.tokens = plan.first_step, plan.tokens_seen
-        self.last_checkpoint: Path | None = None
-        self._last_progress = 0.0
+        self.final_metrics = final_metrics or {}
+        self.capture: ActivationCapture | None = None
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -169,8 +179,6 @@ class Trainer:
         )
 
     def _non_finite(self, what: str) -> NodeFailure:
-        from trinity.nodes.checkpoints import last_committed_step
-
         last = last_committed_step(self.ctx.dir)
         where = f"step {last}" if last is not None else "none yet"
         return NodeFailure(
@@ -179,76 +187,23 @@ class Trainer:
             "`trinity resume`."
         )
 
-    # -- the loop --------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        execution = self.ctx.spec.execution
-        self.ctx.checks_stop = True
-        last: StepResult | None = None
-        with contextlib.ExitStack() as stack:
-            capture = None
-            if execution.activations and execution.activation_steps and self.telemetry is not None:
-                capture = stack.enter_context(
-                    ActivationCapture(
-                        self.model, list(execution.activations), execution.activation_steps, self.ctx.dir.activations
-                    )
-                )
-            last = self._loop(capture)
-        if self.telemetry is not None:
-            self.telemetry.flush()
-        if self.last_checkpoint is None or int(self.last_checkpoint.name.split("-")[-1]) != self.step:
-            self.checkpoint()
-        return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None}
+    # -- the pieces the skeleton runs ------------------------------------------------------------
+    def optimizer_step(self) -> StepResult:
+        """train_step, then the expert-bias update once from the step's summed counts (its MaxVio kept)."""
+        if self.capture is not None:
+            self.capture.begin_step(self.step + 1)  # the step being computed, numbered as in telemetry
+        result = self.train_step()
+        if self.capture is not None:
+            self.capture.end_step()
+        result.max_vio_L = update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
+        return result
 
-    def _loop(self, capture: ActivationCapture | None) -> StepResult | None:
-        execution = self.ctx.spec.execution
-        last: StepResult | None = None
-        while self.step < self.plan.last_step:
-            t0 = time.perf_counter()
-            self.on_step(self.step)
-            if capture is not None:
-                capture.begin_step(self.step + 1)  # the step being computed, numbered as in telemetry
-            result = self.train_step()
-            if capture is not None:
-                capture.end_step()
-            update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
-            self.step += 1
-            self.tokens += result.tokens
-            seconds = time.perf_counter() - t0
-            self._log(result, seconds)
-            last = result
-            done = self.step >= self.plan.last_step
-            stop = collective.any_rank(self.ctx.stop_event.is_set())  # all ranks stop at the same step
-            if done or stop or self.step % execution.checkpoint_every == 0:
-                self.checkpoint()
-            if stop and not done:
-                raise StopRequested()
-        return last
-
-    def checkpoint(self) -> Path:
-        """Telemetry first (so it covers every committed step), then the checkpoint (collective)."""
-        if self.telemetry is not None:
-            self.telemetry.flush()
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": capture_rng_state(),
-            "step": self.step,
-            "tokens": self.tokens,
-            "identity": self.ctx.node.identity,
-            "phase": self.plan.phase,
-        }
-        self.last_checkpoint = save_training_state(self.ctx.dir, self.step, state, self.ctx.spec.execution.keep_last)
-        return self.last_checkpoint
-
-    def _log(self, r: StepResult, seconds: float) -> None:
-        if self.telemetry is None:  # ranks other than 0
-            return
-        step = self.step  # steps are numbered from 1: step k is the k-th optimizer update
+    def log_step(self, r: StepResult, seconds: float) -> None:
+        assert self.telemetry is not None
         # Groups are named muon, adamw_decay and adamw_no_decay; they share the schedule, so one lr per optimizer.
         lrs = {str(g.get("name", "")).split("_")[0]: g["lr"] for g in self.optimizer.param_groups}
         self.telemetry.log_step(
-            step,
+            self.step,
             tokens=self.tokens,
             loss=r.loss,
             ce_loss=r.ce,
@@ -260,22 +215,38 @@ class Trainer:
             tokens_per_s=r.tokens / seconds,
             step_time_s=seconds,
             batch_het=r.batch_het,
-            phase=self.plan.phase,
+            phase=self.phase,
         )
         layers = moe_modules(self.model)
         if layers:
             bias_LE = torch.stack([m.expert_bias for m in layers]).float()
-            self.telemetry.log_moe(step, r.counts_LE.numpy(), bias_LE.numpy())
-        now = time.monotonic()
-        if now - self._last_progress > PROGRESS_EVERY_S or step == self.plan.last_step:
-            self._last_progress = now
-            self.ctx.progress(
-                step=step,
-                total_steps=self.plan.last_step,
-                loss=round(r.loss, 4),
-                tokens_per_s=round(r.tokens / seconds),
-                tokens=self.tokens,
-            )
+            self.telemetry.log_moe(self.step, r.counts_LE, bias_LE, max_vio_L=r.max_vio_L)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return self.training.state()
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.training.load_state(state)
+
+    def state_template(self) -> dict[str, Any] | None:
+        return self.training.template()
+
+    @contextlib.contextmanager
+    def around_steps(self) -> Iterator[None]:
+        """Activation capture at `execution.activation_steps` (rank 0), when the spec asks for it."""
+        execution = self.ctx.spec.execution
+        if not (execution.activations and execution.activation_steps and self.telemetry is not None):
+            yield
+            return
+        names, steps = list(execution.activations), execution.activation_steps
+        with ActivationCapture(self.model, names, steps, self.ctx.dir.activations) as self.capture:
+            try:
+                yield
+            finally:
+                self.capture = None
+
+    def end(self, last: StepResult | None) -> dict[str, Any]:
+        return {"final_loss": last.loss if last else None, "final_ce": last.ce if last else None, **self.final_metrics}
 
 
 @dataclass
@@ -291,6 +262,19 @@ class Training:
         """The layout a resharding load fills in (None on one process: plain full tensors)."""
         return state_template(self.model, self.optimizer) if self.sharding is not None else None
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds of it: model, optimizer, batch position."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.batches.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["loader"])
+
     def load_upstream(self, node_dir: Any, optimizer: bool = True) -> dict[str, Any]:
         """Start from another node's final checkpoint: model (and optimizer) state, RNG; returns the state."""
         state = final_state(node_dir, like=self.template())
@@ -302,12 +286,12 @@ class Training:
 
 
 def build_training(ctx: NodeContext, source: BatchSource) -> Training:
-    """The model (initialised from spec.seed as a single process would), sharded when distributed, its
-    optimizer, and this rank's slice of `source`. Loads (resume, upstream) come after, into the shards."""
+    """The model (initialised once, from the `model/init` stream of spec.seed, as a single process would),
+    sharded when distributed, its optimizer, and this rank's slice of `source`. Loads (resume, upstream)
+    come after, into the shards."""
     spec = ctx.spec
-    model = TrinityModel(spec.model)
-    torch.manual_seed(spec.seed)
-    init_weights(model)
+    torch.manual_seed(stream_seed(spec.seed, "model/init"))
+    model = TrinityModel(spec.model)  # its constructor runs init_weights
     sharding = shard_for_training(spec, model)
     optimizer = build_optimizer(model, spec.optim)
     batches: BatchSource = sharding.slice(source) if sharding is not None else source
@@ -318,53 +302,22 @@ def train_to_final(
     ctx: NodeContext,
     training: Training,
     plan: TrainPlan,
+    fresh: Callable[[], tuple[int, int] | None] | None = None,
     extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train `plan` with this attempt's telemetry (rank 0), then record the final checkpoint for downstream nodes."""
-    primary = collective.rank() == 0
-    telemetry = (
-        TelemetryWriter(
-            ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=ctx.spec.execution.expert_load_every
-        )
-        if primary
-        else None
+    """Resume or `fresh()`, train `plan`, record the final checkpoint for downstream nodes (the skeleton's `run`)."""
+    trainer = Trainer(
+        ctx,
+        training.model,
+        training.optimizer,
+        training.batches,
+        plan,
+        sharding=training.sharding,
+        final_metrics=extra_metrics,
     )
-    try:
-        trainer = Trainer(
-            ctx, training.model, training.optimizer, training.batches, plan, telemetry, sharding=training.sharding
-        )
-        metrics = trainer.run()
-    finally:
-        if telemetry is not None:
-            telemetry.close()
-    assert trainer.last_checkpoint is not None
-    if primary:
-        extra = {**metrics, **(extra_metrics or {})}
-        write_final(ctx.dir, trainer.last_checkpoint, trainer.step, trainer.tokens, extra)
-    collective.barrier()
-    return metrics
-
-
-def record_resume(ctx: NodeContext, step: int) -> None:
-    """Note in the attempt record (and the log) the checkpoint step this attempt resumed from."""
-    from trinity.run.status import AttemptRecord
-
-    if collective.rank() == 0:
-        record = AttemptRecord.read(ctx.dir, ctx.attempt)
-        record.resumed_from_step = step
-        record.write(ctx.dir)
-        print(f"trinity: {ctx.node_id}: resuming from the committed checkpoint at step {step}", flush=True)
+    return trainer.run(fresh)
 
 
 def resume_into(ctx: NodeContext, training: Training) -> tuple[int, int] | None:
     """Restore the node's newest committed checkpoint of its identity; (step, tokens), or None to start fresh."""
-    state = resume_state(ctx.dir, ctx.node.identity, like=training.template())
-    if state is None:
-        return None
-    training.model.load_state_dict(state["model"])
-    training.optimizer.load_state_dict(state["optimizer"])
-    training.batches.load_state_dict(state["loader"])
-    restore_rng_state(state["rng"])
-    step, tokens = int(state["step"]), int(state["tokens"])
-    record_resume(ctx, step)
-    return step, tokens
+    return resume_latest(ctx, training.template(), training.load_state)

@@ -129,19 +129,26 @@ def to_numpy(x: ArrayLike) -> npt.NDArray[Any]:
     return np.asarray(x)
 
 
-def moe_layer_stats(counts_LE: ArrayLike, bias_LE: ArrayLike | None = None) -> dict[str, npt.NDArray[Any]]:
+def moe_layer_stats(
+    counts_LE: ArrayLike, bias_LE: ArrayLike | None = None, max_vio_L: ArrayLike | None = None
+) -> dict[str, npt.NDArray[Any]]:
     """Per-MoE-layer statistics of one optimizer step, as `log_moe_layers` takes them.
 
     counts_LE: tokens routed to each expert (summed over micro-batches and ranks), one row per MoE layer.
     bias_LE: the expert biases after this step's update (None: bias columns are null); std is the
         population standard deviation.
-    MaxVio = (max_i n_i - mean n) / mean n (0 when no token was routed), as in trinity.optim.balancing;
+    max_vio_L: MaxVio = (max_i n_i - mean n) / mean n per layer (0 when no token was routed) as the
+        training step computed it (`trinity.optim.balancing.update_expert_biases` returns it), taken
+        as is; None: computed here from counts_LE, for writers that have no optimizer (tests, benchmarks).
     dead experts = experts that received no token this step.
     """
     n = to_numpy(counts_LE).astype(np.float64)
-    n_mean = n.mean(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vio = np.where(n_mean > 0, (n.max(axis=1) - n_mean) / np.where(n_mean > 0, n_mean, 1.0), 0.0)
+    if max_vio_L is not None:
+        vio = to_numpy(max_vio_L).astype(np.float64).ravel()
+    else:
+        n_mean = n.mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vio = np.where(n_mean > 0, (n.max(axis=1) - n_mean) / np.where(n_mean > 0, n_mean, 1.0), 0.0)
     stats = {"max_vio_L": vio, "dead_experts_L": (n == 0).sum(axis=1)}
     if bias_LE is not None:
         b = to_numpy(bias_LE).astype(np.float64)
@@ -274,10 +281,15 @@ class TelemetryWriter:
         c["tokens"].append(n)
         self._maybe_flush()
 
-    def log_moe(self, step: int, counts_LE: ArrayLike, bias_LE: ArrayLike | None = None) -> None:
-        """What a training step logs for its MoE layers: stats always, expert load at the cadence."""
+    def log_moe(
+        self, step: int, counts_LE: ArrayLike, bias_LE: ArrayLike | None = None, max_vio_L: ArrayLike | None = None
+    ) -> None:
+        """What a training step logs for its MoE layers: stats always, expert load at the cadence.
+
+        max_vio_L: the step's MaxVio per layer as training computed it (None: from counts_LE here).
+        """
         counts = to_numpy(counts_LE)
-        self.log_moe_layers(step, **moe_layer_stats(counts, bias_LE))
+        self.log_moe_layers(step, **moe_layer_stats(counts, bias_LE, max_vio_L))
         if step % self.expert_load_every == 0:
             self.log_expert_load(step, counts)
 
