@@ -1,14 +1,38 @@
-"""Shared test helpers: the repository root and a self-contained small graph file to mutate."""
+"""Shared test helpers: the repository root, the test graphs, and the runs of the micro graph.
+
+Test graphs are composed of `specs/` pieces (tests/graphs/*.yaml); a test that needs a variant
+writes a graph file that `use:`s one of them and overrides what it changes (`compose`). The one
+exception is SMALL_GRAPH: the tests of located errors need a self-contained file whose every line
+they know.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from tests.cli_runs import NODE, losses, trinity
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_GRAPHS = ROOT / "tests" / "graphs"
+"""Graph files the tests run, composed of specs/ pieces: micro.yaml, micro-post.yaml."""
 
-# A complete graph file with no `use:`, so each line number is known to the tests.
+
+def compose(path: Path, graph: str, **sections: Any) -> Path:
+    """Write at `path` a graph file that uses tests/graphs/`graph` and overrides `sections` (mappings
+    merge into the used graph's, lists replace its lists); returns `path`."""
+    use = os.path.relpath(TEST_GRAPHS / graph, path.parent)
+    path.write_text(yaml.safe_dump({"use": use, **sections}, sort_keys=False))
+    return path
+
+
+# A complete graph file with no `use:`, so each line number is known to the tests (spec rules, located
+# errors, the JSON Schema of a file as written). Everything else runs the graphs of tests/graphs.
 SMALL_GRAPH = """\
 name: small
 seed: 0
@@ -77,3 +101,41 @@ def small_graph(tmp_path: Path) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(SMALL_GRAPH)
     return path
+
+
+# -- runs of the micro graph, made once per session and copied by the tests that change them ------
+
+
+@pytest.fixture
+def micro_graph(tmp_path: Path) -> Path:
+    return compose(tmp_path / "micro.yaml", "micro.yaml")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The micro graph and a run of it whose tokenizer and prepare nodes are done (copied for each scenario)."""
+    root = tmp_path_factory.mktemp("resume")
+    graph = compose(root / "micro.yaml", "micro.yaml")
+    run = root / "prepared"
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", "prepare/phase1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return graph, run
+
+
+@pytest.fixture(scope="session")
+def straight_run(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the node."""
+    graph, prepared_run = prepared
+    run = tmp_path_factory.mktemp("straight") / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity("run", str(graph), "--run-dir", str(run), "--nodes", NODE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def straight(straight_run: Path) -> dict[int, float]:
+    """Losses of the uninterrupted run (what every interrupted run must reproduce)."""
+    expected = losses(straight_run)
+    assert max(expected) == 59 and expected[59] < expected[1] - 2.0  # the loss clearly falls
+    return expected

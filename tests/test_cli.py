@@ -1,4 +1,5 @@
-"""The CLI end to end, as a user runs it: exit codes, rendered graphs, diff, and the model check of counts."""
+"""The CLI end to end, as a user runs it: exit codes, messages without tracebacks, rendered graphs, diff, plan,
+schema, the Slurm dry run."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from tests.conftest import ROOT, SMALL_GRAPH, mutate
+from tests.conftest import ROOT, SMALL_GRAPH, TEST_GRAPHS, mutate
 from trinity.cli import app
+from trinity.execute.run import write_run
+from trinity.spec.loading import load_experiment
 
 runner = CliRunner()
+POST = TEST_GRAPHS / "micro-post.yaml"
+EVALS = [("heldout", "pretrain"), ("heldout", "extend"), ("mk_niah", "pretrain"), ("mk_niah", "extend")]
+EVALS += [("arithmetic", "sft"), ("arithmetic", "rl")]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,24 +50,24 @@ def test_plan_human_output_lists_nodes_and_estimates() -> None:
         assert text in result.stdout
 
 
-def test_graph_formats(small_graph: Path) -> None:
-    mermaid = runner.invoke(app, ["graph", str(small_graph), "--format", "mermaid"])
+def test_graph_formats() -> None:
+    mermaid = runner.invoke(app, ["graph", str(POST), "--format", "mermaid"])
     assert mermaid.exit_code == 0
     assert mermaid.stdout.startswith("flowchart LR")
     assert "prepare_phase1 --> pretrain_phase1" in mermaid.stdout
-    dot = runner.invoke(app, ["graph", str(small_graph), "--format", "dot"])
-    assert '"pretrain/phase1" -> "extend";' in dot.stdout
-    bad = runner.invoke(app, ["graph", str(small_graph), "--format", "png"])
+    dot = runner.invoke(app, ["graph", str(POST), "--format", "dot"])
+    assert '"pretrain/phase2" -> "extend";' in dot.stdout
+    bad = runner.invoke(app, ["graph", str(POST), "--format", "png"])
     assert bad.exit_code == 2 and "allowed: mermaid, dot" in bad.stderr
 
 
-def test_diff_reports_fields_and_invalidated_nodes(small_graph: Path) -> None:
+def test_diff_reports_fields_and_invalidated_nodes() -> None:
     result = runner.invoke(
         app,
         [
             "diff",
-            str(small_graph),
-            str(small_graph),
+            str(POST),
+            str(POST),
             "--set",
             "optim.adamw.lr=0.001",
             "--set",
@@ -74,25 +80,15 @@ def test_diff_reports_fields_and_invalidated_nodes(small_graph: Path) -> None:
     changes = {c["path"]: c for c in out["changes"]}
     assert changes["optim.adamw.lr"]["after"] == 0.001 and not changes["optim.adamw.lr"]["execution_only"]
     assert changes["execution.checkpoint_every"]["execution_only"]
-    assert set(out["rerun"]) == {"pretrain/phase1", "extend", "sft", "eval/heldout@pretrain"}
-    assert {"tokenizer", "prepare/phase1", "prepare/extend"} <= set(out["reused"])
+    trained = {"pretrain/phase1", "pretrain/phase2", "extend", "sft", "rl"}
+    evals = {f"eval/{task}@{stage}" for task, stage in EVALS}
+    assert set(out["rerun"]) == trained | evals  # everything that trains, and what evaluates it
+    assert set(out["reused"]) == {"tokenizer", "prepare/phase1", "prepare/phase2", "prepare/extend"}
 
 
 def test_schema_command_prints_json_schema() -> None:
     result = runner.invoke(app, ["schema"])
     assert json.loads(result.stdout)["title"] == "trinity experiment graph"
-
-
-def test_parameter_count_matches_the_built_model() -> None:
-    """The estimate's count equals the parameters torch allocates for the same spec."""
-    from trinity.graph.estimates import count_params
-    from trinity.model import TrinityModel
-    from trinity.spec.loading import load_experiment
-
-    for sets in ([], ["model.tie_embeddings=true"], ["model.qk_norm=false", "model.gated_attention=false"]):
-        spec = load_experiment(ROOT / "graphs" / "tiny.yaml", sets).spec.model
-        model = TrinityModel(spec)
-        assert count_params(spec).total == sum(p.numel() for p in model.parameters()), sets
 
 
 def test_slurm_dry_run_prints_the_published_large_layout() -> None:
@@ -105,13 +101,10 @@ def test_slurm_dry_run_prints_the_published_large_layout() -> None:
     assert not (ROOT / "runs" / "trinity-large").exists()
 
 
-def test_generate_refuses_a_non_training_node(small_graph: Path, tmp_path: Path) -> None:
+def test_generate_refuses_a_non_training_node(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert runner.invoke(app, ["run", str(small_graph), "--run-dir", str(run), "--nodes", "nothing*"]).exit_code == 2
-    from trinity.execute.run import write_run
-    from trinity.spec.loading import load_experiment
-
-    write_run(load_experiment(small_graph), run)
+    assert runner.invoke(app, ["run", str(POST), "--run-dir", str(run), "--nodes", "nothing*"]).exit_code == 2
+    write_run(load_experiment(POST), run)
     result = run_cli("generate", str(run), "hello", "--node", "tokenizer")
     assert result.returncode == 2
     assert "generate from a training node" in result.stderr

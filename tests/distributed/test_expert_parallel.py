@@ -21,6 +21,8 @@ from trinity.distributed.expert_parallel import apply_expert_parallel, local_par
 from trinity.distributed.testing import run_workers
 from trinity.model.moe import MoE, MoEReference
 
+pytestmark = pytest.mark.slow  # multi-rank: gloo processes
+
 D, F = 16, 12
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -11,6 +12,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from trinity.distributed.testing import run_workers
 from trinity.optim.muon import zeropower_via_newtonschulz
 from trinity.optim.muon_sharded import orthogonalise_sharded
+
+pytestmark = pytest.mark.slow  # multi-rank: gloo processes
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # (shape, mesh shape, placements): uneven pieces (7 rows over 4: 2, 2, 2, 1), an empty piece

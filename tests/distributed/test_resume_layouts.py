@@ -24,6 +24,8 @@ from trinity.run.status import AttemptRecord
 from trinity.store.checkpoint import load_checkpoint
 from trinity.store.checkpoint_commit import list_checkpoints, read_marker
 
+pytestmark = pytest.mark.slow  # multi-rank: gloo processes
+
 IDENTITY = "test-identity"
 
 

@@ -28,6 +28,8 @@ from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import ParallelSpec
 from trinity.spec.stability import StabilitySpec
 
+pytestmark = pytest.mark.slow  # multi-rank: gloo processes
+
 SEQ, MICRO, BATCH = 64, 2, 8  # 8 sequences a step = 4 micro-batches of 2
 MUON_LR = 0.02
 

@@ -1,4 +1,6 @@
-"""The Slurm executor against the real local cluster (scripts/slurm-local.sh up; SLURM_CONF set).
+"""The Slurm executor against the real local cluster (scripts/slurm-local.sh up; SLURM_CONF set): one job
+per node with `afterok` dependencies, requeue, scancel, sweeps as arrays, and a 2-rank training node as
+one job of 2 tasks.
 
 Without a cluster these tests skip, unless TRINITY_REQUIRE_SLURM=1 (CI), where they fail.
 """
@@ -14,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.execute.conftest import NODE, losses, trinity
+from tests.cli_runs import NODE, losses, trinity
+from tests.conftest import ROOT, compose
 from trinity.run.layout import RunDir
+from trinity.run.ranks import read_rank_ends
 from trinity.run.status import NodeStatus, list_attempts
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SLURM = [
     "--executor",
     "slurm",
@@ -150,9 +153,8 @@ def test_scancel_fails_the_node_and_its_dependants_and_resume_reruns_exactly_tho
 
 
 def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Path], tmp_path: Path) -> None:
-    graph, prepared_run = prepared
-    swept = tmp_path / "sweep.yaml"
-    swept.write_text(graph.read_text() + "sweep:\n  grid:\n    optim.muon.lr: [0.005, 0.01, 0.02]\n")
+    _, prepared_run = prepared
+    swept = compose(tmp_path / "sweep.yaml", "micro.yaml", sweep={"grid": {"optim.muon.lr": [0.005, 0.01, 0.02]}})
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)  # the tokenizer and prepare nodes are shared by the branches: reused
     result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM)
@@ -174,3 +176,81 @@ def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Pa
     rows = json.loads(sql.stdout)
     assert [r["lr"] for r in rows] == [0.005, 0.01, 0.02]
     assert len({r["loss"] for r in rows}) == 3
+
+
+# -- a training node of 2 ranks: one job of 2 tasks -------------------------------------------------
+
+
+def rows_per_step(run: Path) -> dict[int, int]:
+    """step -> rows of the node's current telemetry, through `trinity sql` as a user reads it."""
+    query = f"SELECT step, count(*) AS n FROM steps WHERE node = '{NODE}' GROUP BY step"
+    result = trinity("sql", str(run), query, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return {r["step"]: r["n"] for r in json.loads(result.stdout)}
+
+
+def test_slurm_runs_a_two_rank_node_as_one_job_of_two_tasks(
+    prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
+) -> None:
+    _, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    result = trinity("run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE, *SLURM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    node_dir = RunDir(run).node(NODE)
+    [attempt] = list_attempts(node_dir)  # one attempt, written by task 0
+    assert attempt.state == "SUCCEEDED" and attempt.executor == "slurm" and attempt.job_id
+    ends = read_rank_ends(node_dir, 1)
+    assert sorted(ends) == [0, 1] and ends[0].pid != ends[1].pid
+    steps = subprocess.run(
+        ["sacct", "-j", attempt.job_id, "-n", "-P", "-o", "JobID,NTasks,State"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    rows = [line.split("|") for line in steps]
+    assert {r[0].split(".")[0] for r in rows} == {attempt.job_id}  # one job
+    assert [r[1:] for r in rows if r[0] == f"{attempt.job_id}.0"] == [["2", "COMPLETED"]]  # its step: 2 tasks
+    log = node_dir.log_file(1).read_text()
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log
+    counts = trinity(
+        "sql",
+        str(run),
+        f"SELECT step, count(*) AS n FROM steps WHERE node = '{NODE}' GROUP BY step",
+        "--format",
+        "json",
+    )
+    assert {r["n"] for r in json.loads(counts.stdout)} == {1}
+    assert losses(run) == losses(two_rank_run)  # Slurm's rendezvous trains what torchrun's does
+
+
+def test_slurm_preemption_signal_stops_every_task_and_the_requeued_job_resumes_exactly(
+    prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
+) -> None:
+    """SIGUSR2 (what Slurm sends before a time limit) reaches both tasks: the ranks stop at one checkpoint,
+    task 0 requeues the job, and the requeued job's two tasks agree on the next attempt and resume."""
+    _, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    submitted = trinity("run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE, "--no-wait", *SLURM)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    node_dir = RunDir(run).node(NODE)
+    deadline = time.monotonic() + 600
+    while NodeStatus.read(node_dir).progress.get("step", 0) < 10:
+        assert time.monotonic() < deadline, "timed out waiting for step 10"
+        time.sleep(0.5)
+    job_id = list_attempts(node_dir)[-1].job_id
+    assert job_id
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    deadline = time.monotonic() + 900
+    while not (NodeStatus.read(node_dir).state == "SUCCEEDED" and len(list_attempts(node_dir)) == 2):
+        assert time.monotonic() < deadline, "timed out waiting for the requeued job to finish"
+        time.sleep(1)
+    first, second = list_attempts(node_dir)
+    assert first.job_id == second.job_id == job_id  # the same job, requeued
+    assert first.state == "STOPPED" and second.state == "SUCCEEDED"
+    assert {r: e.state for r, e in read_rank_ends(node_dir, 1).items()} == {0: "STOPPED", 1: "STOPPED"}
+    assert sorted(read_rank_ends(node_dir, 2)) == [0, 1]  # both tasks of the requeued job ran attempt 2
+    assert second.resumed_from_step is not None and second.resumed_from_step >= 10
+    assert set(rows_per_step(run).values()) == {1}
+    assert losses(run) == losses(two_rank_run)

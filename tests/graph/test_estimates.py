@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from trinity.graph.estimates import count_params, flops_per_token, mean_context, pretrain_steps
+from trinity.graph.estimates import count_params, flops_per_token, mean_context
 from trinity.spec.loading import load_experiment
 
 # PAPER.md section 1, counted from the layer structure: total / active / active without embedding and head.
@@ -76,11 +76,3 @@ def test_flops_per_token_matches_layer_by_layer_sum() -> None:
         total += 6 * (attn_mm + ffn) + 3 * 2 * 2 * m.n_heads * m.head_dim * keys
     total += 6 * c.head
     assert flops_per_token(m, t) == pytest.approx(total)
-
-
-def test_pretrain_steps_follow_the_batch_schedule() -> None:
-    spec = load_experiment(ROOT / "graphs" / "tiny.yaml").spec
-    # phase1: 4096-token steps (16 x 256) until 300000 tokens: 74 steps (303104 tokens).
-    # phase2: the batch is 32 x 256 = 8192 from 300000 tokens on: 160000 / 8192 -> 20 steps.
-    # phase3: 100000 / 8192 -> 13 steps. Each phase trains at least its budget.
-    assert pretrain_steps(spec) == [74, 20, 13]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from tests.model.test_transformer import small_spec
@@ -38,6 +39,7 @@ def train(bf16: bool, steps: int = 40) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # 80 training steps
 def test_bf16_autocast_training_tracks_fp32() -> None:
     fp32, bf16 = train(False), train(True)
     assert abs(bf16[0] - fp32[0]) < 1e-2 * fp32[0]  # same start, bf16 rounding only

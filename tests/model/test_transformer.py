@@ -1,4 +1,4 @@
-"""TrinityModel's output contract, its initialisation scheme and the tiny preset."""
+"""TrinityModel's output contract, its initialisation scheme, the tiny preset and its parameter count."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from trinity.graph.estimates import count_params
 from trinity.model import TrinityModel
 from trinity.spec.model import ModelSpec
 
@@ -108,3 +109,12 @@ def test_tiny_preset_builds_and_trains_a_step() -> None:
     out = model(ids, labels_BT=ids)
     out.ce_loss.backward()
     assert math.isfinite(out.ce_loss.item()) and out.ce_loss.item() == pytest.approx(math.log(4096), rel=0.1)
+
+
+def test_parameter_count_equals_the_plans_estimate() -> None:
+    """The count `trinity plan` prints (graph.estimates, from the spec alone) equals what torch allocates."""
+    base = yaml.safe_load(TINY.read_text())
+    for changes in ({}, {"tie_embeddings": True}, {"qk_norm": False, "gated_attention": False}):
+        spec = ModelSpec.model_validate(base | changes)
+        model = TrinityModel(spec)
+        assert count_params(spec).total == sum(p.numel() for p in model.parameters()), changes

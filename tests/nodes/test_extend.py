@@ -9,7 +9,7 @@ import pytest
 
 from tests.data.conftest import make_store
 from trinity.data.length_biased import LengthBiasedLoader, length_probabilities
-from trinity.nodes.extend import extend_lr_factor, extend_steps
+from trinity.nodes.extend import extend_lr_factor
 from trinity.spec.stages import ContinueLR, ExtendSpec, RewarmLR
 
 LENGTHS = [10, 40, 160, 640, 20, 80]
@@ -81,7 +81,7 @@ def test_lr_rules() -> None:
         global_batch_sequences=4,
         lr=RewarmLR(peak_fraction=0.1, warmup_steps=4),
     )
-    total = extend_steps(ext)
+    total = ext.optimizer_steps
     assert total == 16
     f = extend_lr_factor(ext, total)
     assert [round(f(s, 0), 6) for s in (0, 3, 4, 10, 16)] == [0.025, 0.1, 0.1, 0.05, 0.0]

@@ -1,4 +1,5 @@
-"""Synthetic run directories, written the way the executor writes them (docs/telemetry.md)."""
+"""Synthetic run directories of the micro graph's spec, written the way the executor writes them
+(docs/telemetry.md): node files and telemetry of made-up attempts, without training anything."""
 
 from __future__ import annotations
 
@@ -9,23 +10,19 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import TEST_GRAPHS
+from trinity.graph.diff import flatten
 from trinity.run.layout import RunDir, atomic_write_json
+from trinity.spec.loading import load_experiment
 from trinity.store.telemetry import TelemetryWriter
 
-L, E = 3, 8  # MoE layers and experts of the synthetic model
+L, E = 3, 8  # MoE layers and experts of the micro model (tests/graphs/micro.yaml)
+P1 = "pretrain/phase1"
 
 FLAT_SPEC: dict[str, Any] = {
-    "name": "tiny",
-    "seed": 0,
-    "model.d_model": 64,
-    "model.moe.n_experts": E,
-    "model.moe.top_k": 2,
-    "optim.muon.lr": 0.02,
-    "optim.adamw.betas": [0.9, 0.95],
-    "stability.balancing.kind": "smebu",
-    "stability.z_loss_weight": 1e-4,
-    "model.tie_embeddings": False,
+    path: value for path, (value, _) in flatten(load_experiment(TEST_GRAPHS / "micro.yaml").spec).items()
 }
+"""The micro graph's spec flattened as graph.json holds it (`execute.run.write_run`)."""
 
 
 def _make_run(
@@ -123,3 +120,12 @@ def make_run() -> Callable[..., RunDir]:
 @pytest.fixture
 def write_attempt() -> Callable[..., None]:
     return _write_attempt
+
+
+@pytest.fixture
+def resumed_run(tmp_path: Path) -> RunDir:
+    """Attempt 1 logs steps 1..10 and dies; attempt 2 restores the checkpoint of step 6 and logs 7..12."""
+    run = _make_run(tmp_path / "runs" / "r1", "r1", [(P1, "pretrain", {}), ("pretrain/phase2", "pretrain", {})])
+    _write_attempt(run, "r1", P1, 1, range(1, 11), state="FAILED")
+    _write_attempt(run, "r1", P1, 2, range(7, 13), resumed_from_step=6)
+    return run

@@ -96,6 +96,7 @@ def test_unknown_layer_is_an_error(model: TrinityModel, tmp_path: Path) -> None:
         ActivationCapture(model, ["layers.99"], steps={1}, out_root=tmp_path)
 
 
+@pytest.mark.slow  # end to end: a run of the pretraining node
 def test_activation_capture_writes_committed_zarr(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     graph, prepared_run = prepared
     run = tmp_path / "run"

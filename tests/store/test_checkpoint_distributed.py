@@ -271,11 +271,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(root, a, b)
 
 
+@pytest.mark.slow  # 2- and 4-process jobs
 def test_every_layout_loads_into_every_other(runs: Runs) -> None:
     bad = [m for per_rank in (runs.a, [r.bad for r in runs.b]) for ranks in per_rank for m in ranks]
     assert bad == []
 
 
+@pytest.mark.slow  # reads what the 2- and 4-process jobs wrote
 @pytest.mark.parametrize("which", ["two/step-00000001", "four/step-00000002"])
 def test_one_process_reads_the_full_tensors_bit_for_bit(runs: Runs, which: str) -> None:
     state = load_checkpoint(runs.root / which)
@@ -303,6 +305,7 @@ def test_one_process_reads_the_full_tensors_bit_for_bit(runs: Runs, which: str) 
     assert read_checkpoint_layout(runs.root / "single" / "step-00000001") == {"world_size": 1, "dtensors": {}}
 
 
+@pytest.mark.slow  # 2- and 4-process jobs
 def test_every_chunk_is_written_by_exactly_one_rank(runs: Runs) -> None:
     arrays = {"dense": "model/dense.weight", "experts": "model/experts.w", "emb": "model/emb.weight",
               "exp_avg": "optimizer/state.0.exp_avg"}  # fmt: skip
@@ -327,6 +330,7 @@ def test_every_chunk_is_written_by_exactly_one_rank(runs: Runs) -> None:
     assert len(expected) == 2 + 4 + 2 + 3
 
 
+@pytest.mark.slow  # 2- and 4-process jobs
 def test_a_write_failure_on_one_rank_commits_nothing(runs: Runs) -> None:
     failures = [r.failure for r in runs.b]
     assert failures[1].startswith("OSError") and "No space left" in failures[1]
@@ -337,6 +341,7 @@ def test_a_write_failure_on_one_rank_commits_nothing(runs: Runs) -> None:
     assert latest_checkpoint(root) == root / "step-00000002"
 
 
+@pytest.mark.slow  # 2- and 4-process jobs
 def test_refused_layouts_and_trees_raise_on_every_rank(runs: Runs) -> None:
     for r in runs.b:
         assert r.refused.startswith("ValueError: w: placements ['S(0)', 'S(0)']"), r.refused

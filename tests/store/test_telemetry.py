@@ -91,6 +91,23 @@ def test_max_vio_matches_the_optimizer_and_takes_torch_tensors() -> None:
     assert stats["dead_experts_L"].tolist() == [1, 4, 0]
 
 
+def test_log_moe_records_the_max_vio_training_computed(tmp_path: Path) -> None:
+    """The training step's MaxVio is written as given, not recomputed from the counts."""
+    import torch
+
+    from trinity.optim.balancing import max_vio
+
+    counts_LE = torch.tensor([[10, 0, 5, 1], [3, 3, 3, 3]])
+    vio_L = max_vio(counts_LE)
+    node = NodeDir(tmp_path / "n")
+    with TelemetryWriter(node, "n", 1, "r", tensorboard=False) as w:
+        w.log_moe(1, counts_LE, max_vio_L=vio_L)
+        w.log_moe(2, counts_LE, max_vio_L=torch.tensor([7.0, 0.25]))  # whatever training says
+    rows = _read(node.telemetry(1), "moe_layers")
+    assert [r["max_vio"] for r in rows] == [*vio_L.double().tolist(), 7.0, 0.25]
+    assert [r["dead_experts"] for r in rows] == [1, 0, 1, 0]
+
+
 def test_flush_cadence_and_part_numbering_continue(tmp_path: Path) -> None:
     node = NodeDir(tmp_path / "n")
     with TelemetryWriter(node, "n", 1, "r", flush_rows=3, tensorboard=False) as w:

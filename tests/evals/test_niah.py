@@ -1,17 +1,13 @@
-"""Eval machinery: MK-NIAH haystacks and scoring, held-out loss windows, held-out arithmetic sets."""
+"""MK-NIAH: haystacks of an exact length with their needles and the question last, exact-match scoring,
+and the choice between two values by the model's likelihood."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.nodes.fake_tokenizer import CharTokenizer
-from trinity.data.chat import math_sft_problems
-from trinity.evals.arithmetic import heldout_problems
-from trinity.evals.heldout import heldout_loss, windows
-from trinity.evals.niah import is_correct, make_haystack, needle_text, question_text
+from trinity.evals.niah import is_correct, make_haystack, needle_text, question_text, value_choice
 
 
 @pytest.mark.parametrize(("length", "n_keys"), [(300, 2), (1000, 4)])
@@ -42,39 +38,6 @@ def test_niah_exact_match(output: str, ok: bool) -> None:
     assert not is_correct(" 7 then 482913", "482913")  # the first number counts
 
 
-def test_heldout_windows_and_loss_against_a_direct_computation() -> None:
-    doc = np.arange(1, 11)  # 10 tokens: 9 predictions
-    w = windows(doc, 4)
-    assert [(x.tolist(), y.tolist()) for x, y in w] == [
-        ([1, 2, 3, 4], [2, 3, 4, 5]),
-        ([5, 6, 7, 8], [6, 7, 8, 9]),
-        ([9], [10]),
-    ]
-    from tests.model.test_transformer import small_spec
-    from trinity.model import TrinityModel
-
-    torch.manual_seed(0)
-    model = TrinityModel(small_spec()).eval()
-    docs = {"a": [doc, np.array([3, 4, 5])], "b": [np.array([7, 8])]}
-    got = heldout_loss(model, docs, 4, batch=2)
-    total, n = 0.0, 0
-    for d in docs["a"]:
-        for x, y in windows(d, 4):
-            logits = model(torch.from_numpy(x)[None]).logits[0].detach()
-            total += float(F.cross_entropy(logits, torch.from_numpy(y), reduction="sum"))
-            n += len(y)
-    assert got["a"]["tokens"] == n == 11 and got["a"]["loss"] == pytest.approx(total / n, rel=1e-5)
-    assert got["b"]["tokens"] == 1
-
-
-def test_heldout_arithmetic_excludes_training_prompts() -> None:
-    trained = {p.prompt for p in math_sft_problems(0, 500)}
-    held = heldout_problems(0, 100, trained)
-    assert len(held) == 100 and not {p.prompt for p in held} & trained
-    assert len({p.prompt for p in held}) == 100
-    assert held == heldout_problems(0, 100, trained)
-
-
 class _Favours:
     """A stand-in model whose next-token logits favour the characters of one string."""
 
@@ -94,8 +57,6 @@ class _Favours:
 
 
 def test_niah_choice_prefers_the_value_the_model_finds_likely() -> None:
-    from trinity.evals.niah import value_choice
-
     tok = CharTokenizer()
     h = make_haystack(tok, 400, 2, seed=1, index=0)
     other = next(v for _, v in h.needles if v != h.value)
