@@ -23,7 +23,7 @@ PUBLISHED = {
 def within(value: float, published: float) -> bool:
     """Within 0.5%, or within the rounding of the published figure (0.61B stands for [0.605, 0.615))."""
     digits = len(repr(published / 1e9).split(".")[1])
-    half_unit = 0.5 * 10 ** (-digits) * 1e9
+    half_unit = 0.5 * 10.0 ** (-digits) * 1e9
     return abs(value - published) <= max(0.005 * published, half_unit)
 
 

@@ -13,12 +13,15 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT
 from trinity.graph.compile import branches
 from trinity.graph.estimates import Estimates, estimate
 from trinity.graph.identity import identity_payload
 from trinity.graph.plan import build_plan
+from trinity.spec.data import MAX_TOKENS
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import load_experiment
 from trinity.spec.optim import BatchStep, OptimSpec
@@ -105,6 +108,40 @@ def test_batch_steps_match_the_loop_on_random_schedules() -> None:
         assert optim.batch_steps(seen, tokens, seq_len) == (steps, after), (optim.batch, seen, tokens, seq_len)
         crossing_cases += crossing > 0
     assert crossing_cases > 300  # the random schedules do exercise pieces that end mid-step
+
+
+@st.composite
+def schedules_and_budgets(draw: st.DrawFn) -> tuple[OptimSpec, int, int, int]:
+    """A schedule of 1-6 entries (gaps of any size, mid-step or not), tokens seen, budget, seq_len;
+    sized so the reference loop stays under ~10k steps."""
+    seq_len = draw(st.integers(1, 64))
+    sequences = draw(st.lists(st.integers(1, 64), min_size=1, max_size=6))
+    gaps = draw(st.lists(st.integers(1, 5000), min_size=len(sequences) - 1, max_size=len(sequences) - 1))
+    starts = [0]
+    for gap in gaps:
+        starts.append(starts[-1] + gap)
+    optim = schedule(*zip(starts, sequences, strict=True))
+    seen = draw(st.integers(0, starts[-1] + 100))
+    tokens = draw(st.integers(1, 10_000 * seq_len))
+    return optim, seen, tokens, seq_len
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(schedules_and_budgets())
+def test_batch_steps_match_the_loop_on_generated_schedules(case: tuple[OptimSpec, int, int, int]) -> None:
+    optim, seen, tokens, seq_len = case
+    steps, after, _ = loop_batch_steps(optim, seen, tokens, seq_len)
+    assert optim.batch_steps(seen, tokens, seq_len) == (steps, after)
+
+
+def test_batch_steps_at_the_token_bound_are_exact_integers() -> None:
+    # 1e16 tokens: beyond 2**53, where a float ceil would be off; the closed form stays in integers.
+    optim = schedule((0, 12288), (4_900_000_000_000, 16384))
+    steps, after = optim.batch_steps(0, MAX_TOKENS, 8192)
+    first = -(-4_900_000_000_000 // (12288 * 8192))
+    rest = -(-(MAX_TOKENS - first * 12288 * 8192) // (16384 * 8192))
+    assert (steps, after) == (first + rest, first * 12288 * 8192 + rest * 16384 * 8192)
+    assert after >= MAX_TOKENS > after - 16384 * 8192
 
 
 def test_pretrain_steps_match_the_loop_on_random_phases() -> None:

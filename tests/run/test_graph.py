@@ -104,3 +104,18 @@ def test_load_refuses_a_folder_that_is_not_a_run_and_an_unknown_kind(tmp_path: P
         RunGraph.load(RunDir(tmp_path / "nothing"))
     with pytest.raises(RunError, match="unknown kind 'train'"):
         GraphNode.from_json({"id": "x", "kind": "train", "identity": "i"})
+
+
+def test_load_refuses_node_ids_that_are_not_relative_paths_and_unlisted_deps(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    entry = {"kind": "tokenizer", "identity": "i", "deps": []}
+    for bad_id, problem in (("../x", "'..' segment"), ("/abs", "absolute"), ("a\nb", "control character")):
+        run.graph_json.write_text(json.dumps({"name": "g", "nodes": [{**entry, "id": bad_id}]}))
+        with pytest.raises(RunError, match=problem) as info:
+            RunGraph.load(run)
+        assert str(run.graph_json) in str(info.value)
+    nodes = [{**entry, "id": "tokenizer"}, {**entry, "kind": "prepare", "id": "prepare/p", "deps": ["tokenizr"]}]
+    run.graph_json.write_text(json.dumps({"name": "g", "nodes": nodes}))
+    with pytest.raises(RunError, match=r"'prepare/p' depends on \['tokenizr'\], which it does not list"):
+        RunGraph.load(run)

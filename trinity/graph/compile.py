@@ -12,8 +12,10 @@ the others get the branch label in their id: `pretrain/phase1[muon.lr=0.002]`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from trinity.graph.kinds import NODE_KINDS, NodeHeader, NodeKind
 from trinity.spec.data import MixSpec
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec, set_path, validate
+from trinity.spec.names import node_id_problem
 from trinity.spec.yaml_source import Located
 
 
@@ -59,8 +62,10 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
     if sweep is None:
         return [Branch("", loaded.spec)]
     keys = list(sweep.grid)
+    points = list(itertools.product(*(sweep.grid[k] for k in keys)))
+    labels = _labels(keys, points)
     out: list[Branch] = []
-    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+    for values, label in zip(points, labels, strict=True):
         data = copy.deepcopy(loaded.source.data)
         data.pop("sweep", None)
         located = Located(data, dict(loaded.source.locations))
@@ -72,22 +77,72 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
         try:
             spec = validate(located)
         except SpecError as exc:
-            raise SpecError([f"{line} (in sweep branch {_label(keys, values)})" for line in exc.lines]) from None
-        out.append(Branch(_label(keys, values), spec))
+            raise SpecError([f"{line} (in sweep branch {label})" for line in exc.lines]) from None
+        out.append(Branch(label, spec))
     return out
 
 
-def _label(keys: list[str], values: tuple[Any, ...]) -> str:
-    def short(key: str) -> str:
-        parts = key.split(".")
-        return ".".join(parts[-2:]) if len(parts) > 1 else key
+LABEL_PART = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
+"""A grid key or value shown as itself in a branch label; anything else is shown as a digest."""
+LABEL_MAX = 128
+"""A longer label is replaced by the digest of all of it (node ids become folder names)."""
 
-    def text(value: Any) -> str:
-        if isinstance(value, dict):  # a tagged section: its kind names it ({kind: rsdb, ...} -> rsdb)
-            return str(value["kind"]) if "kind" in value else json.dumps(value, sort_keys=True, separators=(",", ":"))
-        return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
 
-    return ",".join(f"{short(k)}={text(v)}" for k, v in zip(keys, values, strict=True))
+def _canonical(value: Any) -> str:
+    """Compact JSON of a grid value (keys sorted); its repr where JSON cannot sort it (mixed key types)."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _digest(value: Any) -> str:
+    return "~" + hashlib.sha256(_canonical(value).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+def _labels(keys: list[str], points: list[tuple[Any, ...]]) -> list[str]:
+    """One label per grid point: `key=value,...` with each key's last two parts (`muon.lr=0.002,loader=rsdb`).
+
+    Labels become part of node ids, so of folder names and Mermaid/DOT labels: a key or value
+    whose text is not a short run of letters, digits, '_', '.', '+' or '-' (a path, a list, a
+    quote, a slash) is shown as `~` and a digest of its JSON instead, so every label is one safe
+    path segment. A key whose different values would show the same (two `{kind: rsdb, ...}`
+    sections, 1 and '1', 'Text' and 'text' on a case-insensitive file system) shows each value's
+    digest after its text, so different points never share a label or a folder.
+    """
+    exact = []
+    for column in zip(*points, strict=True):
+        owners: dict[str, set[str]] = {}
+        for value in column:
+            owners.setdefault(_value_text(value).casefold(), set()).add(_digest(value))
+        exact.append(any(len(o) > 1 for o in owners.values()))
+    labels = []
+    for values in points:
+        parts = []
+        for key, value, precise in zip(keys, values, exact, strict=True):
+            text = _value_text(value)
+            if precise and not text.startswith("~"):
+                text += _digest(value)
+            parts.append(f"{_key_text(key)}={text}")
+        label = ",".join(parts)
+        labels.append(label if len(label) <= LABEL_MAX else _digest(label))
+    return labels
+
+
+def _key_text(key: str) -> str:
+    parts = key.split(".")
+    text = ".".join(parts[-2:]) if len(parts) > 1 else key
+    return text if LABEL_PART.fullmatch(text) else _digest(key)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict) and "kind" in value:  # a tagged section: its kind names it ({kind: rsdb} -> rsdb)
+        text = str(value["kind"])
+    elif isinstance(value, dict | list):
+        text = _canonical(value)
+    else:
+        text = str(value)
+    return text if LABEL_PART.fullmatch(text) else _digest(value)
 
 
 def _mix_sources(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
@@ -199,6 +254,8 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
             for dep in node.deps:
                 graph.add_edge(dep, node_id)
     assert nx.is_directed_acyclic_graph(graph)
+    # Names are `Name`s and labels are made safe, so every id is a relative path under RUN/nodes.
+    assert all(node_id_problem(n) is None for n in graph), [(n, node_id_problem(n)) for n in graph]
     return graph
 
 

@@ -19,6 +19,7 @@ from trinity.errors import RunError
 from trinity.graph.kinds import NODE_KINDS, NodeHeader
 from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.spec.experiment import ExperimentSpec
+from trinity.spec.names import node_id_problem
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,11 @@ class GraphNode(NodeHeader):
     def from_json(cls, data: dict[str, Any]) -> GraphNode:
         kind = data["kind"]
         if kind not in NODE_KINDS:
-            raise RunError(f"graph.json: node {data.get('id')!r} has unknown kind {kind!r} (known: {NODE_KINDS})")
+            raise RunError(f"node {data.get('id')!r} has unknown kind {kind!r} (known: {NODE_KINDS})")
+        for node_id in (data["id"], *data.get("deps", ())):
+            problem = node_id_problem(node_id) if isinstance(node_id, str) else "is not a string"
+            if problem is not None:
+                raise RunError(f"node id {node_id!r} {problem}; it cannot name a folder under nodes/")
         return cls(
             id=str(data["id"]),
             kind=kind,
@@ -77,11 +82,17 @@ class RunGraph:
         try:
             data = read_json(run.graph_json)
             nodes = {n.id: n for n in (GraphNode.from_json(entry) for entry in data["nodes"])}
+        except RunError as exc:
+            raise RunError(f"{run.graph_json}: {exc}; refusing to use this run directory") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise RunError(
                 f"{run.graph_json}: damaged ({type(exc).__name__}: {exc}); "
                 "write it again with `trinity run GRAPH --run-dir RUN`"
             ) from exc
+        for node in nodes.values():
+            missing = [dep for dep in node.deps if dep not in nodes]
+            if missing:
+                raise RunError(f"{run.graph_json}: node {node.id!r} depends on {missing}, which it does not list")
         digraph = nx.DiGraph()
         for node in nodes.values():
             digraph.add_node(node.id, node=node)
@@ -111,7 +122,7 @@ class RunGraph:
 
     def spec(self, node: GraphNode) -> ExperimentSpec:
         """The (branch) spec a node runs with, as resolved when the run was written."""
-        data = yaml.safe_load((self.run.root / node.spec_file).read_text())
+        data = yaml.safe_load(self.run.inside(node.spec_file).read_text())
         data.pop("sweep", None)
         return ExperimentSpec.model_validate(data)
 

@@ -7,7 +7,19 @@ from typing import Annotated, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel
+from trinity.spec.names import Name
 from trinity.spec.rules import Rules
+
+# Upper bounds on sizes: far above any real run, low enough that nothing derived from a spec
+# (step counts, estimates, lists per layer) can take long or overflow a float.
+MAX_TOKENS = 10**16
+"""Tokens of one phase or stage (Trinity Large pretrained on 17T = 1.7e13)."""
+MAX_SEQ_LEN = 2**24
+"""Tokens in one sequence (16.8M; Trinity Large evaluates at up to 1M)."""
+MAX_COUNT = 10**12
+"""Documents, bytes per file and other counts of things read from the data."""
+MAX_WORKERS = 1024
+"""Loader workers per rank."""
 
 
 class JsonlSource(SpecModel):
@@ -36,7 +48,7 @@ class FilesSource(SpecModel):
     kind: Literal["files"] = "files"
     paths: tuple[str, ...]
     """Glob patterns, `**` allowed (relative paths are relative to the graph file)."""
-    max_bytes: PositiveInt = 1_000_000
+    max_bytes: PositiveInt = Field(1_000_000, le=MAX_COUNT)
     """Files larger than this are skipped."""
 
 
@@ -46,9 +58,9 @@ class DemoSource(SpecModel):
     kind: Literal["demo"] = "demo"
     corpus: Literal["stdlib_code", "stdlib_docs", "math"]
     """Which part: the stdlib's source files, its docstrings and module docs, or arithmetic/algebra problems."""
-    seed: int = 0
-    """Seed of the corpus order and of the math generator."""
-    max_documents: PositiveInt | None = None
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
+    """Seed of the corpus order and of the math generator (a 64-bit integer)."""
+    max_documents: PositiveInt | None = Field(None, le=MAX_COUNT)
     """Stop after this many documents (None: as many as the corpus has; math is endless)."""
 
 
@@ -59,9 +71,9 @@ class RsdbLoader(SpecModel):
     """Random Sequential Document Buffer: random documents, each read sequentially from its read head."""
 
     kind: Literal["rsdb"] = "rsdb"
-    buffer_size: PositiveInt = 4096
+    buffer_size: PositiveInt = Field(4096, le=2**24)
     """Configured documents per rank; the internal buffer holds 2x and refills at this occupancy."""
-    workers: PositiveInt = 4
+    workers: PositiveInt = Field(4, le=MAX_WORKERS)
     """Loader workers per rank, each with its own slice of the buffer."""
 
 
@@ -69,7 +81,7 @@ class SequentialLoader(SpecModel):
     """The packing baseline: documents in order, leftovers carried to the next sequence."""
 
     kind: Literal["sequential"] = "sequential"
-    workers: PositiveInt = 1
+    workers: PositiveInt = Field(1, le=MAX_WORKERS)
     """Loader workers per rank."""
 
 
@@ -79,11 +91,11 @@ Loader = Annotated[RsdbLoader | SequentialLoader, Field(discriminator="kind")]
 class MixSpec(SpecModel):
     """A token budget drawn from weighted sources at one sequence length."""
 
-    tokens: PositiveInt
-    """Tokens to train on."""
+    tokens: PositiveInt = Field(le=MAX_TOKENS)
+    """Tokens to train on (at most 1e16)."""
     mix: dict[str, PositiveFloat]
     """Source name -> weight (relative; normalised over the mix)."""
-    seq_len: PositiveInt = 4096
+    seq_len: PositiveInt = Field(4096, le=MAX_SEQ_LEN)
     """Training sequence length."""
     loader: Loader = RsdbLoader()
     """How sequences are packed from documents."""
@@ -92,28 +104,27 @@ class MixSpec(SpecModel):
 class PhaseSpec(MixSpec):
     """One pretraining phase: a prepare node and a pretrain node."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
-    """Phase name (lowercase letters, digits, '-', '_'); becomes part of node ids."""
+    name: Name
+    """Phase name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
 
 
 class DataSpec(SpecModel):
     """Sources by name, and the pretraining phases in order."""
 
-    sources: dict[str, Source]
-    """Source name -> where its documents come from."""
-    phases: tuple[PhaseSpec, ...]
+    sources: dict[Name, Source]
+    """Source name (letters, digits, '.', '-', '_') -> where its documents come from."""
+    phases: tuple[PhaseSpec, ...] = Field(max_length=1024)
     """Pretraining phases, trained in this order, each continuing from the last."""
-    holdout_documents: int = Field(64, ge=0)
+    holdout_documents: int = Field(64, ge=0, le=MAX_COUNT)
     """Documents per source held out of training for held-out loss evals."""
 
     @model_validator(mode="after")
     def _rules(self) -> DataSpec:
         rules = Rules()
         rules.check(len(self.phases) > 0, "phases", "must list at least one pretraining phase")
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for i, phase in enumerate(self.phases):
-            rules.check(phase.name not in seen, ("phases", i, "name"), f"= {phase.name!r} is used twice")
-            seen.add(phase.name)
+            check_unique(rules, ("phases", i, "name"), phase.name, seen)
             check_mix(rules, ("phases", i, "mix"), phase.mix, self.sources)
         rules.raise_if_any()
         return self
@@ -128,6 +139,17 @@ class DataSpec(SpecModel):
     @property
     def max_seq_len(self) -> int:
         return max(p.seq_len for p in self.phases)
+
+
+def check_unique(rules: Rules, path: tuple[str | int, ...], name: str, seen: dict[str, str]) -> None:
+    """A name that becomes a folder must differ from the others in more than case: folders of
+    `Phase1` and `phase1` are one folder on a case-insensitive file system (macOS, Windows)."""
+    other = seen.get(name.casefold())
+    if other is None:
+        seen[name.casefold()] = name
+        return
+    same_case = "" if other == name else f" (as {other!r}: names that differ only in case share a folder)"
+    rules.check(False, path, f"= {name!r} is used twice{same_case}")
 
 
 def check_mix(rules: Rules, path: tuple[str | int, ...], mix: dict[str, float], sources: dict[str, Source]) -> None:

@@ -2,36 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field
 
 from trinity.spec.base import SpecModel
+
+# Upper bounds: far beyond any real cluster or run, low enough that a typo (an extra 000) is caught.
+Minutes = Annotated[int, Field(gt=0, le=525_600)]  # one year
+Steps = Annotated[int, Field(gt=0, le=1_000_000_000)]
+Count = Annotated[int, Field(ge=0, le=100_000)]
+CPUs = Annotated[int, Field(gt=0, le=4096)]
 
 
 class SlurmSpec(SpecModel):
     """Slurm resources and behaviour (used with `executor: slurm`)."""
 
     partition: str | None = None
-    """Partition to submit to (None: the cluster's default)."""
+    """Partition to submit to (None: the cluster's default). Resources are fitted to it (`sinfo`)."""
     account: str | None = None
     """Account to charge."""
     qos: str | None = None
     """Quality of service."""
-    time_min: dict[str, PositiveInt] = Field(default_factory=lambda: {"default": 60 * 24})
-    """Time limit in minutes by node kind ('tokenizer', 'prepare', 'pretrain', ...); 'default' for the rest."""
-    signal_delay_s: PositiveInt = 120
+    time_min: dict[str, Minutes] = Field(default_factory=dict)
+    """Time limit in minutes by node kind ('tokenizer', 'prepare', 'pretrain', ...); 'default' for the rest.
+    A kind named nowhere gets 1 day, or the partition's MaxTime if shorter; a value given here beyond the
+    partition's MaxTime is refused before submitting."""
+    signal_delay_s: int = Field(120, gt=0, le=86_400)
     """Seconds before the time limit at which the job is signalled to checkpoint and requeue."""
-    max_requeues: NonNegativeInt = 20
+    max_requeues: Count = 20
     """Timeouts/preemptions a node may be requeued for before it is marked failed."""
-    array_parallelism: PositiveInt = 64
+    array_parallelism: int = Field(64, gt=0, le=100_000)
     """At most this many tasks of a sweep's job array run at once."""
-    cpus_per_task: PositiveInt | None = None
-    """CPUs per task (None: a default by node kind)."""
-    mem_gb: PositiveInt | None = None
-    """Memory per node in GB (None: the cluster's default)."""
+    cpus_per_task: CPUs | None = None
+    """CPUs per task (None: what the node kind can use, capped by the CPUs per node the partition offers,
+    shared by the job's tasks). A value the partition cannot hold is refused before submitting."""
+    mem_gb: Annotated[int, Field(gt=0, le=1_048_576)] | None = None
+    """Memory per node in GB (None: the cluster's default); refused before submitting if no node has it."""
     extra_sbatch: dict[str, str] = Field(default_factory=dict)
-    """Extra sbatch options, name -> value (e.g. {'constraint': 'h200'})."""
+    """Extra sbatch options, name -> value (e.g. {'constraint': 'h200'}), passed as given and not checked;
+    a job they make impossible fails its node with Slurm's pending reason."""
 
 
 class LocalSpec(SpecModel):
@@ -40,7 +50,7 @@ class LocalSpec(SpecModel):
     A training node runs as `parallel.gpus_per_node` processes through torchrun (the `parallel`
     section is the one source of the layout; the local executor needs `parallel.nodes` = 1)."""
 
-    threads: PositiveInt | None = None
+    threads: CPUs | None = None
     """torch threads per process (None: torch's default for one process; CPU cores / ranks under torchrun)."""
 
 
@@ -51,19 +61,19 @@ class ExecutionSpec(SpecModel):
     """Run nodes as local subprocesses or as Slurm jobs through submitit."""
     run_root: str = "runs"
     """Where run directories are created (relative to the working directory)."""
-    checkpoint_every: PositiveInt = 1000
+    checkpoint_every: Steps = 1000
     """Commit a checkpoint every this many optimizer steps (and at the end)."""
-    keep_last: PositiveInt = 2
+    keep_last: int = Field(2, gt=0, le=10_000)
     """Committed checkpoints kept per node (the last committed one is never deleted)."""
-    log_every: PositiveInt = 1
+    log_every: Steps = 1
     """Write telemetry every this many steps."""
-    expert_load_every: PositiveInt = 10
+    expert_load_every: Steps = 10
     """Write per-expert load rows every this many steps (MaxVio and bias statistics are written every step)."""
-    heartbeat_s: PositiveInt = 30
+    heartbeat_s: int = Field(30, gt=0, le=3600)
     """Heartbeat lease period; a lease older than 3 periods means the node died."""
-    activations: tuple[str, ...] = ()
+    activations: tuple[str, ...] = Field((), max_length=1000)
     """Layers whose activations and router scores are captured, e.g. ('layers.3',)."""
-    activation_steps: tuple[NonNegativeInt, ...] = ()
+    activation_steps: tuple[Annotated[int, Field(ge=0, le=1_000_000_000)], ...] = Field((), max_length=10_000)
     """Steps at which activations are captured."""
     slurm: SlurmSpec = SlurmSpec()
     """Slurm settings."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from trinity.spec.base import SpecModel, execution_only
-from trinity.spec.data import DataSpec, check_mix
+from trinity.spec.data import DataSpec, check_mix, check_unique
 from trinity.spec.execution import ExecutionSpec
 from trinity.spec.model import ModelSpec
+from trinity.spec.names import Name
 from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import ParallelSpec
 from trinity.spec.rules import Rules
@@ -17,23 +19,39 @@ from trinity.spec.stability import StabilitySpec
 from trinity.spec.stages import StagesSpec
 from trinity.spec.tokenizer import TokenizerSpec
 
+MAX_BRANCHES = 1024
+"""Branches (grid points) of one sweep: each is validated, compiled and estimated on its own."""
+
 
 class SweepSpec(SpecModel):
     """A grid over field paths: one branch per combination; unchanged upstream nodes are shared."""
 
-    grid: dict[str, tuple[Any, ...]] = Field(min_length=1)
-    """Dotted field path -> values, e.g. {'optim.muon.lr': [1e-3, 2e-3]}."""
+    grid: dict[str, Annotated[tuple[Any, ...], Field(min_length=1)]] = Field(min_length=1)
+    """Dotted field path -> values (at least one), e.g. {'optim.muon.lr': [1e-3, 2e-3]}."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> SweepSpec:
+        rules = Rules()
+        points = math.prod(len(values) for values in self.grid.values())
+        rules.check(
+            points <= MAX_BRANCHES,
+            "grid",
+            f"makes {points} branches ({' x '.join(str(len(v)) for v in self.grid.values())}); "
+            f"at most {MAX_BRANCHES} are allowed: split the sweep",
+        )
+        rules.raise_if_any()
+        return self
 
 
 class ExperimentSpec(SpecModel):
     """An experiment graph: the recipe from tokenizer to RL, its layout, and how it is executed."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Experiment name (letters, digits, '.', '-', '_')."""
+    name: Name
+    """Experiment name (letters, digits, '.', '-', '_'); the run directory is `runs/<name>`."""
     description: str = ""
     """Free text shown by `trinity plan`."""
-    seed: int = 0
-    """Seed of model init, data order and sampling."""
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1)
+    """Seed of model init, data order and sampling (a 64-bit integer)."""
     model: ModelSpec
     """Architecture."""
     tokenizer: TokenizerSpec
@@ -145,10 +163,9 @@ class ExperimentSpec(SpecModel):
                 "needs stages.sft: RL starts from the SFT checkpoint",
             )
         allowed = self.stage_references()
-        names: set[str] = set()
+        names: dict[str, str] = {}
         for i, ev in enumerate(self.stages.evals):
-            rules.check(ev.name not in names, ("stages", "evals", i, "name"), f"= {ev.name!r} is used twice")
-            names.add(ev.name)
+            check_unique(rules, ("stages", "evals", i, "name"), ev.name, names)
             for ref in ev.after:
                 rules.check(
                     ref in allowed,

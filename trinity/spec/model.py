@@ -8,21 +8,31 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel
+from trinity.spec.data import MAX_SEQ_LEN
 from trinity.spec.rules import Rules
 
 LayerType = Literal["local", "global"]
+
+# Upper bounds on the architecture: several times the largest published models, low enough that
+# estimates and per-layer lists stay instant and the counts stay exact.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**17
+"""d_model, head_dim and hidden widths (largest published d_model: ~25k)."""
+MAX_VOCAB = 2**24
+MAX_HEADS = 1024
+MAX_EXPERTS = 2**14
 
 
 class MoESpec(SpecModel):
     """Routed experts, the shared expert and the router of every MoE layer."""
 
-    n_experts: PositiveInt = 128
+    n_experts: PositiveInt = Field(128, le=MAX_EXPERTS)
     """Routed experts per MoE layer."""
-    n_shared_experts: int = Field(1, ge=0)
+    n_shared_experts: int = Field(1, ge=0, le=MAX_EXPERTS)
     """Always-on shared SwiGLU experts added to the routed output (Trinity uses 1)."""
     top_k: PositiveInt = 8
     """Routed experts selected per token (on score + expert bias)."""
-    expert_hidden: PositiveInt = 256
+    expert_hidden: PositiveInt = Field(256, le=MAX_WIDTH)
     """Hidden width of each routed (and shared) expert's SwiGLU."""
     route_scale: PositiveFloat = 2.826
     """Gates (normalised over the top-k) are multiplied by this."""
@@ -63,27 +73,27 @@ class InitSpec(SpecModel):
 class ModelSpec(SpecModel):
     """Architecture of the transformer: attention, dense and MoE feed-forward layers."""
 
-    vocab_size: PositiveInt = 200_192
+    vocab_size: PositiveInt = Field(200_192, le=MAX_VOCAB)
     """Embedding and LM-head rows (the tokenizer's vocabulary, padded)."""
-    d_model: PositiveInt = 1024
+    d_model: PositiveInt = Field(1024, le=MAX_WIDTH)
     """Residual stream width."""
-    n_layers: PositiveInt = 56
+    n_layers: PositiveInt = Field(56, le=MAX_LAYERS)
     """Transformer layers in total."""
     n_dense_layers: int = Field(2, ge=0)
     """The first `n_dense_layers` layers use a dense SwiGLU; the rest are MoE."""
-    n_heads: PositiveInt = 8
+    n_heads: PositiveInt = Field(8, le=MAX_HEADS)
     """Query heads."""
-    n_kv_heads: PositiveInt = 2
+    n_kv_heads: PositiveInt = Field(2, le=MAX_HEADS)
     """Key/value heads (grouped-query attention); must divide n_heads."""
-    head_dim: PositiveInt = 128
+    head_dim: PositiveInt = Field(128, le=MAX_WIDTH)
     """Width of each head; the attention inner width is n_heads x head_dim, not d_model."""
-    dense_hidden: PositiveInt = 3072
+    dense_hidden: PositiveInt = Field(3072, le=MAX_WIDTH)
     """Hidden width of the dense layers' SwiGLU."""
-    global_every: PositiveInt | None = 4
+    global_every: PositiveInt | None = Field(4, le=MAX_LAYERS)
     """Layer i (0-based) is global if (i+1) % global_every == 0, else local. Ignored if `layer_types` is set."""
-    layer_types: tuple[LayerType, ...] | None = None
+    layer_types: tuple[LayerType, ...] | None = Field(None, max_length=MAX_LAYERS)
     """Explicit attention type per layer ('local' or 'global'); overrides `global_every`."""
-    sliding_window: PositiveInt = 2048
+    sliding_window: PositiveInt = Field(2048, le=MAX_SEQ_LEN)
     """Local layers attend to the last `sliding_window` tokens, the current one included."""
     rope_theta: PositiveFloat = 10_000.0
     """RoPE base of the local layers (global layers use no positional encoding)."""

@@ -7,7 +7,13 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel
+from trinity.spec.data import MAX_TOKENS
 from trinity.spec.rules import Rules
+
+MAX_STEPS = 10**9
+"""Optimizer steps of any count (warm-up, RL); Trinity Large pretrained for ~140k."""
+MAX_BATCH_SEQUENCES = 2**24
+"""Sequences in one global batch (Trinity Large: 16384)."""
 
 
 class MuonSpec(SpecModel):
@@ -19,7 +25,7 @@ class MuonSpec(SpecModel):
     """Momentum coefficient."""
     nesterov: bool = True
     """Nesterov momentum."""
-    ns_steps: PositiveInt = 5
+    ns_steps: PositiveInt = Field(5, le=100)
     """Newton-Schulz iterations."""
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
     """Quintic Newton-Schulz coefficients (a, b, c)."""
@@ -51,7 +57,7 @@ class AdamWSpec(SpecModel):
 class ScheduleSpec(SpecModel):
     """Warmup, stable, decay: linear warmup in steps, then constant, then decay over the last tokens."""
 
-    warmup_steps: NonNegativeInt = 2000
+    warmup_steps: NonNegativeInt = Field(2000, le=MAX_STEPS)
     """Linear warmup from 0 to the peak over this many optimizer steps."""
     decay: Literal["linear", "cosine"] = "linear"
     """Shape of the final decay (Nano/Mini: linear; Large: cosine)."""
@@ -70,9 +76,9 @@ def whole_steps(tokens: int, step_tokens: int) -> int:
 class BatchStep(SpecModel):
     """From `start_tokens` tokens seen on, each optimizer step uses `sequences` sequences."""
 
-    start_tokens: NonNegativeInt = 0
+    start_tokens: NonNegativeInt = Field(0, le=MAX_TOKENS)
     """Pretraining tokens seen (across phases) when this batch size takes over."""
-    sequences: PositiveInt
+    sequences: PositiveInt = Field(le=MAX_BATCH_SEQUENCES)
     """Global batch, in sequences, per optimizer step."""
 
 
@@ -87,7 +93,7 @@ class OptimSpec(SpecModel):
     """Which group the router matrix belongs to ([open])."""
     schedule: ScheduleSpec = ScheduleSpec()
     """Learning-rate schedule of pretraining (shared by both groups, as a multiplier of their peaks)."""
-    batch: tuple[BatchStep, ...] = (BatchStep(sequences=4096),)
+    batch: tuple[BatchStep, ...] = Field((BatchStep(sequences=4096),), max_length=1024)
     """Global batch-size schedule by tokens seen; the first entry must start at 0."""
 
     @model_validator(mode="after")

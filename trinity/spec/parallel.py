@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel, execution_only
+from trinity.spec.optim import MAX_BATCH_SEQUENCES
 from trinity.spec.rules import Rules
+
+MAX_NODES = 2**16
+"""Machines (Trinity Large: 256 nodes of 8 B300)."""
+MAX_GPUS_PER_NODE = 1024
+MAX_RANKS = 2**20
+"""World size, FSDP group, expert- and context-parallel degrees."""
 
 
 class AcceleratorSpec(SpecModel):
@@ -19,30 +26,30 @@ class AcceleratorSpec(SpecModel):
 
     name: str = "H200"
     """Accelerator name, for display and the sbatch GPU request."""
-    peak_bf16_tflops: PositiveFloat = 989.0
+    peak_bf16_tflops: PositiveFloat = Field(989.0, le=1e9)
     """Dense bf16 peak, TFLOP/s (H200: 989; B300: ~2250)."""
-    memory_gib: PositiveFloat = 141.0
+    memory_gib: PositiveFloat = Field(141.0, le=1e9)
     """Device memory, GiB."""
 
 
 class ParallelSpec(SpecModel):
     """Layout of the training job. It changes numerics only at rounding level, so it is not part of identity."""
 
-    nodes: PositiveInt = execution_only(1)
+    nodes: PositiveInt = execution_only(1, le=MAX_NODES)
     """Machines."""
-    gpus_per_node: PositiveInt = execution_only(8)
+    gpus_per_node: PositiveInt = execution_only(8, le=MAX_GPUS_PER_NODE)
     """Accelerators (ranks) per machine."""
-    world_size: PositiveInt | None = execution_only(None)
+    world_size: PositiveInt | None = execution_only(None, le=MAX_RANKS)
     """Optional explicit world size; if given it must equal nodes x gpus_per_node."""
     accelerator: AcceleratorSpec = execution_only(AcceleratorSpec())
     """The accelerator of every rank."""
-    fsdp_group: PositiveInt = execution_only(8)
+    fsdp_group: PositiveInt = execution_only(8, le=MAX_RANKS)
     """Ranks that shard parameters, gradients and optimizer state (FSDP); replicated across groups (HSDP)."""
-    ep: PositiveInt = execution_only(1)
+    ep: PositiveInt = execution_only(1, le=MAX_GPUS_PER_NODE)
     """Expert-parallel degree: routed experts are split over this many ranks, within a node."""
-    cp: PositiveInt = execution_only(1)
+    cp: PositiveInt = execution_only(1, le=MAX_RANKS)
     """Context-parallel degree (ranks that split one sequence)."""
-    micro_batch: PositiveInt = execution_only(1)
+    micro_batch: PositiveInt = execution_only(1, le=MAX_BATCH_SEQUENCES)
     """Sequences per rank per forward/backward (micro-batch)."""
     mfu: float = execution_only(0.35, gt=0.0, le=1.0)
     """Model FLOP utilisation assumed for GPU-hour estimates."""

@@ -11,8 +11,10 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from trinity.spec.base import SpecModel, execution_only
-from trinity.spec.data import MixSpec
-from trinity.spec.optim import whole_steps
+from trinity.spec.data import MAX_COUNT, MAX_SEQ_LEN, MAX_TOKENS, MixSpec
+from trinity.spec.names import Name
+from trinity.spec.optim import MAX_BATCH_SEQUENCES, MAX_STEPS, whole_steps
+from trinity.spec.parallel import MAX_RANKS
 
 
 class RewarmLR(SpecModel):
@@ -21,7 +23,7 @@ class RewarmLR(SpecModel):
     kind: Literal["rewarm"] = "rewarm"
     peak_fraction: PositiveFloat = 0.1
     """Peak lr as a fraction of the pretraining peak (of each optimizer group)."""
-    warmup_steps: NonNegativeInt = 100
+    warmup_steps: NonNegativeInt = Field(100, le=MAX_STEPS)
     """Linear warm-up steps."""
 
 
@@ -43,15 +45,15 @@ ExtendLR = Annotated[RewarmLR | ContinueLR, Field(discriminator="kind")]
 class ExtendSpec(MixSpec):
     """Context extension: continue from the last pretraining checkpoint at a longer sequence length."""
 
-    target_len: PositiveInt = 131_072
+    target_len: PositiveInt = Field(131_072, le=MAX_SEQ_LEN)
     """Context length the model is meant to serve (training may use a longer `seq_len`)."""
-    global_batch_sequences: PositiveInt = 64
+    global_batch_sequences: PositiveInt = Field(64, le=MAX_BATCH_SEQUENCES)
     """Sequences per optimizer step."""
     long_doc_bias: float = Field(1.0, ge=0.0)
     """Documents are drawn with probability proportional to length**long_doc_bias (0: uniform)."""
     lr: ExtendLR = RewarmLR()
     """Learning-rate rule of the stage."""
-    cp: PositiveInt | None = execution_only(None)
+    cp: PositiveInt | None = execution_only(None, le=MAX_RANKS)
     """Context-parallel degree during extension (None: parallel.cp)."""
     changed_layers: Literal["global"] = "global"
     """Only the global (NoPE) layers are treated as changed: local RoPE theta and window stay."""
@@ -74,17 +76,17 @@ class SFTSpec(SpecModel):
 
     chat_sources: tuple[ChatJsonlSource, ...] = ()
     """Chat JSONL datasets."""
-    math_conversations: NonNegativeInt = 2000
+    math_conversations: NonNegativeInt = Field(2000, le=MAX_COUNT)
     """Built-in conversations from the math generator (0: none)."""
-    seq_len: PositiveInt = 65_536
+    seq_len: PositiveInt = Field(65_536, le=MAX_SEQ_LEN)
     """Packed sequence length (greedy packing, padded)."""
-    tokens: PositiveInt = 1_000_000_000
+    tokens: PositiveInt = Field(1_000_000_000, le=MAX_TOKENS)
     """Tokens to train on (padding included)."""
-    global_batch_sequences: PositiveInt = 64
+    global_batch_sequences: PositiveInt = Field(64, le=MAX_BATCH_SEQUENCES)
     """Sequences per optimizer step."""
     peak_fraction: PositiveFloat = 0.1
     """Peak lr as a fraction of the pretraining peak of each group."""
-    warmup_steps: NonNegativeInt = 50
+    warmup_steps: NonNegativeInt = Field(50, le=MAX_STEPS)
     """Linear warm-up steps, then linear decay to 0."""
 
     @property
@@ -98,13 +100,13 @@ class RLSpec(SpecModel):
 
     algorithm: Literal["grpo"] = "grpo"
     """Policy-gradient algorithm."""
-    steps: PositiveInt = 200
+    steps: PositiveInt = Field(200, le=MAX_STEPS)
     """Optimizer steps."""
-    prompts_per_step: PositiveInt = 64
+    prompts_per_step: PositiveInt = Field(64, le=MAX_BATCH_SEQUENCES)
     """Distinct prompts per step."""
-    group_size: PositiveInt = 8
+    group_size: PositiveInt = Field(8, le=2**16)
     """Samples per prompt; advantages are relative to the group mean."""
-    max_new_tokens: PositiveInt = 1024
+    max_new_tokens: PositiveInt = Field(1024, le=MAX_SEQ_LEN)
     """Longest sampled response."""
     temperature: PositiveFloat = 1.0
     """Sampling temperature of rollouts."""
@@ -124,11 +126,11 @@ class HeldoutLossEval(SpecModel):
     """Loss on documents held out of training, per source."""
 
     kind: Literal["heldout_loss"] = "heldout_loss"
-    name: str = "heldout"
-    """Eval name."""
+    name: Name = "heldout"
+    """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("pretrain",)
     """Stages whose final checkpoints are evaluated: 'pretrain', 'pretrain:PHASE', 'extend', 'sft', 'rl'."""
-    seq_len: PositiveInt = 4096
+    seq_len: PositiveInt = Field(4096, le=MAX_SEQ_LEN)
     """Sequence length of the evaluated windows."""
 
 
@@ -136,15 +138,15 @@ class NiahEval(SpecModel):
     """MK-NIAH: several key-value needles hidden in filler; the model is asked one key's value."""
 
     kind: Literal["mk_niah"] = "mk_niah"
-    name: str = "mk_niah"
-    """Eval name."""
+    name: Name = "mk_niah"
+    """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("extend",)
     """Stages whose final checkpoints are evaluated."""
-    lengths: tuple[PositiveInt, ...] = (131_072,)
+    lengths: tuple[Annotated[PositiveInt, Field(le=MAX_SEQ_LEN)], ...] = Field((131_072,), max_length=1024)
     """Haystack lengths, in tokens."""
-    n_keys: PositiveInt = 4
+    n_keys: PositiveInt = Field(4, le=2**16)
     """Needles per haystack."""
-    samples: PositiveInt = 50
+    samples: PositiveInt = Field(50, le=MAX_COUNT)
     """Haystacks per length."""
 
 
@@ -152,11 +154,11 @@ class ArithmeticEval(SpecModel):
     """Exact-match accuracy on held-out generated arithmetic."""
 
     kind: Literal["arithmetic"] = "arithmetic"
-    name: str = "arithmetic"
-    """Eval name."""
+    name: Name = "arithmetic"
+    """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("sft", "rl")
     """Stages whose final checkpoints are evaluated."""
-    problems: PositiveInt = 200
+    problems: PositiveInt = Field(200, le=MAX_COUNT)
     """Problems to answer (greedy decoding)."""
 
 
@@ -172,5 +174,5 @@ class StagesSpec(SpecModel):
     """Supervised fine-tuning (after extension, or pretraining)."""
     rl: RLSpec | None = None
     """RL with verifiable rewards (after SFT)."""
-    evals: tuple[Eval, ...] = ()
+    evals: tuple[Eval, ...] = Field((), max_length=1024)
     """Evaluations of stage checkpoints."""

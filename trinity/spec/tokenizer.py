@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel
+from trinity.spec.data import MAX_COUNT
+from trinity.spec.model import MAX_VOCAB
 from trinity.spec.rules import Rules
 
 DEFAULT_SPECIAL_TOKENS = (
@@ -24,19 +26,21 @@ class TokenizerSpec(SpecModel):
 
     kind: Literal["byte_bpe"] = "byte_bpe"
     """Byte-level BPE (with byte fallback by construction: every byte is in the base alphabet)."""
-    vocab_size: PositiveInt = 200_192
+    vocab_size: PositiveInt = Field(200_192, le=MAX_VOCAB)
     """Vocabulary size, special tokens included; must not exceed model.vocab_size."""
-    digit_group: int = Field(3, ge=0)
+    digit_group: int = Field(3, ge=0, le=64)
     """Split digit runs into right-aligned groups of this many digits (0 leaves digits to BPE)."""
     isolate_scripts: bool = True
     """Pre-split CJK, Thai and similar scripts without spaces into single characters."""
-    special_tokens: tuple[str, ...] = DEFAULT_SPECIAL_TOKENS
+    special_tokens: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(
+        DEFAULT_SPECIAL_TOKENS, max_length=4096
+    )
     """Special tokens, added first in this order: document boundary, padding, chat roles."""
-    sample_bytes: PositiveInt = 50_000_000
+    sample_bytes: PositiveInt = Field(50_000_000, le=MAX_COUNT)
     """Bytes of text sampled from the sources to train on."""
     sources: tuple[str, ...] | None = None
     """Names of `data.sources` to sample from; None means all of them."""
-    min_frequency: PositiveInt = 2
+    min_frequency: PositiveInt = Field(2, le=MAX_COUNT)
     """A pair must occur this often to be merged."""
 
     @model_validator(mode="after")
