@@ -17,6 +17,7 @@ launches (spawning ranks is most of this file's time) make every N -> M pair:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 import trinity.store.checkpoint_dist as ckpt_dist
 from trinity.distributed.testing import run_workers
 from trinity.store.checkpoint import load_checkpoint, read_checkpoint_layout, save_checkpoint
-from trinity.store.checkpoint_commit import latest_checkpoint
+from trinity.store.checkpoint_commit import MARKER, latest_checkpoint, read_marker
+from trinity.store.checkpoint_integrity import check_checkpoint
 
 os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
 PACK_BELOW = 64  # bytes: the tiny `norm` is packed (gathered to rank 0), the rest are arrays
@@ -328,6 +330,19 @@ def test_every_chunk_is_written_by_exactly_one_rank(runs: Runs) -> None:
     # The replicas (index 1 on the HSDP replicate dim: ranks 2 and 3) wrote no dense/emb chunk;
     # rank 3's empty exp_avg piece wrote nothing.
     assert len(expected) == 2 + 4 + 2 + 3
+
+
+@pytest.mark.slow  # 2- and 4-process jobs
+@pytest.mark.parametrize("which", ["two/step-00000001", "four/step-00000002"])
+def test_the_marker_holds_the_checksum_of_every_ranks_chunks(runs: Runs, which: str) -> None:
+    """Each rank hashed the chunks it wrote and rank 0 the rest: the marker has every file, as on disk."""
+    path = runs.root / which
+    files = read_marker(path)["files"]
+    on_disk = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file() and p.name != MARKER}
+    assert set(files) == set(on_disk)
+    for rel, p in on_disk.items():
+        assert files[rel] == [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()], rel
+    assert check_checkpoint(path) == ([], [])
 
 
 @pytest.mark.slow  # 2- and 4-process jobs

@@ -81,3 +81,49 @@ def test_sql_cli_answers_and_refuses_writes(straight_run: Path) -> None:
     for statement in ("DROP TABLE steps", "INSERT INTO steps SELECT * FROM steps", "COPY steps TO 'x.csv'"):
         refused = trinity("sql", str(straight_run), statement)
         assert refused.returncode == 2 and "read-only" in refused.stderr, statement
+
+
+# -- damaged telemetry parts and runaway queries ------------------------------------------------------
+
+
+def _truncate(part: Path) -> None:
+    """Cut a part short, as a full disk or a copy that stopped would (the footer is gone)."""
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+
+
+def _steps_parts(run: RunDir, attempt: int) -> list[Path]:
+    return sorted(run.node("pretrain/phase1").telemetry(attempt).glob("steps-*.parquet"))
+
+
+def test_a_truncated_part_is_skipped_with_a_warning_naming_it(
+    resumed_run: RunDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    part = _steps_parts(resumed_run, 1)[1]  # steps 5..8 of attempt 1 (4 rows per part)
+    _truncate(part)
+    assert query(resumed_run.root, "SELECT 1")[1] == [(1,)]
+    _, rows = query(resumed_run.root, "SELECT step FROM steps_history WHERE attempt = 1 ORDER BY step")
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 9, 10]  # only the damaged part's rows are missing
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping damaged telemetry part") == 2 and str(part.resolve()) in err
+    with pytest.raises(CatalogError, match=rf"damaged telemetry part {part.resolve()}: "):
+        query(resumed_run.root, "SELECT 1", strict=True)
+
+
+def test_sql_cli_warns_of_a_damaged_part_and_strict_refuses(resumed_run: RunDir) -> None:
+    part = _steps_parts(resumed_run, 2)[0]
+    _truncate(part)
+    ok = trinity("sql", str(resumed_run.root), "SELECT count(*) AS n FROM steps_history", "--format", "json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == [{"n": 16 - 4}] and f"skipping damaged telemetry part {part.resolve()}" in ok.stderr
+    strict = trinity("sql", str(resumed_run.root), "SELECT 1", "--strict")
+    assert strict.returncode == 2 and f"damaged telemetry part {part.resolve()}" in strict.stderr
+    assert strict.stdout == ""
+
+
+def test_a_query_past_its_time_limit_is_stopped(resumed_run: RunDir) -> None:
+    runaway = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"  # 10^12 rows
+    with pytest.raises(CatalogError, match=r"stopped at its time limit of 0.5 s"):
+        query(resumed_run.root, runaway, timeout_s=0.5)
+    cli = trinity("sql", str(resumed_run.root), runaway, "--timeout", "1")
+    assert cli.returncode == 2 and "stopped at its time limit of 1 s" in cli.stderr, cli.stderr
+    assert query(resumed_run.root, "SELECT 42", timeout_s=0)[1] == [(42,)]  # 0: no limit

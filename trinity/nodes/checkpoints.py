@@ -5,16 +5,26 @@ The storage itself is `trinity.store.checkpoint` (Zarr: save, load) and
 checkpoint holds the model (expert bias and momentum are buffers in its state dict), the
 optimizer, the loader position, every RNG state, the step and the tokens seen, and the node
 identity it belongs to: a node resumes only from checkpoints of its own identity.
+
+A resume uses the newest committed checkpoint that loads intact (every file as its commit marker's
+checksums say, trinity.store.checkpoint_integrity). A newer one found damaged is renamed aside to
+`step-XXXXXXXX.damaged` (trinity.store.checkpoint_commit.set_aside): kept for the user to inspect,
+never pruned, never resumed from again, never replaced by a later save of the same step; the
+training loop logs it and records an `events` row of kind "checkpoint_damaged". If no committed
+checkpoint is intact, nothing is set aside and the resume fails with the newest one's path and array.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trinity.distributed import step as collective
+from trinity.errors import CheckpointError
 from trinity.run.layout import NodeDir, atomic_write_json, read_json
 from trinity.store.checkpoint import load_checkpoint, save_checkpoint
-from trinity.store.checkpoint_commit import latest_checkpoint, latest_committed
+from trinity.store.checkpoint_commit import latest_committed, list_checkpoints, set_aside
 
 FINAL = "final.json"
 
@@ -29,15 +39,54 @@ def save_training_state(node_dir: NodeDir, step: int, state: dict[str, Any], kee
     return save_checkpoint(node_dir.checkpoints, step, state, keep_last=keep_last)
 
 
-def resume_state(node_dir: NodeDir, identity: str, like: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The newest committed checkpoint's state, if it belongs to this identity (resharded to `like`'s layout)."""
-    path = latest_checkpoint(node_dir.checkpoints)
-    if path is None:
-        return None
-    state = load_checkpoint(path, like=like)
-    if state.get("identity") != identity:
-        return None
-    return state
+@dataclass(frozen=True)
+class Damaged:
+    """A committed checkpoint a resume found damaged, and where it was set aside."""
+
+    step: int
+    path: Path
+    set_aside: Path
+    error: str
+
+
+def resume_state(
+    node_dir: NodeDir, identity: str, like: dict[str, Any] | None = None, damaged: list[Damaged] | None = None
+) -> dict[str, Any] | None:
+    """The state of the newest committed checkpoint that is intact, if it belongs to this identity
+    (resharded to `like`'s layout); None if there is none.
+
+    Newer damaged checkpoints are set aside and appended to `damaged`; if every committed checkpoint
+    is damaged, a CheckpointError names the newest one's path and array and nothing is set aside.
+    With many ranks every rank calls this (each checks what it reads): a checkpoint damaged for any
+    rank is damaged for all, so they all resume from the same step.
+    """
+    committed = [c for c in list_checkpoints(node_dir.checkpoints) if c.committed]
+    errors: list[tuple[int, Path, str]] = []
+    for candidate in reversed(committed):
+        error: CheckpointError | None = None
+        state: dict[str, Any] | None = None
+        try:
+            state = load_checkpoint(candidate.path, like=like)
+        except CheckpointError as exc:
+            error = exc
+        if collective.any_rank(error is not None):
+            errors.append((candidate.step, candidate.path, str(error) if error else "damaged (found by another rank)"))
+            continue
+        assert state is not None
+        for step, path, message in errors:
+            aside = set_aside(path) if collective.rank() == 0 else path.with_name(f"{path.name}.damaged")
+            if damaged is not None:
+                damaged.append(Damaged(step, path, aside, message))
+        collective.barrier()
+        return state if state.get("identity") == identity else None
+    if errors:
+        newest = errors[0][2]
+        older = f"; the {len(errors) - 1} older committed checkpoints are damaged too" if len(errors) > 1 else ""
+        raise CheckpointError(
+            f"{newest}{older}. No intact checkpoint to resume from: restore the files, or move "
+            f"{node_dir.checkpoints} aside to start the node over"
+        )
+    return None
 
 
 def write_final(node_dir: NodeDir, checkpoint: Path, step: int, tokens: int, metrics: dict[str, Any]) -> None:
@@ -51,5 +100,5 @@ def write_final(node_dir: NodeDir, checkpoint: Path, step: int, tokens: int, met
 def final_state(node_dir: NodeDir, like: dict[str, Any] | None = None) -> dict[str, Any]:
     """The final checkpoint of a finished training node (resharded to `like`'s layout when given)."""
     final = read_json(node_dir.outputs / FINAL)
-    path = node_dir.root / final["checkpoint"]
+    path = node_dir.inside(str(final["checkpoint"]))
     return load_checkpoint(path, like=like)

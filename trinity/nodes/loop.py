@@ -2,9 +2,11 @@
 
 `TrainingLoop.run(fresh)` is the whole life of a training attempt:
 
-    resume    from the node's newest committed checkpoint of its own identity (model, optimizer,
-              batch position, RNG, step, tokens), noted in the attempt record; if there is none,
-              `fresh()` starts the node (load its upstream checkpoint, or nothing)
+    resume    from the node's newest intact committed checkpoint of its own identity (model,
+              optimizer, batch position, RNG, step, tokens), noted in the attempt record; newer
+              damaged ones are set aside, logged and recorded as `events` rows of kind
+              "checkpoint_damaged" (trinity.nodes.checkpoints); if there is none, `fresh()` starts
+              the node (load its upstream checkpoint, or nothing)
     open      this attempt's telemetry writer (rank 0; other ranks log nothing)
     begin     the kind's hook before the first step (RL: the held-out check at step 0)
     steps     one `optimizer_step` after another, each numbered from 1; after each: telemetry rows,
@@ -39,7 +41,7 @@ import torch
 
 from trinity.distributed import step as collective
 from trinity.errors import NodeFailure, StopRequested
-from trinity.nodes.checkpoints import final_state, resume_state, save_training_state, write_final
+from trinity.nodes.checkpoints import Damaged, final_state, resume_state, save_training_state, write_final
 from trinity.nodes.context import NodeContext
 from trinity.nodes.seeds import capture_rng_state, restore_rng_state
 from trinity.run.status import AttemptRecord
@@ -77,6 +79,7 @@ class TrainingLoop(ABC, Generic[R]):
         self.last_checkpoint: Path | None = None
         self._checkpoint_step: int | None = None
         self._last_progress = 0.0
+        self._damaged: list[Damaged] = []  # checkpoints the resume set aside: events once telemetry opens
 
     # -- what a node kind supplies --------------------------------------------------------------
     @abstractmethod
@@ -117,7 +120,7 @@ class TrainingLoop(ABC, Generic[R]):
     # -- the skeleton -----------------------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the node's newest committed checkpoint of its identity, if there is one."""
-        resumed = resume_latest(self.ctx, self.state_template(), self.load_checkpoint_state)
+        resumed = resume_latest(self.ctx, self.state_template(), self.load_checkpoint_state, self._damaged)
         if resumed is None:
             return False
         self.step, self.tokens = resumed
@@ -137,6 +140,13 @@ class TrainingLoop(ABC, Generic[R]):
             every = ctx.spec.execution.expert_load_every
             self.telemetry = TelemetryWriter(ctx.dir, ctx.node_id, ctx.attempt, ctx.run_id, expert_load_every=every)
         try:
+            if self.telemetry is not None:
+                for d in self._damaged:
+                    self.telemetry.log_event(
+                        self.step, "checkpoint_damaged", d.error, checkpoint=str(d.path), damaged_step=d.step,
+                        set_aside=str(d.set_aside), resumed_from_step=self.step,
+                    )  # fmt: skip
+                self._damaged.clear()
             self.begin()
             with self.around_steps():
                 last = self._steps()
@@ -206,11 +216,25 @@ class TrainingLoop(ABC, Generic[R]):
 
 
 def resume_latest(
-    ctx: NodeContext, template: dict[str, Any] | None, load: Callable[[dict[str, Any]], None]
+    ctx: NodeContext,
+    template: dict[str, Any] | None,
+    load: Callable[[dict[str, Any]], None],
+    damaged: list[Damaged] | None = None,
 ) -> tuple[int, int] | None:
-    """Load the node's newest committed checkpoint of its identity with `load`, restore the RNG states
-    and note the step in the attempt record; (step, tokens), or None when there is none."""
-    state = resume_state(ctx.dir, ctx.node.identity, like=template)
+    """Load the node's newest intact committed checkpoint of its identity with `load`, restore the RNG
+    states and note the step in the attempt record; (step, tokens), or None when there is none.
+    Newer damaged checkpoints are set aside, logged, and appended to `damaged`."""
+    found: list[Damaged] = []
+    state = resume_state(ctx.dir, ctx.node.identity, like=template, damaged=found)
+    if damaged is not None:
+        damaged += found
+    if collective.rank() == 0:
+        for d in found:
+            print(
+                f"trinity: {ctx.node_id}: {d.error}; set aside as {d.set_aside.name} (inspect it, then delete it); "
+                f"falling back to the previous committed checkpoint",
+                flush=True,
+            )
     if state is None:
         return None
     load(state)

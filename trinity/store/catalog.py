@@ -13,6 +13,11 @@ of the same node started before s: its start is `resumed_from_step` from its att
 one before the first step it logged, whichever is earlier (table `attempt_spans`). The writer
 refuses a step that does not increase within an attempt, so this leaves one row per step.
 
+A part that cannot be read (a truncated file, a damaged footer) would make every query fail, so
+the catalog checks each part's Parquet footer first and leaves a damaged one out of every view:
+`on_damaged` hears of it (by default a warning on stderr naming the file), and `strict=True` makes
+it a CatalogError naming the file. `trinity verify` checks every part in full and finds gaps.
+
 The SQL entry point (`run_sql`) is read-only twice over: statements other than SELECT and EXPLAIN
 are refused before they run, and the connection itself may touch no file but the Parquet parts
 it was built from (DuckDB's external access is off, with those files allowed, and the
@@ -24,7 +29,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -375,6 +381,45 @@ def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
     return parts
 
 
+def part_problem(path: Path) -> str | None:
+    """Why the Parquet part at `path` cannot be read (its footer: magic, metadata, columns), or None."""
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "step" not in meta.schema.names:
+        return "it has no step column"
+    return None
+
+
+def warn_damaged(part: Part, problem: str) -> None:
+    """The default `on_damaged` of open_catalog: one warning line on stderr naming the file."""
+    print(
+        f"warning: skipping damaged telemetry part {part.path} ({problem}); its rows are missing from every "
+        f"view (`trinity verify` checks all parts; --strict makes this an error)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def usable_parts(
+    parts: dict[str, list[Part]], *, strict: bool, on_damaged: Callable[[Part, str], None]
+) -> dict[str, list[Part]]:
+    """`parts` without the damaged ones (each reported to `on_damaged`); `strict`: a CatalogError instead."""
+    out: dict[str, list[Part]] = {}
+    for table, table_parts in parts.items():
+        out[table] = []
+        for part in table_parts:
+            problem = part_problem(part.path)
+            if problem is None:
+                out[table].append(part)
+            elif strict:
+                raise CatalogError(f"damaged telemetry part {part.path}: {problem} (without --strict it is skipped)")
+            else:
+                on_damaged(part, problem)
+    return out
+
+
 def _step_range(path: Path) -> tuple[int, int] | None:
     """(min, max) of the step column from the Parquet footer's statistics (the data if they lack them)."""
     meta = pq.read_metadata(path)
@@ -488,11 +533,19 @@ def _create_views(con: duckdb.DuckDBPyConnection, table: str, parts: Sequence[Pa
     con.execute(f"CREATE VIEW {table} AS {body}")
 
 
-def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConnection:
+def open_catalog(
+    path: Path | str,
+    *,
+    lock: bool = True,
+    strict: bool = False,
+    on_damaged: Callable[[Part, str], None] = warn_damaged,
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection over the run at `path` or every run below it.
 
     lock: turn off DuckDB's file access except to the telemetry parts and lock the configuration,
     so nothing run on this connection can write a file.
+    strict: a damaged telemetry part is a CatalogError naming it; otherwise it is left out of the
+    views and reported to `on_damaged` (default: a warning on stderr).
     """
     runs = [load_run(r) for r in find_runs(Path(path))]
     seen: dict[str, Path] = {}
@@ -516,7 +569,7 @@ def open_catalog(path: Path | str, *, lock: bool = True) -> duckdb.DuckDBPyConne
     ]
     con.execute(f"CREATE TABLE spec AS SELECT *{''.join(', ' + e for e in extra)} FROM spec_dotted")
     con.execute("DROP TABLE spec_dotted")
-    parts = telemetry_parts(runs)
+    parts = usable_parts(telemetry_parts(runs), strict=strict, on_damaged=on_damaged)
     spans = _spans(attempts_t, parts["steps"])
     con.from_arrow(spans).create("attempt_spans")
     for table in TABLES:

@@ -8,6 +8,7 @@ commit marker is written. The pieces:
     trinity.store.checkpoint_zarr       the group: attributes, arrays, chunks, compression
     trinity.store.checkpoint_commit     temporary folder, atomic rename, COMMITTED marker; list,
                                         latest, prune keep-last-K (never the newest committed)
+    trinity.store.checkpoint_integrity  the sha256 of every file, in the marker; checked on load
     trinity.store.checkpoint_dist       the collective save of a torch.distributed job
     trinity.store.shards                where a DTensor's pieces lie, and who writes each
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from zarr.core.sync import sync
 
+from trinity.errors import CheckpointError
 from trinity.store import shards
 from trinity.store.checkpoint_commit import (
     MARKER,
@@ -48,6 +50,7 @@ from trinity.store.checkpoint_commit import (
 )
 from trinity.store.checkpoint_dist import save_collective
 from trinity.store.checkpoint_encoding import PACK_BELOW_BYTES, PACKED, StoredLeaves, as_tensor, leaf_value, unpacked
+from trinity.store.checkpoint_integrity import manifest, reading_store, verify_chunks, verify_metadata
 from trinity.store.checkpoint_zarr import (
     FORMAT,
     Compression,
@@ -143,7 +146,8 @@ def write_tree(
     sync(write())
     if fsync:
         fsync_tree(folder)
-    return marker_summary(skeleton, stored.records, len(arrays), int(sum(a.nbytes for _, a in arrays)))
+    summary = marker_summary(skeleton, stored.records, len(arrays), int(sum(a.nbytes for _, a in arrays)))
+    return {**summary, **manifest(folder)}
 
 
 def _whole_in_one_process(leaf: Leaf) -> torch.Tensor | np.ndarray[Any, Any]:
@@ -173,13 +177,18 @@ def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.d
     local tensor's device, with the stored dtype), and this rank reads only its own rectangle of the
     stored array. This needs no collective: each rank may load on its own. Leaves `like` lacks, or
     holds as plain values, come back as without `like`.
+
+    Every file the load reads is checked against the checksums of its commit marker as it is read, and
+    every chunk it reads must exist (trinity.store.checkpoint_integrity): a damaged checkpoint raises
+    CheckpointError naming its path and the array; it never loads zeros or changed bits.
     """
     path = Path(path)
     marker = read_marker(path)
+    verify_metadata(path, marker)
     attrs = read_attrs(path)
     skeleton, records = attrs["skeleton"], attrs["leaves"]
     if skeleton_digest(skeleton, records) != marker.get("skeleton_sha256"):
-        raise ValueError(f"{path}: the skeleton does not match its {MARKER} marker; the checkpoint is corrupt")
+        raise CheckpointError(f"checkpoint damaged: {path}: the skeleton attribute does not match its {MARKER} marker")
     # Leaf index -> (its key path, the DTensor of the target layout, the rectangle this rank reads).
     targets: dict[int, tuple[str, DTensor, tuple[slice, ...]]] = {}
     if like is not None:
@@ -194,7 +203,10 @@ def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.d
             wanted.append((rec["array"], targets[i][2] if i in targets else ...))
     if any("packed" in r for r in records):
         wanted.append((PACKED, ...))
-    arrays = dict(zip([n for n, _ in wanted], sync(read_arrays(path, wanted)), strict=True))
+    if "files" not in marker:
+        verify_chunks(path, marker, wanted, records)  # an older marker: every chunk present, no checksums
+    store = reading_store(path, marker, records)  # with checksums: each file checked as it is read
+    arrays = dict(zip([n for n, _ in wanted], sync(read_arrays(path, wanted, store)), strict=True))
     leaves: list[Any] = []
     for i, rec in enumerate(records):
         if "packed" in rec:

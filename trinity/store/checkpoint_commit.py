@@ -2,10 +2,16 @@
 
     ckpt_root/step-00000100/              a checkpoint: its Zarr group, and
       COMMITTED                           the commit marker: {step, time, n_arrays, n_leaves, nbytes,
-                                          skeleton_sha256} (a plain file: zarr's member listing warns
-                                          that it is not a Zarr node)
+                                          skeleton_sha256, checksum: "sha256", files: {relative path:
+                                          [size, sha256]} of every other file} (a plain file: zarr's
+                                          member listing warns that it is not a Zarr node; checksums:
+                                          trinity.store.checkpoint_integrity; markers without `files`
+                                          are older and are checked structurally only)
     ckpt_root/.tmp-step-00000100-<pid>/   a checkpoint being written by process <pid>
     ckpt_root/.trash-step-00000100-<pid>/ a committed checkpoint being replaced by the same step
+    ckpt_root/step-00000100.damaged/      a committed checkpoint a resume found damaged, set aside
+                                          (`set_aside`): not listed, never pruned, kept for the user
+                                          to inspect (`trinity verify` notes it) and delete
 
 Protocol (a checkpoint without its marker does not exist):
 1. the writer puts everything into the temporary folder, arrays first, the skeleton attribute
@@ -16,6 +22,8 @@ Protocol (a checkpoint without its marker does not exist):
    marker-less step folders and scratch folders of writers that are gone (same host: pid not
    alive; another host: untouched for `stale_after_s`). Deletion removes the marker first.
 A failure in 1 removes the temporary folder; earlier checkpoints are never touched before 3.
+A checkpoint found damaged when resuming is renamed aside (`set_aside`), marker and all, so that
+neither a later resume nor pruning nor a new save of the same step touches it.
 
 The step of a listed checkpoint is the one its marker records; a step folder without a marker
 has only its name to tell.
@@ -36,12 +44,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from trinity.errors import CheckpointError
+
 MARKER = "COMMITTED"
 WRITER_ATTR = "trinity_writer"
 """The root group attribute {host, pid} of the process writing a folder, written first."""
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _SCRATCH_RE = re.compile(r"^\.(?:tmp|trash)-step-(\d+)-(\d+)$")
+_DAMAGED_RE = re.compile(r"^step-(\d{8,})\.damaged(?:-\d+)?$")
 # Folders this process is writing right now: never stale, whatever their pid says.
 _active: set[Path] = set()
 _active_lock = threading.Lock()
@@ -155,7 +166,11 @@ def read_marker(path: Path) -> dict[str, Any]:
             f"{path} is not a committed checkpoint (no {MARKER} marker: it was cut short while being "
             f"written). Use trinity.store.checkpoint_commit.latest_checkpoint() to find the newest committed one."
         )
-    value = json.loads(marker.read_text())
+    try:
+        value = json.loads(marker.read_text())
+        int(value["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint damaged: {marker} cannot be read ({exc})") from None
     assert isinstance(value, dict)
     return value
 
@@ -176,7 +191,13 @@ def _committed_step(folder: Path) -> int | None:
         text = (folder / MARKER).read_text()
     except FileNotFoundError:
         return None
-    return int(json.loads(text)["step"])
+    try:
+        return int(json.loads(text)["step"])
+    except (ValueError, KeyError, TypeError):
+        # A damaged marker still marks a committed checkpoint: loading it raises CheckpointError,
+        # so a resume falls back and `trinity verify` reports it. Its name tells the step.
+        m = _STEP_RE.match(folder.name)
+        return int(m.group(1)) if m else None
 
 
 def list_checkpoints(ckpt_root: Path) -> list[StepFolder]:
@@ -260,3 +281,24 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, *, stale_after_s: float =
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged committed checkpoint to step-XXXXXXXX.damaged (-1, -2... if taken): out of every
+    listing, never pruned, never replaced by a new save of its step; returns the new path."""
+    aside = folder.with_name(f"{folder.name}.damaged")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged-{n}")
+    os.rename(folder, aside)
+    fsync_path(folder.parent)
+    return aside
+
+
+def list_set_aside(ckpt_root: Path) -> list[Path]:
+    """The checkpoints set aside as damaged under `ckpt_root` (`set_aside`), by name."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _DAMAGED_RE.match(p.name) and p.is_dir())

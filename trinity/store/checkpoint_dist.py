@@ -18,10 +18,13 @@ reaches, so a failure on any rank is known to all, nobody waits forever and all 
    order on every rank) and rank 0 packs them with the other small leaves; rank 0 creates the
    group, writes every non-DTensor array and %packed, and creates each DTensor's array
    (metadata only);
-3. each rank writes the pieces it owns, each into its own chunk, and fsyncs those files: for a
-   DTensor, the rank at index 0 on every Replicate() mesh dim writes its piece; replicas do not;
+3. each rank writes the pieces it owns, each into its own chunk, fsyncs those files and hashes
+   them (size and sha256, trinity.store.checkpoint_integrity); the hashes reach rank 0 in the
+   exchange: for a DTensor, the rank at index 0 on every Replicate() mesh dim writes its piece;
+   replicas do not;
 4. rank 0 writes the skeleton attribute (with the layout the checkpoint was written with),
-   fsyncs the rest, renames, writes COMMITTED and prunes.
+   fsyncs the rest, hashes every file but the other ranks' chunks, renames, writes COMMITTED
+   (with every file's checksum) and prunes.
 
 On any failure rank 0 removes the temporary folder: no step folder, no committed checkpoint.
 A rank that dies (killed, not raising) leaves the others waiting in the next exchange until the
@@ -59,6 +62,7 @@ from trinity.store.checkpoint_commit import (
     temporary_name,
 )
 from trinity.store.checkpoint_encoding import PACK_BELOW_BYTES, StoredLeaves, stored_array, stored_dtype, tensor_record
+from trinity.store.checkpoint_integrity import FileDigest, digest_files, manifest
 from trinity.store.checkpoint_zarr import (
     FORMAT,
     Compression,
@@ -194,8 +198,8 @@ async def _write_piece(root: Any, name: str, region: tuple[slice, ...], arr: np.
     return f"{name}/{z.metadata.encode_chunk_key(coords)}"
 
 
-def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
-    """Phase 3 on every rank: the pieces this rank owns, one chunk each, fsynced."""
+def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> dict[str, FileDigest]:
+    """Phase 3 on every rank: the pieces this rank owns, one chunk each, fsynced; returns their checksums."""
     mine = [
         (i, sh) for i, sh in plan.sharded.items() if sh.piece is not None and sh.piece.writer and not sh.piece.empty
     ]
@@ -229,6 +233,7 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> None:
     if fsync:
         for key in keys:
             fsync_path(folder / key)
+    return digest_files(folder, keys)
 
 
 def _fsync_rest(folder: Path, plan: _Plan) -> None:
@@ -300,13 +305,16 @@ def save_collective(
                 error = e
             _exchange(what, error)
 
-            # Phase 3: every rank writes its own chunks.
+            # Phase 3: every rank writes its own chunks and hashes them.
+            digests: dict[str, FileDigest] = {}
             try:
-                _write_pieces(tmp, plan, fsync)
+                digests = _write_pieces(tmp, plan, fsync)
                 error = None
             except BaseException as e:
                 error = e
-            _exchange(what, error)
+            pieces: dict[str, FileDigest] = {}
+            for theirs in _exchange(what, error, digests):
+                pieces.update(theirs)
 
             # Phase 4: rank 0 commits.
             error = None
@@ -315,7 +323,7 @@ def save_collective(
                     sync(_set_attrs(tmp, attrs))  # metadata last
                     if fsync:
                         _fsync_rest(tmp, plan)
-                    commit(Path(ckpt_root), step, tmp, summary)
+                    commit(Path(ckpt_root), step, tmp, {**summary, **manifest(tmp, known=pieces)})
                 except BaseException as e:
                     error = e
             _exchange(what, error)

@@ -131,9 +131,11 @@ def read_attrs(path: Path) -> dict[str, Any]:
     return attrs
 
 
-async def read_arrays(path: Path, wanted: list[tuple[str, Selection]]) -> list[np.ndarray[Any, Any]]:
-    """The (part of the) arrays `wanted`: (name, what to read of it)."""
-    root = await za.open_group(store=LocalStore(str(path), read_only=True), mode="r")
+async def read_arrays(path: Path, wanted: list[tuple[str, Selection]], store: Any = None) -> list[np.ndarray[Any, Any]]:
+    """The (part of the) arrays `wanted`: (name, what to read of it), read through `store` (default: a
+    read-only LocalStore at `path`; a load passes trinity.store.checkpoint_integrity's, which checks)."""
+    store = LocalStore(str(path), read_only=True) if store is None else store
+    root = await za.open_group(store=store, mode="r")
     sem = asyncio.Semaphore(_CONCURRENT_ARRAYS)
 
     async def one(name: str, selection: Selection) -> np.ndarray[Any, Any]:

@@ -3,6 +3,11 @@
 One read statement at a time (SELECT, WITH ... SELECT, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE,
 EXPLAIN); anything that writes is refused before it reaches DuckDB, and the connection itself
 can only read the telemetry files (`open_catalog(lock=True)`).
+
+A query runs under a time limit (`timeout_s`, default DEFAULT_TIMEOUT_S; None or 0: none): a
+threading.Timer calls DuckDB's `interrupt()` on the connection when it expires, and the query ends
+in a CatalogError that names the limit. A damaged telemetry part is skipped with a warning naming
+it, or with `strict` is an error (trinity.store.catalog.usable_parts).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +26,11 @@ from typing import Any
 import duckdb
 
 from trinity.errors import CatalogError, ReadOnlyViolation
-from trinity.store.catalog import ALLOWED_HELP, ALLOWED_STATEMENTS, Format, open_catalog
+from trinity.store.catalog import ALLOWED_HELP, ALLOWED_STATEMENTS, Format, Part, open_catalog, warn_damaged
+
+DEFAULT_TIMEOUT_S = 300.0
+"""`trinity sql`'s time limit per query: ample for any query over a run's telemetry, and a runaway
+join (a cross product of two large views) ends instead of running for hours. --timeout 0: none."""
 
 
 def check_read_only(query: str) -> None:
@@ -45,17 +55,35 @@ def check_read_only(query: str) -> None:
         check_read_only(rest)
 
 
-def query(path: Path | str, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Column names and rows of a read-only query over the run(s) at `path`."""
+def query(
+    path: Path | str,
+    sql: str,
+    *,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    strict: bool = False,
+    on_damaged: Callable[[Part, str], None] = warn_damaged,
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of a read-only query over the run(s) at `path`, stopped after `timeout_s`
+    seconds (None or 0: no limit). `strict`: a damaged telemetry part is an error, not skipped."""
     check_read_only(sql)
-    con = open_catalog(path)
+    con = open_catalog(path, strict=strict, on_damaged=on_damaged)
+    timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
     try:
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description or []]
         return names, cursor.fetchall()
+    except duckdb.InterruptException:
+        raise CatalogError(
+            f"the query was stopped at its time limit of {timeout_s:g} s (--timeout SECONDS raises it; 0: no limit)"
+        ) from None
     except duckdb.Error as exc:
         raise CatalogError(f"query failed: {exc}") from None
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 
@@ -131,8 +159,15 @@ def format_rows(
 
 
 def run_sql(
-    path: Path | str, sql: str, fmt: Format = "table", *, max_rows: int = 1000, width: int | None = None
+    path: Path | str,
+    sql: str,
+    fmt: Format = "table",
+    *,
+    max_rows: int = 1000,
+    width: int | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    strict: bool = False,
 ) -> str:
     """The text `trinity sql PATH QUERY --format FMT` prints (ReadOnlyViolation for a write)."""
-    names, rows = query(path, sql)
+    names, rows = query(path, sql, timeout_s=timeout_s, strict=strict)
     return format_rows(names, rows, fmt, max_rows=max_rows, width=width)

@@ -6,7 +6,9 @@ process ever writes a shared database. A node attempt owns one folder,
     RUN/nodes/<node id>/telemetry/attempt-NNNN/<table>-<seq:06d>.parquet
 
 and appends whole Parquet files to it: each part is written under a hidden temporary name in the
-same folder and renamed into place, so a reader (or a crash) only ever sees complete parts.
+same folder and renamed into place, so a reader (or a crash) only ever sees complete parts. Every
+page carries a CRC (Parquet page checksums), so `trinity verify` finds changed bits, not only
+truncated files.
 `trinity.store.catalog` exposes every part of every attempt as DuckDB views; the schemas below
 are the contract it reads (docs/telemetry.md lists every column with its unit).
 
@@ -434,7 +436,7 @@ class TelemetryWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                pq.write_table(arrow, f, compression="zstd")
+                pq.write_table(arrow, f, compression="zstd", write_page_checksum=True)  # CRC per page: verify
                 f.flush()
                 os.fsync(f.fileno())  # on disk before it has its name: a committed checkpoint implies it
             os.replace(tmp, path)
