@@ -1,8 +1,9 @@
 """The sbatch script a training node is submitted with, pinned as a golden file.
 
 `submit_all` queues the micro graph's tokenizer, prepare/phase1 and a 2-rank pretrain/phase1 through
-submitit's SlurmExecutor exactly as `trinity run --executor slurm` does; only `sbatch` (and `srun`,
-which submitit looks for) are stand-ins on PATH, so no cluster is needed. The script submitit wrote
+submitit's SlurmExecutor exactly as `trinity run --executor slurm` does; only `sbatch`, `sinfo` (a
+fixed partition, so the script does not depend on the machine) and `srun` (which submitit looks for)
+are stand-ins on PATH, so no cluster is needed. The script submitit wrote
 and trinity kept in the node folder (`nodes/pretrain/phase1/slurm/<job>_submission.sh`) must equal
 tests/execute/golden/pretrain-2-ranks.sbatch, with the run directory and the Python interpreter
 replaced by <RUN> and <PYTHON>.
@@ -37,6 +38,11 @@ SBATCH = """\
 n=$(cat "$0.count" 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > "$0.count"
 echo "Submitted batch job $n"
 """
+SINFO = """\
+#!/bin/sh
+# A stand-in for `sinfo -h -N -o ...`: one partition 'debug' of one node with 16 CPUs and 64 GB.
+echo 'debug*|node1|16|65536|(null)|UNLIMITED|infinite|1-infinite'
+"""
 SLURM = {
     "executor": "slurm",
     "slurm": {
@@ -52,10 +58,11 @@ SLURM = {
 
 @pytest.fixture
 def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A bin folder first on PATH: sbatch answers with a job id; srun and scontrol do nothing."""
+    """A bin folder first on PATH: sbatch answers with a job id, sinfo with one partition; srun and scontrol
+    do nothing."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    scripts = {"sbatch": SBATCH, "srun": "#!/bin/sh\nexit 0\n", "scontrol": "#!/bin/sh\nexit 1\n"}
+    scripts = {"sbatch": SBATCH, "sinfo": SINFO, "srun": "#!/bin/sh\nexit 0\n", "scontrol": "#!/bin/sh\nexit 1\n"}
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)

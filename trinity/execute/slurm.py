@@ -8,8 +8,13 @@
 - Sibling nodes of a sweep (same node, different branches) are one job array, in chunks under
   MaxArraySize, with `execution.slurm.array_parallelism`. An array whose siblings each depend on
   the matching task of an upstream array uses `aftercorr`.
-- Watching costs one `sacct` call for all jobs of the run (submitit's watcher batches them), with
-  a timeout; no call blocks forever.
+- Resources fit the partition (`slurm_cluster`): defaults are capped by what `sinfo` says it offers,
+  explicit values beyond it are refused before anything is submitted.
+- Watching costs one `squeue` call per poll for all jobs of the run (`sacct` for jobs the controller
+  no longer holds), each with a timeout (`slurm_queue`); a call that fails is retried at the next poll,
+  and a watcher that hears nothing for UNANSWERED_LIMIT_S gives up with the jobs left queued. A job
+  pending for a reason that never clears (PartitionConfig, BadConstraints, ...) fails its node with
+  that reason and is cancelled; Slurm then cancels its dependants, which become DEP_FAILED.
 - The job's sbatch script (submitit's `<job>_submission.sh`) and its Slurm logs stay in the node
   folder under `slurm/`.
 """
@@ -28,11 +33,12 @@ from typing import Any
 import networkx as nx
 import submitit
 
-from trinity.errors import RunError
+from trinity.errors import RunError, SpecError
 from trinity.execute.run import Decision, mark_pending, supersede
+from trinity.execute.slurm_cluster import Cluster, Partition, fit_resources
 from trinity.execute.slurm_job import NodeJob
+from trinity.execute.slurm_queue import JobState, explain_reason, never_starts, query_jobs, scancel_jobs
 from trinity.graph.compile import Node, nodes_in_order
-from trinity.graph.kinds import TRAINING_KINDS, node_world_size
 from trinity.run.layout import RunDir, read_json
 from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.spec.experiment import ExperimentSpec
@@ -50,7 +56,12 @@ FINISHED = {
     "PREEMPTED",
     "REVOKED",
 }
-DEFAULT_CPUS = {"tokenizer": 8, "prepare": 16, "eval": 8}
+NEVER_GRACE_S = 20.0
+"""A pending reason that never clears must hold this long (two polls at least) before the node is failed:
+a node briefly down or being reconfigured is not a reason to give up."""
+UNANSWERED_LIMIT_S = 600.0
+"""The watcher gives up when Slurm has not answered for this long (the jobs stay queued; `trinity status`
+follows them)."""
 
 
 def base_id(node_id: str) -> str:
@@ -58,37 +69,22 @@ def base_id(node_id: str) -> str:
     return node_id.split("[", 1)[0]
 
 
-def sbatch_parameters(node: Node, spec: ExperimentSpec) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters of a node (resources by kind, from the spec)."""
-    slurm, par = spec.execution.slurm, spec.parallel
-    on_gpus = par.accelerator.name.lower() != "cpu"
-    minutes = slurm.time_min.get(node.kind, slurm.time_min.get("default", 60 * 24))
+def sbatch_parameters(node: Node, spec: ExperimentSpec, partition: Partition | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of a node: resources by kind from the spec, fitted to `partition`
+    (the one the node goes to, from `Cluster`; None: unknown, nothing capped or checked)."""
+    slurm = spec.execution.slurm
+    fitted = fit_resources(node.kind, spec, partition)
     params: dict[str, Any] = {
         "job_name": f"trinity:{spec.name}:{node.id}"[:120],
-        "time": minutes,
         "signal_delay_s": slurm.signal_delay_s,
         "array_parallelism": slurm.array_parallelism,
         "stderr_to_stdout": True,
+        **fitted,
     }
-    if node_world_size(node.kind, spec) > 1:
+    if fitted["ntasks_per_node"] * fitted["nodes"] > 1:
         # One task per rank; every task runs NodeJob, which starts that rank's node process. A task that
         # fails ends the step (--kill-on-bad-exit), so no rank waits for a peer that is gone.
-        params.update(
-            nodes=par.nodes,
-            ntasks_per_node=par.gpus_per_node,
-            cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1),
-            srun_args=["--kill-on-bad-exit=1"],
-        )
-        if on_gpus:
-            params["gpus_per_node"] = par.gpus_per_node
-    elif node.kind in TRAINING_KINDS:  # one process (RL; or a training layout of one rank)
-        params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or (8 if on_gpus else 1))
-        if on_gpus:
-            params["gpus_per_node"] = 1
-    else:
-        params.update(nodes=1, ntasks_per_node=1, cpus_per_task=slurm.cpus_per_task or DEFAULT_CPUS.get(node.kind, 4))
-        if on_gpus and node.kind == "eval":
-            params["gpus_per_node"] = 1
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     for key, value in (("partition", slurm.partition), ("account", slurm.account), ("qos", slurm.qos)):
         if value:
             params[key] = value
@@ -97,6 +93,25 @@ def sbatch_parameters(node: Node, spec: ExperimentSpec) -> dict[str, Any]:
     if slurm.extra_sbatch:
         params["additional_parameters"] = dict(slurm.extra_sbatch)
     return params
+
+
+def plan_parameters(
+    graph: nx.DiGraph, node_ids: list[str], cluster: Cluster, strict: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Every node's sbatch parameters, fitted to its partition (one `sinfo` for all): raises SpecError,
+    naming each field a user set beyond what the partition offers, before anything is submitted. Not
+    `strict` (a dry run): a partition this cluster lacks leaves the values as the spec gives them."""
+    planned: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for node_id in node_ids:
+        spec = _spec(graph, node_id)
+        try:
+            planned[node_id] = sbatch_parameters(graph.nodes[node_id]["node"], spec, cluster.partition(spec, strict))
+        except SpecError as err:
+            problems += [line for line in err.lines if line not in problems]
+    if problems:
+        raise SpecError([*problems, "(nothing was submitted; lower the value or choose execution.slurm.partition)"])
+    return planned
 
 
 def max_array_size() -> int:
@@ -145,30 +160,32 @@ def _dependency(deps: list[str], jobs: dict[str, Any], correlated: list[str]) ->
     return ",".join(parts) or None
 
 
-def submit_all(run: RunDir, graph: nx.DiGraph, to_run: list[str]) -> SlurmRun:
-    """Queue every node that must run, dependencies included, in topological order."""
+def submit_all(
+    run: RunDir, graph: nx.DiGraph, to_run: list[str], planned: dict[str, dict[str, Any]] | None = None
+) -> SlurmRun:
+    """Queue every node that must run, dependencies included, in topological order, with the parameters
+    `plan_parameters` fitted to the cluster (planned here when not given)."""
+    order = [n.id for n in nodes_in_order(graph) if n.id in to_run]
+    if planned is None:
+        planned = plan_parameters(graph, order, Cluster.query())
     state = SlurmRun(run, graph)
     jobs: dict[str, Any] = {}
     chunk = max(1, max_array_size() - 1)
     groups: dict[str, list[str]] = {}
-    order = [n.id for n in nodes_in_order(graph) if n.id in to_run]
     for node_id in order:
         groups.setdefault(base_id(node_id), []).append(node_id)
     for base in dict.fromkeys(base_id(n) for n in order):
         members = groups[base]
         specs = [_spec(graph, m) for m in members]
-        params = sbatch_parameters(graph.nodes[members[0]]["node"], specs[0])
+        params = dict(planned[members[0]])
         max_requeues = specs[0].execution.slurm.max_requeues
         # Siblings become one array when only their name differs (the name gets the node id without the branch).
         params["job_name"] = f"trinity:{specs[0].name}:{base}"[:120]
-        as_array = len(members) > 1 and all(
-            {**sbatch_parameters(graph.nodes[m]["node"], s), "job_name": params["job_name"]} == params
-            for m, s in zip(members, specs, strict=True)
-        )
+        as_array = len(members) > 1 and all({**planned[m], "job_name": params["job_name"]} == params for m in members)
         if not as_array:
             for m in members:
                 deps = [d for d in graph.predecessors(m)]
-                p = dict(sbatch_parameters(graph.nodes[m]["node"], _spec(graph, m)))
+                p = dict(planned[m])
                 if (dependency := _dependency(deps, jobs, [])) is not None:
                     p["dependency"] = dependency
                 ex = state.executor(m, p, max_requeues)
@@ -244,9 +261,10 @@ def settle(run: RunDir, graph: nx.DiGraph, node_id: str, slurm_state: str) -> No
 
 
 def reconcile(run: RunDir, graph: nx.DiGraph) -> None:
-    """Bring node files up to date with Slurm for jobs that ended while nobody watched (one sacct call)."""
+    """Bring node files up to date with Slurm for jobs that ended while nobody watched (bounded calls;
+    nothing changes when Slurm does not answer)."""
     path = run.root / "slurm_jobs.json"
-    if not path.is_file() or shutil.which("sacct") is None:
+    if not path.is_file() or shutil.which("squeue") is None:
         return
     jobs: dict[str, str] = read_json(path)
     open_nodes = {
@@ -254,31 +272,48 @@ def reconcile(run: RunDir, graph: nx.DiGraph) -> None:
     }
     if not open_nodes:
         return
-    try:
-        out = subprocess.run(
-            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(open_nodes.values())],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    states = {line.split("|")[0]: line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line}
+    states = query_jobs(open_nodes.values())
     for node_id, job_id in open_nodes.items():
-        job_state = states.get(job_id, "")
-        if job_state in FINISHED:
-            settle(run, graph, node_id, job_state)
+        job = (states or {}).get(job_id)
+        if job is not None and job.state in FINISHED:
+            settle(run, graph, node_id, job.state)
 
 
-def watch(state: SlurmRun, on_tick: Callable[[], None]) -> dict[str, str]:
-    """Poll until every submitted job has finished; returns the final node states."""
-    pending = dict(state.submissions)
+def never_started(run: RunDir, node_id: str, job_id: str, reason: str) -> None:
+    """A job Slurm will never start: its node fails with the reason (DEP_FAILED when a dependency failed), then
+    the job is cancelled, and Slurm cancels its dependants (kill_invalid_depend; else they come here too)."""
+    node_dir = run.node(node_id)
+    status = NodeStatus.read(node_dir)
+    message = f"Slurm will never start job {job_id}: reason {reason} ({explain_reason(reason)})"
+    status.state = "DEP_FAILED" if reason == "DependencyNeverSatisfied" else "FAILED"
+    if (problem := scancel_jobs([job_id])) is not None:
+        message += f"; cancelling it failed, cancel it by hand ({problem})"
+    status.message = message
+    status.write(node_dir)
+
+
+def watch(state: SlurmRun, on_tick: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> dict[str, str]:
+    """Poll until every submitted job has finished or can never start; returns the final node states.
+
+    Raises RunError when Slurm has not answered for UNANSWERED_LIMIT_S (the jobs stay queued)."""
+    pending = {node_id: str(sub.job.job_id) for node_id, sub in state.submissions.items()}
+    never_since: dict[str, float] = {}
+    answered = clock()
     while pending:
-        for node_id, sub in list(pending.items()):
-            job_state = str(sub.job.state).split()[0].upper()
-            if job_state in FINISHED:
-                settle(state.run, state.graph, node_id, job_state)
-                del pending[node_id]
+        states = query_jobs(pending.values())
+        now = clock()
+        if states is None:
+            if now - answered > UNANSWERED_LIMIT_S:
+                raise RunError(
+                    f"Slurm did not answer squeue/sacct for {UNANSWERED_LIMIT_S:.0f} s; its jobs stay queued "
+                    f"({', '.join(pending.values())}). Follow them with `trinity status {state.run.root}`, "
+                    f"or stop them with `trinity cancel {state.run.root}`."
+                )
+        else:
+            answered = now
+            for node_id, job_id in list(pending.items()):
+                if _settled(state, node_id, job_id, states.get(job_id), now, never_since):
+                    del pending[node_id]
         on_tick()
         if pending:
             time.sleep(POLL_S)
@@ -286,20 +321,41 @@ def watch(state: SlurmRun, on_tick: Callable[[], None]) -> dict[str, str]:
     return {n: NodeStatus.read(state.run.node(n)).state for n in state.graph.nodes}
 
 
+def _settled(
+    state: SlurmRun, node_id: str, job_id: str, job: JobState | None, now: float, never_since: dict[str, float]
+) -> bool:
+    """Whether the watcher is done with a node's job: it finished, or it can never start."""
+    if job is None:  # not visible yet (or purged): ask again
+        return False
+    if job.state in FINISHED:
+        settle(state.run, state.graph, node_id, job.state)
+        return True
+    if job.state == "PENDING" and never_starts(job.reason):
+        since = never_since.setdefault(node_id, now)
+        if now - since >= NEVER_GRACE_S:
+            never_started(state.run, node_id, job_id, job.reason)
+            return True
+        return False
+    never_since.pop(node_id, None)
+    return False
+
+
 def execute_slurm(
     run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decision], on_tick: Callable[[], None], wait: bool = True
 ) -> dict[str, str]:
-    """Queue the nodes that must run; with `wait`, watch them until the graph settles."""
+    """Queue the nodes that must run; with `wait`, watch them until the graph settles. Every job's resources
+    are fitted to its partition (and refused beyond it) before any node is touched or submitted."""
     if shutil.which("sbatch") is None:
         raise RunError(
             "sbatch is not on PATH: this machine has no Slurm client (for a local cluster: "
             "scripts/slurm-local.sh up, then export SLURM_CONF=...)"
         )
     order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
+    planned = plan_parameters(graph, [n.id for n in order], Cluster.query())
     for node in order:
         supersede(run, node)
         mark_pending(run, node)
-    state = submit_all(run, graph, [n.id for n in order])
+    state = submit_all(run, graph, [n.id for n in order], planned)
     _write_jobs(run, state)
     if not wait:
         return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
@@ -326,16 +382,18 @@ def cancel(run: RunDir, node_id: str | None = None) -> list[str]:
     if node_id and node_id not in jobs:
         raise RunError(f"{run.root}: node {node_id!r} has no Slurm job (nodes with jobs: {', '.join(jobs)})")
     ids = [j for n, j in chosen.items() if NodeStatus.read(run.node(n)).state not in ("SUCCEEDED",)]
-    if ids:
-        subprocess.run(["scancel", *ids], check=True, timeout=60)
+    if (problem := scancel_jobs(ids, timeout_s=60)) is not None:
+        raise RunError(f"{run.root}: {problem}")
     return ids
 
 
 def dry_run(graph: nx.DiGraph) -> list[dict[str, Any]]:
-    """The sbatch parameters each node would be submitted with."""
+    """The sbatch parameters each node would be submitted with, fitted to this machine's cluster as a run would
+    (as the spec gives them where the cluster is unreachable or lacks the spec's partition)."""
+    planned = plan_parameters(graph, [n.id for n in nodes_in_order(graph)], Cluster.query(), strict=False)
     rows = []
     for node in nodes_in_order(graph):
-        params = sbatch_parameters(node, _spec(graph, node.id))
+        params = dict(planned[node.id])
         params["dependency"] = ",".join(f"afterok:<{d}>" for d in node.deps) or None
         rows.append({"node": node.id, **params})
     return rows
