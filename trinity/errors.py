@@ -74,4 +74,4 @@ class StopRequested(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The scheduler was interrupted (Ctrl-C); running nodes were stopped at a checkpoint."""
+    """The scheduler was interrupted (Ctrl-C, SIGTERM or SIGHUP); running nodes were stopped at a checkpoint."""

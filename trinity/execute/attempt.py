@@ -11,34 +11,47 @@ launcher's environment (trinity.distributed.env). Every rank runs the body; rank
 the status, the attempt record, the heartbeat and progress, and verifies the outputs. Each rank
 records how it ended (trinity.run.ranks) before it leaves the process group; rank 0 ends the
 attempt as the earliest rank that did not succeed, with that rank's message.
+
+A node never outlives the local scheduler that launched it: the scheduler passes its pid and start
+time in TRINITY_SCHEDULER_PID / TRINITY_SCHEDULER_START, and `SchedulerWatch` turns its end (even
+by SIGKILL) into the same SIGTERM, so the node stops at a committed checkpoint and says why. Nodes
+of `trinity run --detach` and of Slurm jobs get no such variables and watch nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from trinity.distributed.env import destroy_distributed, dist_env, init_distributed
-from trinity.errors import NodeFailure, StopRequested
+from trinity.errors import NodeFailure, StopRequested, TrinityError
 from trinity.graph.kinds import node_world_size
 from trinity.nodes.context import NodeContext
 from trinity.nodes.registry import node_body
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
 from trinity.run.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
-from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus
+from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus, ProcessRef, process_alive
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+SCHEDULER_PID_ENV = "TRINITY_SCHEDULER_PID"
+SCHEDULER_START_ENV = "TRINITY_SCHEDULER_START"
+WATCH_PERIOD_S = 1.0
+"""How often a node checks that its scheduler is still there (the parent-death signal is immediate)."""
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,50 @@ class Outcome:
     message: str
     exit_code: int
     time: float = field(default_factory=time.time)
+
+
+class SchedulerWatch:
+    """Sends this process SIGTERM (the executor's stop request) once its local scheduler is gone.
+
+    Two ways, either enough. The kernel's parent-death signal (Linux prctl PR_SET_PDEATHSIG), set
+    only when the scheduler is this process's parent (a single-process node; a torchrun rank's parent
+    is torchrun): it fires when the scheduler's thread that launched us ends, which is the
+    scheduler's main thread, so its exit. And a daemon thread that checks every WATCH_PERIOD_S that
+    the scheduler's pid is still the process that started then, for any rank under any parent (it
+    also catches a scheduler that died before the signal was set).
+    """
+
+    def __init__(self, scheduler: ProcessRef, on_gone: Callable[[], None]) -> None:
+        self.scheduler, self.on_gone = scheduler, on_gone
+        self._child = os.getppid() == scheduler.pid
+        self._thread = threading.Thread(target=self._run, name="trinity-scheduler-watch", daemon=True)
+
+    @classmethod
+    def from_env(cls, on_gone: Callable[[], None]) -> SchedulerWatch | None:
+        pid, start = os.environ.get(SCHEDULER_PID_ENV), os.environ.get(SCHEDULER_START_ENV)
+        if not pid:
+            return None
+        return cls(ProcessRef(pid=int(pid), start=int(start) if start else None), on_gone)
+
+    def gone(self) -> bool:
+        # A child is reparented before the parent-death signal is sent, and before its parent is a zombie.
+        orphaned = self._child and os.getppid() != self.scheduler.pid
+        return orphaned or not process_alive(self.scheduler.pid, self.scheduler.start)
+
+    @property
+    def reason(self) -> str:
+        return f"stopped: its scheduler (pid {self.scheduler.pid}) is gone"
+
+    def start(self) -> None:
+        if self._child and sys.platform == "linux":
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self.gone():
+            time.sleep(WATCH_PERIOD_S)
+        self.on_gone()
 
 
 def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
@@ -73,56 +130,68 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             f"on {socket.gethostname()} (pid {os.getpid()})",
             flush=True,
         )
-    if ctx.is_primary:
-        _start_attempt_record(ctx)
-        NodeStatus(
-            state="RUNNING",
-            identity=node.identity,
-            attempt=attempt,
-            message=f"running attempt {attempt}",
-            progress={},
-        ).write(ctx.dir)
+    # Only a local scheduler is watched: a Slurm job's environment is the submitter's, from any host.
+    watch = SchedulerWatch.from_env(lambda: os.kill(os.getpid(), signal.SIGTERM)) if executor == "local" else None
+    if watch is not None and watch.gone():  # a `trinity resume` may own the node already: leave its files be
+        message = f"its scheduler (pid {watch.scheduler.pid}) was gone before it started"
+        print(f"trinity: {node_id} attempt {attempt}: {message}", file=sys.stderr)
+        if ctx.is_primary and ctx.dir.attempt_record(attempt).is_file():
+            AttemptRecord.read(ctx.dir, attempt).finish(ctx.dir, "STOPPED", EXIT_STOPPED, None, message)
+        return EXIT_STOPPED
+    # The lease first: whoever reads RUNNING finds a lease (of this attempt) to judge it by.
+    heartbeat = Heartbeat(ctx.dir, attempt, ctx.spec.execution.heartbeat_s, watch.scheduler if watch else None)
+    with heartbeat if ctx.is_primary else contextlib.nullcontext():
+        if ctx.is_primary:
+            _start_attempt_record(ctx)
+            NodeStatus(
+                state="RUNNING",
+                identity=node.identity,
+                attempt=attempt,
+                message=f"running attempt {attempt}",
+                progress={},
+            ).write(ctx.dir)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        ctx.stop_event.set()
-        if not ctx.checks_stop:
-            raise StopRequested()
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            ctx.stop_event.set(watch.reason if watch is not None and watch.gone() else "stopped on request")
+            if not ctx.checks_stop:
+                raise StopRequested()
 
-    signal.signal(signal.SIGTERM, on_term)
-    if executor == "slurm":  # Slurm signals every process of the job: preemption asks for a stop, as SIGTERM
-        from trinity.execute.slurm_job import preemption_signal
+        signal.signal(signal.SIGTERM, on_term)
+        if executor == "slurm":  # Slurm signals every process of the job: preemption asks for a stop, as SIGTERM
+            from trinity.execute.slurm_job import preemption_signal
 
-        signal.signal(preemption_signal(), on_term)
+            signal.signal(preemption_signal(), on_term)
+        try:
+            outcome = _run_body(ctx, watch)
+            signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop_event.set())  # the end is being written
+            return _report(ctx, outcome)
+        finally:
+            destroy_distributed()  # after the report: a peer that sees us leave finds our reason on disk
+
+
+def _run_body(ctx: NodeContext, watch: SchedulerWatch | None = None) -> Outcome:
+    """Watch the scheduler (if any), join the ranks (if several), run the body on every rank, verify on rank 0."""
     try:
-        outcome = _run_body(ctx)
-        signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop_event.set())  # the end is being written
-        return _report(ctx, outcome)
-    finally:
-        destroy_distributed()  # after the report: a peer that sees us leave finds our reason on disk
-
-
-def _run_body(ctx: NodeContext) -> Outcome:
-    """Join the ranks (if several), run the body on every rank, verify on rank 0."""
-    try:
+        if watch is not None:
+            watch.start()
         expected = node_world_size(ctx.kind, ctx.spec)
         if ctx.world_size != expected:
             raise NodeFailure(_world_size_mismatch(ctx, expected))
         if expected > 1:
             init_distributed()
         kind = node_body(ctx.node.kind)
-        heartbeat = Heartbeat(ctx.dir, ctx.attempt, ctx.spec.execution.heartbeat_s)
-        with heartbeat if ctx.is_primary else contextlib.nullcontext():
-            kind.run(ctx)
-            if ctx.stop_event.is_set() and ctx.checks_stop and not _finished(ctx):
-                raise StopRequested()
-            if ctx.world_size > 1:
-                import torch.distributed as dist
+        kind.run(ctx)
+        if ctx.stop_event.is_set() and ctx.checks_stop and not _finished(ctx):
+            raise StopRequested()
+        if ctx.world_size > 1:
+            import torch.distributed as dist
 
-                dist.barrier()  # every rank's part of the outputs is written before rank 0 verifies them
-            if ctx.is_primary:
-                kind.verify(ctx)
+            dist.barrier()  # every rank's part of the outputs is written before rank 0 verifies them
+        if ctx.is_primary:
+            kind.verify(ctx)
     except StopRequested:
-        return Outcome("STOPPED", "stopped on request" + _checkpoint_note(ctx), EXIT_STOPPED)
+        reason = ctx.stop_event.reason or "stopped on request"
+        return Outcome("STOPPED", reason + _checkpoint_note(ctx), EXIT_STOPPED)
     except NodeFailure as exc:
         return Outcome("FAILED", str(exc), EXIT_FAILED)
     except Exception as exc:
@@ -209,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--executor", default="local")
     args = parser.parse_args(argv)
-    return run_attempt(RunDir(args.run_dir.resolve()), args.node_id, args.attempt, args.executor)
+    try:
+        return run_attempt(RunDir(args.run_dir.resolve()), args.node_id, args.attempt, args.executor)
+    except TrinityError as exc:  # a damaged or hostile run directory: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""`trinity run`, `resume`, `status` and `explain`: the run-level operations behind the CLI."""
+"""`trinity run`, `resume`, `status` and `explain`: the run-level operations behind the CLI.
+
+`status` and `explain` judge a RUNNING node by the same rule as `resume` (trinity.run.status:
+lease_liveness): `status` reports each RUNNING node's `live` and `why`, so a dead node is shown as
+such. A node left RUNNING by a scheduler that was killed is stopping at a checkpoint by itself:
+`run`/`resume` wait for it (at most the stop grace period) before they decide again.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,12 @@ from rich.console import Console
 
 from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
-from trinity.execute.local import LocalExecutor
+from trinity.execute.local import STOP_GRACE_S, LocalExecutor
 from trinity.execute.run import Decision, RunLock, decide, default_run_dir, write_run
 from trinity.execute.scheduler import execute
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
-from trinity.run.status import NodeStatus, list_attempts
+from trinity.run.status import NodeStatus, lease_liveness, list_attempts
 from trinity.spec.loading import LoadedSpec, load_experiment
 
 
@@ -41,13 +47,15 @@ def run_loaded(
     nodes: list[str] | None = None,
     jobs: int = 1,
     wait: bool = True,
+    detach: bool = False,
 ) -> int:
-    """Write/refresh the run directory, decide, execute; returns the exit status."""
+    """Write/refresh the run directory, decide, execute; returns the exit status. Raises SchedulerStopped
+    (trinity.execute.scheduler) when a signal stopped the run."""
     run = RunDir(run_dir.resolve())
     with RunLock(run):
         run, full = write_run(loaded, run.root)
         graph = select(full, nodes)
-        decisions = decide(run, graph)
+        decisions = wait_for_stopping(run, graph, decide(run, graph), console)
         busy = [d for d in decisions.values() if d.action == "busy"]
         if busy:
             raise RunError("; ".join(f"{d.node}: {d.reason}" for d in busy) + " — stop it before re-running")
@@ -63,7 +71,8 @@ def run_loaded(
 
                 states = execute_slurm(run, graph, decisions, on_tick=display.tick, wait=wait)
             else:
-                states = execute(run, graph, decisions, LocalExecutor(run), jobs=jobs, on_tick=display.tick)
+                executor = LocalExecutor(run, detach=detach)
+                states = execute(run, graph, decisions, executor, jobs=jobs, on_tick=display.tick, detach=detach)
     if slurm and not wait:
         console.print(f"submitted {len(to_run)} node(s) to Slurm; follow with `trinity status {run.root}`")
         return 0
@@ -83,6 +92,33 @@ def run_loaded(
     return 0
 
 
+def wait_for_stopping(
+    run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decision], console: Console, grace_s: float = STOP_GRACE_S
+) -> dict[str, Decision]:
+    """Nodes whose scheduler was killed commit a checkpoint and exit by themselves: wait for that (at most
+    `grace_s`), then decide again. Refuses, naming the node, one that has not stopped by then."""
+    stopping = [d for d in decisions.values() if d.action == "stopping"]
+    if not stopping:
+        return decisions
+    names = ", ".join(d.node for d in stopping)
+    console.print(
+        f"waiting (at most {grace_s:.0f} s) for {names} to stop at a checkpoint: {stopping[0].reason}",
+        highlight=False,
+        markup=False,
+    )
+    deadline = time.monotonic() + grace_s
+    while stopping and time.monotonic() < deadline:
+        time.sleep(0.2)
+        decisions = decide(run, graph)
+        stopping = [d for d in decisions.values() if d.action == "stopping"]
+    if stopping:
+        raise RunError(
+            "; ".join(f"{d.node}: {d.reason}" for d in stopping)
+            + f" — it did not stop within {grace_s:.0f} s: stop that process (kill PID), then resume"
+        )
+    return decisions
+
+
 def run_graph(
     graph_file: Path,
     sets: list[str],
@@ -91,9 +127,10 @@ def run_graph(
     nodes: list[str] | None = None,
     jobs: int = 1,
     wait: bool = True,
+    detach: bool = False,
 ) -> int:
     loaded = load_experiment(graph_file, sets)
-    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs, wait)
+    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs, wait, detach)
 
 
 def dry_run(graph_file: Path, sets: list[str], nodes: list[str] | None = None) -> list[dict[str, Any]]:
@@ -112,10 +149,15 @@ def load_run_spec(run: RunDir) -> LoadedSpec:
 
 
 def resume_run(
-    run_dir: Path, console: Console, nodes: list[str] | None = None, jobs: int = 1, wait: bool = True
+    run_dir: Path,
+    console: Console,
+    nodes: list[str] | None = None,
+    jobs: int = 1,
+    wait: bool = True,
+    detach: bool = False,
 ) -> int:
     run = RunDir(run_dir.resolve())
-    return run_loaded(load_run_spec(run), run.root, console, nodes, jobs, wait)
+    return run_loaded(load_run_spec(run), run.root, console, nodes, jobs, wait, detach)
 
 
 def cancel_run(run_dir: Path, node_id: str | None) -> list[str]:
@@ -147,6 +189,8 @@ def explain(run_dir: Path, node_id: str) -> Decision:
 
 
 def status_report(run_dir: Path) -> dict[str, Any]:
+    """Every node's state, attempts and progress; a RUNNING node's `live` (its process lives, by the lease
+    rule), `why`, and `stopping` (live, but its scheduler is gone). `live` is None for other states."""
     run = RunDir(run_dir.resolve())
     graph = RunGraph.load(run)
     if (run.root / "slurm_jobs.json").is_file():  # jobs may have ended while nobody watched
@@ -158,11 +202,15 @@ def status_report(run_dir: Path) -> dict[str, Any]:
     for node_id, entry in graph.nodes.items():
         node_dir = run.node(node_id)
         status = NodeStatus.read(node_dir)
+        liveness = lease_liveness(node_dir, status.attempt) if status.state == "RUNNING" else None
         nodes.append(
             {
                 "id": node_id,
                 "kind": entry.kind,
                 "state": status.state,
+                "live": None if liveness is None else liveness.live,
+                "why": "" if liveness is None else liveness.why,
+                "stopping": liveness is not None and liveness.orphaned,
                 "identity": entry.identity,
                 "message": status.message,
                 "progress": status.progress,

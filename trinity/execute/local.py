@@ -6,6 +6,12 @@ torchrun starts the N rank processes with the rendezvous in their environment, f
 to them (they commit a checkpoint and exit) and tears the others down when one fails. torchrun
 exits 1 whatever went wrong, so how the attempt ended is read from the ranks' own records and
 torchrun's failure report (see `torchrun_outcome`).
+
+Every attempt runs in its own session, so a terminal's Ctrl-C or hangup reaches the scheduler
+alone, which then stops the nodes at a checkpoint. Each node process (each rank) watches the
+scheduler through the pid and start time the launch passes it (trinity.execute.attempt:
+SchedulerWatch) and stops at a checkpoint by itself if the scheduler ends without stopping it
+(SIGKILL, a crash). `detach` (trinity run --detach) launches nodes that watch nothing.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trinity.errors import RunError
+from trinity.execute.attempt import SCHEDULER_PID_ENV, SCHEDULER_START_ENV
 from trinity.execute.executor import Finished
 from trinity.graph.kinds import node_world_size
 from trinity.run.graph import GraphNode, RunGraph
 from trinity.run.layout import NodeDir, RunDir
 from trinity.run.ranks import read_rank_ends
+from trinity.run.status import own_process
 from trinity.spec.experiment import ExperimentSpec
 
 STOP_GRACE_S = 120.0
@@ -122,6 +130,8 @@ class LocalExecutor:
     run: RunDir
     name: str = "local"
     env: dict[str, str] = field(default_factory=dict)
+    detach: bool = False
+    """Launch nodes that do not watch this scheduler: they run on when it ends (`trinity run --detach`)."""
     _graph: RunGraph | None = field(default=None, repr=False)
     _specs: dict[str, ExperimentSpec] = field(default_factory=dict, repr=False)
 
@@ -163,7 +173,13 @@ class LocalExecutor:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         entry = ["-m", "trinity.execute.attempt", str(self.run.root), node_id, "--attempt", str(attempt)]
         entry += ["--executor", self.name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if k not in (SCHEDULER_PID_ENV, SCHEDULER_START_ENV)}
+        env["PYTHONUNBUFFERED"] = "1"
+        if not self.detach:
+            me = own_process()
+            env[SCHEDULER_PID_ENV] = str(me.pid)
+            if me.start is not None:
+                env[SCHEDULER_START_ENV] = str(me.start)
         ranks = self.ranks(node_id)
         if ranks > 1:
             _, spec = self._node(node_id)
@@ -190,7 +206,7 @@ class LocalExecutor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the scheduler, which stops nodes cleanly
+                start_new_session=True,  # Ctrl-C and hangups reach the scheduler, which stops nodes cleanly
                 env={**env, **self.env},
             )
         return LocalHandle(node_id, attempt, process, ranks=ranks, node_dir=node_dir, log_path=log_path)

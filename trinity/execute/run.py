@@ -1,8 +1,10 @@
 """Create or reuse a run directory, and decide for every node whether it runs or is reused.
 
 A node is reused when it SUCCEEDED with the identity it has now and nothing upstream runs.
-Otherwise it runs, and `explain` says why: never ran, failed, died (stale lease), identity
-changed (and which parts of its spec), or an upstream node runs. A node whose identity changed
+Otherwise it runs, and `explain` says why: never ran, failed, died (its lease is not live, and
+why), identity changed (and which parts of its spec), or an upstream node runs. A RUNNING node whose
+lease is live is busy; one whose scheduler is gone is stopping (it commits a checkpoint and exits by
+itself: `trinity resume` waits for it). A node whose identity changed
 has its old folder moved to RUN/superseded/ first: its checkpoints belong to another result
 and must not be resumed, but nothing trained is ever deleted.
 """
@@ -29,11 +31,11 @@ from trinity.graph.diff import flatten
 from trinity.graph.identity import canonical_json
 from trinity.run.graph import GraphNode
 from trinity.run.layout import NodeDir, RunDir, atomic_write_json, atomic_write_text, read_json
-from trinity.run.status import NodeStatus, lease_is_stale, list_attempts, now_iso
+from trinity.run.status import NodeStatus, lease_liveness, list_attempts, now_iso
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
 
-Action = Literal["reuse", "run", "busy"]
+Action = Literal["reuse", "run", "busy", "stopping"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
 
 
 def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:
-    """For each node, in topological order: reuse, run, or busy (running in another live process)."""
+    """For each node, in topological order: reuse, run, busy (running in another live process) or stopping
+    (live, but its scheduler is gone: it stops at a checkpoint by itself)."""
     decisions: dict[str, Decision] = {}
     for node in nodes_in_order(graph):
         status = NodeStatus.read(run.node(node.id))
@@ -120,8 +123,11 @@ def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:
 
 def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]) -> Decision:
     node_dir = run.node(node.id)
-    if status.state == "RUNNING" and not lease_is_stale(node_dir):
-        return Decision(node.id, "busy", f"RUNNING in attempt {status.attempt} with a live heartbeat")
+    liveness = lease_liveness(node_dir, status.attempt) if status.state == "RUNNING" else None
+    if liveness is not None and liveness.orphaned:
+        return Decision(node.id, "stopping", f"RUNNING in attempt {status.attempt} as {liveness.why}")
+    if liveness is not None and liveness.live:
+        return Decision(node.id, "busy", f"RUNNING in attempt {status.attempt} with a live heartbeat ({liveness.why})")
     if status.identity and status.identity != node.identity and status.state != "PENDING":
         changed = _changed_parts(node_dir, node)
         return Decision(
@@ -136,8 +142,8 @@ def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]
     resume = _resume_note(node_dir)
     if status.state == "FAILED":
         return Decision(node.id, "run", f"FAILED in attempt {status.attempt}: {status.message}{resume}")
-    if status.state == "RUNNING":
-        return Decision(node.id, "run", f"died in attempt {status.attempt} (stale heartbeat lease){resume}")
+    if liveness is not None:  # RUNNING, and not live
+        return Decision(node.id, "run", f"died in attempt {status.attempt} ({liveness.why}){resume}")
     if status.state == "DEP_FAILED":
         return Decision(node.id, "run", "a dependency had failed; it never ran")
     return Decision(node.id, "run", "it never ran")
@@ -168,7 +174,7 @@ def supersede(run: RunDir, node: Node) -> Path | None:
     status = NodeStatus.read(node_dir)
     if not node_dir.root.exists() or not status.identity or status.identity == node.identity:
         return None
-    target = run.root / "superseded" / f"{node.id}@{status.identity[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = run.superseded(node.id, f"{status.identity[:12]}-{time.strftime('%Y%m%d-%H%M%S')}")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(node_dir.root), str(target))
     return target

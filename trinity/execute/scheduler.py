@@ -1,8 +1,14 @@
 """The scheduler loop: run the nodes that must run, in dependency order, on an executor.
 
 A node starts when all its dependencies SUCCEEDED. When one fails, everything downstream of it
-is DEP_FAILED (and re-runs on resume). Ctrl-C asks running nodes to stop: a training node
-commits a checkpoint at its next step and exits; the run can be resumed from there.
+is DEP_FAILED (and re-runs on resume). SIGINT (Ctrl-C), SIGTERM (a batch system, `kill`) and SIGHUP
+(a closed terminal) all ask running nodes to stop: a training node commits a checkpoint at its next
+step and exits; the run can be resumed from there. The scheduler then raises `SchedulerStopped`,
+whose exit status is 128 + the signal's number, the shell's convention for "ended by that signal"
+(130, 143, 129). A second Ctrl-C leaves at once (the nodes still stop by themselves, as they do when
+the scheduler is killed). A signal ignored when the scheduler starts stays ignored: `nohup trinity
+run ...` survives a hangup. With `detach` (trinity run --detach) a signal ends the scheduler alone
+and the running nodes carry on.
 
 `jobs` counts processes: a training node of N ranks occupies N of them. A node larger than
 `jobs` still runs, alone, once nothing else does.
@@ -10,8 +16,12 @@ commits a checkpoint at its next step and exits; the run can be resumed from the
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable
+from types import FrameType, TracebackType
 
 import networkx as nx
 
@@ -23,6 +33,52 @@ from trinity.run.layout import RunDir
 from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
 
 POLL_S = 0.5
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SchedulerStopped(Interrupted):
+    """The scheduler was stopped by a signal: the running nodes were stopped at a checkpoint (or, detached,
+    left running: `left_running`). `message` says what happened and what to do next."""
+
+    def __init__(self, signum: int, left_running: list[str], message: str) -> None:
+        super().__init__(message)
+        self.signum, self.left_running, self.message = signum, left_running, message
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While the scheduler runs, records the first of STOP_SIGNALS for the loop to act on (a handler that
+    raised could leave a launch or a status write half done). Main thread only, as Python signals are."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now; the nodes stop by themselves
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous != signal.SIG_IGN:
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
 
 
 def execute(
@@ -32,8 +88,10 @@ def execute(
     executor: Executor,
     jobs: int = 1,
     on_tick: Callable[[], None] = lambda: None,
+    detach: bool = False,
 ) -> dict[str, str]:
-    """Run every node whose decision is 'run'; returns the final state of each node."""
+    """Run every node whose decision is 'run'; returns the final state of each node. Raises SchedulerStopped
+    on SIGINT, SIGTERM or SIGHUP once the running nodes stopped (with `detach`: at once, leaving them)."""
     order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
     executor.check([n.id for n in order])
     for node in order:
@@ -41,34 +99,72 @@ def execute(
         mark_pending(run, node)
     pending = [n.id for n in order]
     running: dict[str, Handle] = {}
-    try:
-        while pending or running:
-            for node_id, handle in list(running.items()):
-                finished = handle.poll()
-                if finished is not None:
-                    del running[node_id]
-                    if not _settle(run, graph, node_id, handle.attempt, finished):
-                        pending = _fail_downstream(run, graph, node_id, pending)
-            for node_id in list(pending):
-                used = sum(executor.slots(n) for n in running)
-                if used >= jobs:
-                    break
-                if used + executor.slots(node_id) > jobs and running:
-                    continue  # wait for room; a smaller ready node may still fit
-                if all(NodeStatus.read(run.node(d)).state == "SUCCEEDED" for d in graph.predecessors(node_id)):
-                    pending.remove(node_id)
-                    running[node_id] = _launch(run, graph, executor, node_id)
-            if pending and not running:  # nothing can start: dependencies are not satisfiable
-                for node_id in pending:
-                    _set_state(run, node_id, "DEP_FAILED", "a dependency did not succeed")
-                pending = []
-            on_tick()
-            time.sleep(POLL_S if running else 0)
-    except KeyboardInterrupt:
-        _stop_all(run, graph, running, on_tick)
-        raise Interrupted() from None
+    with _StopSignals() as signals:
+        _loop(run, graph, executor, jobs, on_tick, pending, running, signals)
+        if signals.received is not None:
+            raise _stopped(run, graph, running, on_tick, signals.received, detach)
     on_tick()
     return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
+
+
+def _loop(
+    run: RunDir,
+    graph: nx.DiGraph,
+    executor: Executor,
+    jobs: int,
+    on_tick: Callable[[], None],
+    pending: list[str],
+    running: dict[str, Handle],
+    signals: _StopSignals,
+) -> None:
+    """Launch and settle nodes until none is pending or running, or a stop signal arrived."""
+    while (pending or running) and signals.received is None:
+        for node_id, handle in list(running.items()):
+            finished = handle.poll()
+            if finished is not None:
+                del running[node_id]
+                if not _settle(run, graph, node_id, handle.attempt, finished):
+                    pending[:] = _fail_downstream(run, graph, node_id, pending)
+        for node_id in list(pending):
+            if signals.received is not None:
+                break
+            used = sum(executor.slots(n) for n in running)
+            if used >= jobs:
+                break
+            if used + executor.slots(node_id) > jobs and running:
+                continue  # wait for room; a smaller ready node may still fit
+            if all(NodeStatus.read(run.node(d)).state == "SUCCEEDED" for d in graph.predecessors(node_id)):
+                pending.remove(node_id)
+                running[node_id] = _launch(run, graph, executor, node_id)
+        if pending and not running:  # nothing can start: dependencies are not satisfiable
+            for node_id in pending:
+                _set_state(run, node_id, "DEP_FAILED", "a dependency did not succeed")
+            pending.clear()
+        on_tick()
+        time.sleep(POLL_S if running else 0)
+
+
+def _stopped(
+    run: RunDir,
+    graph: nx.DiGraph,
+    running: dict[str, Handle],
+    on_tick: Callable[[], None],
+    signum: int,
+    detach: bool,
+) -> SchedulerStopped:
+    """Act on a stop signal: stop the running nodes at a checkpoint (detached: leave them running)."""
+    name = signal.Signals(signum).name
+    if detach and running:
+        left = sorted(running)
+        message = (
+            f"{len(left)} node(s) keep running on their own ({', '.join(left)}); follow them with "
+            f"`trinity status {run.root}`; once they end, `trinity resume {run.root}` runs what remains"
+        )
+        return SchedulerStopped(signum, left, message)
+    what = "running nodes were stopped at a checkpoint" if running else "no node was running"
+    why = "interrupted by the user (Ctrl-C)" if signum == signal.SIGINT else f"the scheduler received {name}"
+    _stop_all(run, graph, running, on_tick, why)
+    return SchedulerStopped(signum, [], f"{what}; continue with `trinity resume {run.root}`")
 
 
 def _launch(run: RunDir, graph: nx.DiGraph, executor: Executor, node_id: str) -> Handle:
@@ -119,7 +215,9 @@ def _set_state(run: RunDir, node_id: str, state: str, message: str) -> None:
     status.write(node_dir)
 
 
-def _stop_all(run: RunDir, graph: nx.DiGraph, running: dict[str, Handle], on_tick: Callable[[], None]) -> None:
+def _stop_all(
+    run: RunDir, graph: nx.DiGraph, running: dict[str, Handle], on_tick: Callable[[], None], why: str
+) -> None:
     for handle in running.values():
         handle.stop()
     while running:
@@ -132,7 +230,8 @@ def _stop_all(run: RunDir, graph: nx.DiGraph, running: dict[str, Handle], on_tic
                     graph,
                     node_id,
                     handle.attempt,
-                    Finished(finished.exit_code, finished.signal, "interrupted by the user (Ctrl-C)"),
+                    Finished(finished.exit_code, finished.signal, why),
                 )
-        on_tick()
+        with contextlib.suppress(OSError):  # after a hangup the terminal is gone; the stop goes on
+            on_tick()
         time.sleep(POLL_S)

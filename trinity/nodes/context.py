@@ -25,12 +25,17 @@ class StopFlag:
     signals arrive together (the job's USR2 and the submitit wrapper's SIGTERM), so the second
     handler could interrupt the first inside set() and wait on that lock forever; a rank hung
     that way mid-step and its peer with it. Setting a bool is safe to re-enter.
+
+    `reason` says why (e.g. the scheduler that launched the node is gone); the first one set stays.
     """
 
     def __init__(self) -> None:
         self._requested = False
+        self.reason = ""
 
-    def set(self) -> None:
+    def set(self, reason: str = "") -> None:
+        if not self._requested:
+            self.reason = reason
         self._requested = True
 
     def is_set(self) -> bool:

@@ -1,8 +1,16 @@
 """Node status, attempt records and the heartbeat lease: the files a node's state is read from.
 
 State machine of a node: PENDING -> RUNNING -> SUCCEEDED | FAILED; a node whose dependency
-failed is DEP_FAILED. RUNNING with a stale lease (no heartbeat for 3 periods, or a dead pid on
-this host) means the node died without saying so.
+failed is DEP_FAILED. RUNNING is what the node said last; whether its process still lives is
+one rule, `lease_liveness`, used by `trinity status`, `explain` and `resume` alike. A RUNNING node
+is live only if its lease.json parses, its heartbeat is neither older than STALE_PERIODS periods
+nor dated more than CLOCK_SKEW_S in the future, and, on this host, its pid is a running process
+that started when the lease says (so a reused pid is not mistaken for the node). Anything else
+means the node died without saying so.
+
+Process identity comes from /proc/PID/stat (start time in clock ticks since boot, and the zombie
+state), which is what psutil reads on Linux; psutil is not a dependency of trinity, and the
+executors (local, Slurm, torchrun) run on Linux. Without /proc only the pid's existence is checked.
 """
 
 from __future__ import annotations
@@ -13,12 +21,20 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trinity.run.layout import NodeDir, atomic_write_json, read_json
 
 State = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "DEP_FAILED"]
 STALE_PERIODS = 3
+"""A heartbeat older than this many periods means the node died."""
+CLOCK_SKEW_S = 30.0
+"""How far in the future a heartbeat may be dated (another host's clock ahead of ours) and still be trusted."""
+MAX_PERIOD_S = 24 * 3600.0
+"""A lease whose period is longer than this is not trusted (it would count as live for days)."""
 
 
 def now_iso() -> str:
@@ -97,25 +113,78 @@ def next_attempt(node_dir: NodeDir) -> int:
     return attempts[-1].attempt + 1 if attempts else 1
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot: /proc/PID/stat field 22), or None when there is
+    no such process, or only its zombie (it exited and nobody collected its exit status yet)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """Whether `pid` is a running process of this host and, given its `start` (process_start), the same one."""
+    if pid <= 0:
+        return False  # os.kill(0, ...) would address our own process group, not a process
+    if Path("/proc/self/stat").is_file():
+        now = process_start(pid)
+        return now is not None and (start is None or now == start)
+    try:  # no /proc: the pid exists (it may be a zombie or a reused pid)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ProcessRef(BaseModel):
+    """A process on the lease's host: its pid and start time (process_start), which tell a reused pid apart."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+    pid: int = Field(gt=0)
+    start: int | None = None
+
+
+class Lease(ProcessRef):
+    """lease.json: rewritten by the node's process every `period_s` while it runs."""
+
+    host: str = Field(min_length=1)
+    time: float = Field(allow_inf_nan=False)
+    """When it was written (seconds since the epoch, the node host's clock)."""
+    period_s: float = Field(gt=0, le=MAX_PERIOD_S, allow_inf_nan=False)
+    attempt: int | None = None
+    scheduler: ProcessRef | None = None
+    """The local scheduler the node watches (it stops at a checkpoint once that is gone); None: detached."""
+
+
+def own_process() -> ProcessRef:
+    return ProcessRef(pid=os.getpid(), start=process_start(os.getpid()))
+
+
 class Heartbeat:
     """Rewrites lease.json every `period_s` from a daemon thread while the node runs."""
 
-    def __init__(self, node_dir: NodeDir, attempt: int, period_s: float) -> None:
-        self.node_dir, self.attempt, self.period_s = node_dir, attempt, period_s
+    def __init__(self, node_dir: NodeDir, attempt: int, period_s: float, scheduler: ProcessRef | None = None) -> None:
+        self.node_dir, self.attempt, self.period_s, self.scheduler = node_dir, attempt, period_s, scheduler
+        self._me = own_process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trinity-heartbeat", daemon=True)
 
     def _beat(self) -> None:
-        atomic_write_json(
-            self.node_dir.lease,
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "attempt": self.attempt,
-                "time": time.time(),
-                "period_s": self.period_s,
-            },
+        lease = Lease(
+            pid=self._me.pid,
+            start=self._me.start,
+            host=socket.gethostname(),
+            attempt=self.attempt,
+            time=time.time(),
+            period_s=self.period_s,
+            scheduler=self.scheduler,
         )
+        atomic_write_json(self.node_dir.lease, lease.model_dump(mode="json"))
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -131,19 +200,51 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """What a node's lease says about its process (see the module docstring for the rule)."""
+
+    live: bool
+    why: str
+    """Why it is live ('heartbeat 1.2 s ago from pid 4242 on host-a') or not ('no heartbeat for 412 s')."""
+    lease: Lease | None = None
+    orphaned: bool = False
+    """Live, but the scheduler it watches (same host) is gone: it is stopping at a checkpoint by itself."""
+
+
+def lease_liveness(node_dir: NodeDir, attempt: int | None = None, now: float | None = None) -> Liveness:
+    """Whether the process holding `node_dir`'s lease (of `attempt`, if given) is alive. Never raises."""
+    try:
+        text = node_dir.lease.read_text()
+    except FileNotFoundError:
+        return Liveness(False, "no heartbeat lease")
+    except (OSError, UnicodeDecodeError) as exc:
+        return Liveness(False, f"lease.json unreadable ({exc})")
+    try:
+        lease = Lease.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return Liveness(False, f"damaged lease.json ({where + ': ' if where else ''}{first['msg']})")
+    if attempt is not None and lease.attempt is not None and lease.attempt != attempt:
+        return Liveness(False, f"the lease is attempt {lease.attempt}'s, not attempt {attempt}'s", lease)
+    age = (time.time() if now is None else now) - lease.time
+    if age < -CLOCK_SKEW_S:
+        return Liveness(False, f"heartbeat dated {-age:.0f} s in the future on {lease.host}: not trusted", lease)
+    if age > STALE_PERIODS * lease.period_s:
+        return Liveness(False, f"no heartbeat for {age:.0f} s (period {lease.period_s:g} s)", lease)
+    where = f"pid {lease.pid} on {lease.host}"
+    if lease.host != socket.gethostname():
+        return Liveness(True, f"heartbeat {max(age, 0):.1f} s ago from {where}", lease)
+    if not process_alive(lease.pid, lease.start):
+        gone = "was reused by another process" if process_alive(lease.pid) else "is gone"
+        return Liveness(False, f"its process ({where}) {gone}", lease)
+    if lease.scheduler is not None and not process_alive(lease.scheduler.pid, lease.scheduler.start):
+        why = f"{where}: its scheduler (pid {lease.scheduler.pid}) is gone, so it is stopping at a checkpoint"
+        return Liveness(True, why, lease, orphaned=True)
+    return Liveness(True, f"heartbeat {max(age, 0):.1f} s ago from {where}", lease)
+
+
 def lease_is_stale(node_dir: NodeDir, now: float | None = None) -> bool:
-    """True if the node holds no lease, or its heartbeat stopped, or its process is gone (same host)."""
-    if not node_dir.lease.is_file():
-        return True
-    lease = read_json(node_dir.lease)
-    age = (now or time.time()) - float(lease["time"])
-    if age > STALE_PERIODS * float(lease.get("period_s", 30)):
-        return True
-    if lease.get("host") == socket.gethostname():
-        try:
-            os.kill(int(lease["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return False
+    """True if the node holds no live lease (see `lease_liveness`)."""
+    return not lease_liveness(node_dir, now=now).live
