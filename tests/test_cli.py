@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT, SMALL_GRAPH, TEST_GRAPHS, mutate
@@ -108,3 +109,109 @@ def test_generate_refuses_a_non_training_node(tmp_path: Path) -> None:
     result = run_cli("generate", str(run), "hello", "--node", "tokenizer")
     assert result.returncode == 2
     assert "generate from a training node" in result.stderr
+
+
+# -- user text is printed as text; every bad input exits 2 with its location -----------------------
+
+MARKUP = "[/bold]x [red]y[/red] :fire:"
+"""Text that rich would style, drop or refuse (MarkupError) if it were read as markup, and an emoji code."""
+
+
+def test_markup_in_values_is_printed_verbatim() -> None:
+    closing = runner.invoke(app, ["validate", str(POST), "--set", "name=[/bold]x"])  # was a MarkupError, exit 1
+    assert closing.exit_code == 2 and "name = '[/bold]x': must be" in closing.stderr
+    typed = runner.invoke(app, ["validate", str(POST), "--set", f"model.d_model={MARKUP}"])
+    assert typed.exit_code == 2
+    assert f"--set #1 (model.d_model={MARKUP}): model.d_model = '{MARKUP}': Input should be" in typed.stderr
+    changed = runner.invoke(app, ["diff", str(POST), str(POST), "--set", f"description={MARKUP}"])
+    assert changed.exit_code == 0 and repr(MARKUP) in changed.stdout
+
+
+def test_the_status_table_prints_user_text_verbatim() -> None:
+    from rich.console import Console
+
+    from trinity.cli_render import print_status
+
+    console = Console(record=True, width=400)
+    attempt = {"attempt": 1, "executor": "local", "state": "FAILED", "exit_code": 1, "resumed_from_step": None}
+    report = {
+        "run": {"name": MARKUP},
+        "root": "/runs/[b]x",
+        "nodes": [{"id": MARKUP, "state": "FAILED", "attempts": [attempt], "progress": {}, "message": MARKUP}],
+    }
+    print_status(console, report)
+    text = console.export_text()
+    assert text.count(MARKUP) == 3 and "/runs/[b]x" in text
+
+
+def test_paths_and_node_ids_the_user_typed_are_printed_verbatim(tmp_path: Path) -> None:
+    folder = tmp_path / "[red]x[" / "red] :fire:"  # the path holds '[red]x[/red] :fire:'
+    folder.mkdir(parents=True)
+    graph = folder / "g.yaml"
+    graph.write_text(SMALL_GRAPH)
+    ok = runner.invoke(app, ["validate", str(graph)])
+    assert ok.exit_code == 0 and str(graph) in "".join(ok.stdout.splitlines()), ok.stdout
+    explained = runner.invoke(app, ["explain", str(tmp_path), "[/bold]n"])  # was a MarkupError, exit 1
+    assert explained.exit_code == 2, explained.stdout
+
+
+def spec_file(tmp_path: Path, old: str, new: str) -> tuple[Path, int]:
+    text, line = mutate(SMALL_GRAPH, old, new)
+    (tmp_path / "g.yaml").write_text(text)
+    return tmp_path / "g.yaml", line
+
+
+def test_bad_numbers_exit_2_with_the_line(tmp_path: Path) -> None:
+    """`.inf` crashed `validate` (exit 1, UnhashableValue); `true` was taken as 1."""
+    path, line = spec_file(tmp_path, "mix: {code: 1.0, docs: 1.0}", "mix: {code: .inf, docs: 1.0}")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"g.yaml:{line}: data.phases.0.mix.code = inf: Input should be a finite number" in result.stderr
+    path, line = spec_file(tmp_path, "d_model: 64", "d_model: true")
+    result = runner.invoke(app, ["plan", str(path)])
+    assert (
+        result.exit_code == 2
+        and f"g.yaml:{line}: model.d_model = True: Input should be a valid integer" in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"name: x\nbase: &b {seed: 1}\nother:\n  <<: *b\n", ":4: YAML merge keys (`<<`) are not supported"),
+        (b"name: x\ndescription: caf\xe9\n", ":2: not UTF-8 text (invalid continuation byte at byte offset 24)"),
+        (b"name: x\nmodel: " + b"[" * 5000 + b"]" * 5000 + b"\n", ":2: values nest more than 100 levels deep"),
+        (b"name: x\ndescription: \x07\n", ":2: invalid YAML: character U+0007 is not allowed"),
+    ],
+    ids=["merge-key", "latin-1", "deep", "control-character"],
+)
+def test_bad_yaml_exits_2_with_the_line(tmp_path: Path, text: bytes, message: str) -> None:
+    (tmp_path / "g.yaml").write_bytes(text)
+    result = runner.invoke(app, ["validate", str(tmp_path / "g.yaml")])
+    assert result.exit_code == 2, result.output
+    assert f"g.yaml{message}" in result.stderr and "Traceback" not in result.output
+
+
+def test_use_of_a_file_outside_the_project_exits_2_without_its_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finding: `use: ../../../../etc/shadow` printed a line of that file."""
+    monkeypatch.delenv("TRINITY_SPEC_ROOT", raising=False)
+    project = tmp_path / "project"
+    (project / "graphs").mkdir(parents=True)
+    (project / ".git").mkdir()
+    (tmp_path / "shadow").write_text("root: *TOPSECRET42\n")  # PyYAML's message names the alias
+    (project / "graphs" / "g.yaml").write_text("name: g\nmodel: {use: ../../shadow}\n")
+    monkeypatch.chdir(project)
+    result = runner.invoke(app, ["validate", "graphs/g.yaml"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: graphs/g.yaml:2: `use: ../../shadow` resolves outside the project")
+    assert "TOPSECRET42" not in result.output
+
+
+def test_control_characters_in_values_are_shown_escaped() -> None:
+    """A value must not drive the terminal (an escape sequence) or break an error over lines."""
+    result = runner.invoke(app, ["validate", str(POST), "--set", "model.d_model=\x1b[2Jx\ny"])
+    assert result.exit_code == 2
+    assert "\x1b" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: --set #1 (model.d_model=\\x1b[2Jx\\ny): model.d_model = ")

@@ -40,7 +40,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def handles_errors(fn: F) -> F:
     """A SpecError as located lines, any other TrinityError as one line: exit 2. Ctrl-C: exit 130.
-    Anything else is a bug: its type and message, exit 1 (the traceback with --debug)."""
+    Anything else is a bug: its type and message, exit 1 (the traceback with --debug). Messages are
+    printed as text: rich markup and emoji codes in them (`[red]x`, `:fire:`) are never interpreted, and
+    control characters are shown as escapes (`\\x1b`), so a value cannot drive the terminal."""
+
+    from rich.markup import escape
+
+    from trinity.cli_render import printable
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,7 +59,8 @@ def handles_errors(fn: F) -> F:
             if debug:
                 raise
             for line in exc.lines:
-                err.print(f"[bold red]error[/]: {line}", highlight=False, soft_wrap=True)
+                shown = escape(printable(line, newlines=False))  # one problem, one line
+                err.print(f"[bold red]error[/]: {shown}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:  # trinity.errors.Interrupted too: nodes were stopped at a checkpoint
             err.print(
@@ -65,19 +72,31 @@ def handles_errors(fn: F) -> F:
         except TrinityError as exc:
             if debug:
                 raise
-            err.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+            shown = escape(printable(str(exc)))
+            err.print(f"[bold red]error[/]: {shown}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(2) from None
         except Exception as exc:
             if debug:
                 raise
             err.print(
-                f"[bold red]error[/]: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+                f"[bold red]error[/]: {type(exc).__name__}: {escape(printable(str(exc)))} "
+                "(run with --debug for a traceback)",
                 highlight=False,
                 soft_wrap=True,
+                emoji=False,
             )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def shown(value: object) -> str:
+    """User text (a path, a node id, a reason) inside a rich-markup message: printed as written."""
+    from rich.markup import escape
+
+    from trinity.cli_render import printable
+
+    return escape(printable(str(value)))
 
 
 def _load(graph: Path, sets: list[str] | None) -> Any:
@@ -94,7 +113,7 @@ def validate(graph: GraphArg, set_: SetOption = None, debug: DebugOption = False
 
     loaded = _load(graph, set_)
     n = compile_graph(loaded).number_of_nodes()
-    out.print(f"[green]ok[/]: {graph} ({loaded.spec.name}: {n} nodes)", highlight=False)
+    out.print(f"[green]ok[/]: {shown(graph)} ({loaded.spec.name}: {n} nodes)", highlight=False, emoji=False)
 
 
 @app.command()
@@ -177,6 +196,15 @@ ExecutorOption = Annotated[
     str | None, typer.Option("--executor", help="local or slurm (default: the spec's execution.executor).")
 ]
 WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Slurm: watch the jobs until the graph settles.")]
+DetachOption = Annotated[
+    bool,
+    typer.Option(
+        "--detach",
+        help="Local executor: launch nodes that run on by themselves if this command ends (killed, terminal "
+        "closed, Ctrl-C: it then leaves them running). Follow them with `trinity status RUN_DIR`; once they end, "
+        "`trinity resume RUN_DIR` runs what remains. Without it, nodes stop at a checkpoint when this command ends.",
+    ),
+]
 
 
 @app.command()
@@ -192,11 +220,17 @@ def run(
         bool, typer.Option("--dry-run", help="Print each node's sbatch parameters; run nothing.")
     ] = False,
     wait: WaitOption = True,
+    detach: DetachOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Run a graph: create (or continue) its run directory and execute the nodes that must run."""
+    """Run a graph: create (or continue) its run directory and execute the nodes that must run.
+
+    Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop the running nodes at a committed checkpoint; the exit
+    status is then 128 + the signal number (130, 143, 129). Running nodes never outlive this command, even
+    if it is killed (they stop at a checkpoint by themselves), unless it runs with --detach."""
     from trinity.execute.commands import dry_run as plan_jobs
     from trinity.execute.commands import run_graph
+    from trinity.execute.scheduler import SchedulerStopped
 
     sets = list(set_ or [])
     if executor is not None:
@@ -208,7 +242,12 @@ def run(
 
         print_jobs(out, plan_jobs(graph, sets, nodes))
         return
-    raise typer.Exit(run_graph(graph, sets, run_dir, out, nodes, jobs, wait))
+    try:
+        code = run_graph(graph, sets, run_dir, out, nodes, jobs, wait, detach)
+    except SchedulerStopped as stopped:
+        err.print(f"[yellow]interrupted[/] ({stopped.signal_name}): {shown(stopped.message)}", highlight=False)
+        raise typer.Exit(stopped.exit_code) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -218,12 +257,22 @@ def resume(
     nodes: NodesOption = None,
     jobs: JobsOption = 1,
     wait: WaitOption = True,
+    detach: DetachOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Continue a run with its own spec: failed, killed and stale nodes re-run from their last checkpoint."""
-    from trinity.execute.commands import resume_run
+    """Continue a run with its own spec: failed, killed and stale nodes re-run from their last checkpoint.
 
-    raise typer.Exit(resume_run(run_dir, out, nodes, jobs, wait))
+    A node still stopping after its scheduler was killed is waited for (at most 120 s) first. Signals and
+    --detach as for `trinity run`."""
+    from trinity.execute.commands import resume_run
+    from trinity.execute.scheduler import SchedulerStopped
+
+    try:
+        code = resume_run(run_dir, out, nodes, jobs, wait, detach)
+    except SchedulerStopped as stopped:
+        err.print(f"[yellow]interrupted[/] ({stopped.signal_name}): {shown(stopped.message)}", highlight=False)
+        raise typer.Exit(stopped.exit_code) from None
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -237,7 +286,7 @@ def cancel(
     from trinity.execute.commands import cancel_run
 
     ids = cancel_run(run_dir, node)
-    out.print(f"cancelled {len(ids)} job(s): {', '.join(ids) or 'none running'}", highlight=False)
+    out.print(f"cancelled {len(ids)} job(s): {shown(', '.join(ids) or 'none running')}", highlight=False, emoji=False)
 
 
 @app.command()
@@ -247,7 +296,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Show every node's state, attempts and progress."""
+    """Show every node's state, attempts and progress. A RUNNING node whose process is dead (by its heartbeat
+    lease, the rule `resume` uses) is shown as `RUNNING (dead: why)`; --json has `live` and `why`."""
     from trinity.execute.commands import status_report
 
     report = status_report(run_dir)
@@ -257,6 +307,10 @@ def status(
     from trinity.cli_render import print_status
 
     print_status(out, report)
+    dead = [n["id"] for n in report["nodes"] if n["live"] is False]
+    if dead:
+        line = f"dead: {', '.join(dead)}; continue with `trinity resume {report['root']}`"
+        out.print(f"[red]{shown(line)}[/]", highlight=False, soft_wrap=True, emoji=False)
 
 
 @app.command()
@@ -268,8 +322,8 @@ def explain(
     from trinity.execute.commands import explain as explain_node
 
     decision = explain_node(run_dir, node)
-    verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy"}[decision.action]
-    out.print(f"{node} {verb}: {decision.reason}", highlight=False, soft_wrap=True)
+    verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy", "stopping": "is stopping"}[decision.action]
+    out.print(f"{shown(node)} {verb}: {shown(decision.reason)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 @app.command()
@@ -278,14 +332,49 @@ def sql(
     path: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs (e.g. runs/).")],
     query: Annotated[str, typer.Argument(help="One read-only SQL statement (tables: steps, moe_layers, ...).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=0, help="Stop the query after SECONDS (default: 300; 0: no limit)."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="A damaged telemetry part is an error (default: skipped with a warning).")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Read-only SQL over the telemetry of one run or of every run under a folder (docs/telemetry.md)."""
-    from trinity.store.sql import run_sql
+    """Read-only SQL over the telemetry of one run or of every run under a folder (docs/telemetry.md).
+
+    A telemetry part that cannot be read is left out with a warning naming it (`trinity verify` checks them all).
+    """
+    from trinity.store.sql import DEFAULT_TIMEOUT_S, run_sql
 
     if fmt not in ("table", "csv", "json"):
         raise SpecError([f"--format {fmt!r}: allowed: table, csv, json"])
-    sys.stdout.write(run_sql(path, query, fmt))  # type: ignore[arg-type]
+    limit = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    sys.stdout.write(run_sql(path, query, fmt, timeout_s=limit, strict=strict))  # type: ignore[arg-type]
+
+
+@app.command()
+@handles_errors
+def verify(
+    run_dir: RunDirArg,
+    node: Annotated[str | None, typer.Argument(help="Only this node (e.g. pretrain/phase1).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Check every committed checkpoint (checksums, every chunk present) and telemetry part (readable,
+    no gaps) of a run or of one node. One line per problem, naming the file; exit 2 if anything is damaged."""
+    from trinity.store.verify import verify_run
+
+    report = verify_run(run_dir, node)
+    for note in report.notes:
+        err.print(f"note: {shown(note)}", highlight=False, soft_wrap=True, emoji=False)
+    for problem in report.problems:
+        out.print(f"damaged: {shown(problem)}", highlight=False, soft_wrap=True, emoji=False)
+    what = f"{report.checkpoints} committed checkpoints and {report.parts} telemetry parts"
+    if not report.ok:
+        n = len(report.problems)
+        err.print(f"[bold red]error[/]: {n} problem{'s' if n != 1 else ''} in {what}", highlight=False, emoji=False)
+        raise typer.Exit(2)
+    out.print(f"ok: {what} intact", highlight=False)
 
 
 @app.command()
@@ -299,7 +388,7 @@ def plot(
     from trinity.store.plots import plot_run
 
     for path in plot_run(run_dir, out_dir):
-        out.print(str(path), highlight=False)
+        out.print(shown(path), highlight=False, emoji=False)
 
 
 @app.command()

@@ -1,14 +1,37 @@
-"""Rich tables for the CLI's human output."""
+"""Rich tables for the CLI's human output.
+
+Every value that comes from a spec, a run directory or the command line (names, node ids, paths,
+messages, diff values) is printed as plain `rich.text.Text`: rich markup in it (`[red]x`, `[/bold]`)
+and emoji codes (`:fire:`) stay as written instead of styling, vanishing or raising MarkupError, and
+control characters (an escape sequence that would drive the terminal) are shown as `\\x1b`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from trinity.graph.diff import SpecDiff
+if TYPE_CHECKING:  # a type only: printing an error must not import the spec models
+    from trinity.graph.diff import SpecDiff
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters a terminal acts on or breaks lines at (tab and newline are kept)."""
+
+
+def printable(text: str, newlines: bool = True) -> str:
+    """`text` with control characters written as escapes (`\\x1b`), and newlines too unless `newlines`."""
+    pattern = CONTROL if newlines else re.compile(CONTROL.pattern[:-1] + "\n]")
+    return pattern.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def plain(value: Any) -> Text:
+    """`value` as literal text: no markup, no emoji codes, no control characters."""
+    return Text(printable(str(value)))
 
 
 def human_count(n: float) -> str:
@@ -28,15 +51,15 @@ def human_bytes(n: float) -> str:
 def print_plan(console: Console, plan: dict[str, Any]) -> None:
     est = plan["estimates"]
     title = f"{plan['name']}: {len(plan['nodes'])} nodes"
-    nodes = Table(title=title, title_justify="left")
+    nodes = Table(title=plain(title), title_justify="left")
     for col in ("node", "kind", "identity", "depends on", "tokens", "steps", "GPU-hours"):
         nodes.add_column(col, justify="right" if col in ("tokens", "steps", "GPU-hours") else "left")
     for n in plan["nodes"]:
         nodes.add_row(
-            escape(n["id"]),
-            n["kind"],
-            n["identity"][:12],
-            escape(", ".join(n["deps"])) or "-",
+            plain(n["id"]),
+            plain(n["kind"]),
+            plain(n["identity"][:12]),
+            plain(", ".join(n["deps"]) or "-"),
             human_count(n["tokens"]) if "tokens" in n else "",
             f"{n['steps']:,}" if "steps" in n else "",
             f"{n['gpu_hours']:,.1f}" if "gpu_hours" in n else "",
@@ -46,7 +69,7 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
     summary.add_column("what")
     summary.add_column("value", justify="right")
     mem = est["memory_breakdown"]
-    rows = [
+    rows: list[tuple[str, str | Text]] = [
         ("total parameters", human_count(est["total_params"])),
         ("active parameters / token", human_count(est["active_params"])),
         ("active, without embedding and head", human_count(est["active_params_non_embedding"])),
@@ -54,9 +77,11 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         ("world size", f"{est['world_size']:,}"),
         (
             "memory / GPU (peak stage)",
-            human_bytes(est["memory_per_gpu_bytes"]) + ("" if est["memory_fits"] else "  [bold red]does not fit[/]"),
+            Text.assemble(
+                human_bytes(est["memory_per_gpu_bytes"]), ("" if est["memory_fits"] else ("  does not fit", "bold red"))
+            ),
         ),
-        ("  of which", ", ".join(f"{k} {human_bytes(v)}" for k, v in mem.items())),
+        ("  of which", plain(", ".join(f"{k} {human_bytes(v)}" for k, v in mem.items()))),
         ("checkpoint size", human_bytes(est["checkpoint_bytes"])),
         ("GPU-hours (whole graph)", f"{est['graph_gpu_hours']:,.0f}"),
     ]
@@ -71,20 +96,19 @@ def print_diff(console: Console, result: SpecDiff) -> None:
         table.add_column(col)
     for c in result.changes:
         table.add_row(
-            escape(c.path),
-            escape(repr(c.before)),
-            escape(repr(c.after)),
+            plain(c.path),
+            plain(repr(c.before)),
+            plain(repr(c.after)),
             "no (execution)" if c.execution_only else "yes",
         )
     console.print(table)
-    console.print(f"[bold]re-run[/] ({len(result.rerun)}): {escape(', '.join(result.rerun)) or 'nothing'}")
-    console.print(f"[bold]reused[/] ({len(result.reused)}): {escape(', '.join(result.reused)) or 'nothing'}")
-    if result.removed:
-        console.print(f"[bold]removed[/] ({len(result.removed)}): {escape(', '.join(result.removed))}")
+    for label, ids in (("re-run", result.rerun), ("reused", result.reused), ("removed", result.removed)):
+        if ids or label != "removed":
+            console.print(Text.assemble((label, "bold"), f" ({len(ids)}): {printable(', '.join(ids)) or 'nothing'}"))
 
 
 def print_status(console: Console, report: dict[str, Any]) -> None:
-    table = Table(title=f"{report['run'].get('name', '')}  {report['root']}", title_justify="left")
+    table = Table(title=plain(f"{report['run'].get('name', '')}  {report['root']}"), title_justify="left")
     for col in ("node", "state", "attempts", "last attempt", "progress", "message"):
         table.add_column(col)
     for n in report["nodes"]:
@@ -101,7 +125,15 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
                 how += f", resumed at step {last['resumed_from_step']}"
         p = n["progress"]
         progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
-        table.add_row(escape(n["id"]), n["state"], str(len(attempts)), how, progress, escape(n["message"]))
+        state = n["state"]
+        if n.get("live") is False:
+            state = f"{state} (dead: {n.get('why', '')})"
+        elif n.get("stopping"):
+            state = f"{state} (stopping)"
+        row = list(map(plain, (n["id"], state, len(attempts), how, progress, n["message"])))
+        if n.get("live") is False:
+            row[1].stylize("red")
+        table.add_row(*row)
     console.print(table)
 
 
@@ -125,5 +157,5 @@ def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*(escape(str(row.get(c, "") or "")) for c in columns))
+        table.add_row(*(plain(row.get(c, "") or "") for c in columns))
     console.print(table)

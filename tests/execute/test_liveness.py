@@ -98,7 +98,9 @@ def test_a_truncated_lease_is_a_dead_node_for_status_and_explain_not_a_crash(run
     node_dir.lease.write_text(json.dumps(lease())[:25])
     shown = trinity("status", str(run.root))
     assert shown.returncode == 0, shown.stderr
-    assert f"{NODE}: RUNNING (dead: damaged lease.json" in shown.stdout
+    assert f"dead: {NODE}; continue with `trinity resume" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if NODE in line and "RUNNING" in line)
+    assert "RUNNING (dead:" in row, shown.stdout  # the state column says so
     report = json.loads(trinity("status", str(run.root), "--json").stdout)
     [node] = [n for n in report["nodes"] if n["id"] == NODE]
     assert node["live"] is False and node["why"].startswith("damaged lease.json (Invalid JSON")

@@ -34,6 +34,7 @@ from trinity.run.layout import NodeDir, RunDir, atomic_write_json, atomic_write_
 from trinity.run.status import NodeStatus, lease_liveness, list_attempts, now_iso
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
+from trinity.spec.yaml_source import dump_yaml
 
 Action = Literal["reuse", "run", "busy", "stopping"]
 
@@ -75,9 +76,7 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
         meta["graph_file"] = str(loaded.path.resolve())
     meta.update(base_dir=str(loaded.base_dir), updated=now_iso())
     atomic_write_json(run.run_json, meta)
-    atomic_write_text(
-        run.spec_yaml, yaml.safe_dump(loaded.spec.model_dump(mode="json", by_alias=True), sort_keys=False)
-    )
+    atomic_write_text(run.spec_yaml, dump_yaml(loaded.spec.model_dump(mode="json", by_alias=True)))
     spec_files: dict[str, str] = {}
     for i, branch in enumerate(branches(loaded)):
         name = "spec.yaml" if loaded.spec.sweep is None else f"branches/{i:03d}.yaml"

@@ -8,6 +8,7 @@ Every problem becomes one line `file:line: dotted.path message`, raised together
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from trinity.errors import SpecError
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.rules import RuleViolations
 from trinity.spec.schema_walk import allowed_fields
-from trinity.spec.yaml_source import Located, Location, Path_, display_path, load_yaml
+from trinity.spec.yaml_source import MAX_DEPTH, Located, Location, Path_, display_path, load_text, load_yaml, short_repr
 
 
 @dataclass(frozen=True)
@@ -44,34 +45,43 @@ def load_experiment(path: Path, sets: list[str] | tuple[str, ...] = (), base: Pa
     if not isinstance(located.data, dict):
         raise SpecError([f"{display_path(path)}:1: a graph file must be a mapping of sections"])
     for i, assignment in enumerate(sets):
-        apply_set(located, assignment, Location(f"--set #{i + 1} ({assignment})", 0))
+        shown = assignment if len(assignment) <= 80 else assignment[:79] + "…"
+        apply_set(located, assignment, Location(f"--set #{i + 1} ({shown})", 0))
     return LoadedSpec(validate(located), located, path, base)
 
 
-def parse_assignment(assignment: str) -> tuple[str, Any]:
-    """Split `a.b.c=VALUE`; VALUE is read as a YAML scalar or flow collection (typed later by the model)."""
+def parse_assignment(assignment: str, where: str = "--set") -> tuple[str, Any]:
+    """Split `a.b.c=VALUE`; VALUE is read as a YAML scalar or flow collection (typed later by the model),
+    or is the text as written when it is not valid YAML. Its nesting counts from the field's depth."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
-        raise SpecError([f"--set {assignment!r}: expected FIELD.PATH=VALUE, e.g. optim.muon.lr=2e-3"])
+        raise SpecError([f"--set {short_repr(assignment, 100)}: expected FIELD.PATH=VALUE, e.g. optim.muon.lr=2e-3"])
+    key = key.strip()
+    if not raw.strip():
+        return key, ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return key, load_text(raw, where, key.count(".") + 1).data
     except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+        return key, raw
 
 
 def apply_set(located: Located, assignment: str, where: Location) -> None:
-    """Apply one `--set a.b.c=VALUE` to the located data, recording `where` as its location."""
-    key, value = parse_assignment(assignment)
+    """Apply one `--set a.b.c=VALUE` to the located data, recording `where` as its location (and as
+    the location of every section it creates, so an error about a new section is blamed on it)."""
+    key, value = parse_assignment(assignment, str(where))
     path = set_path(located.data, key, value, str(where))
-    located.locations[path] = where
     for sub in [p for p in located.locations if p[: len(path)] == path and len(p) > len(path)]:
         del located.locations[sub]
+    located.locations[path] = where
+    for end in range(1, len(path)):
+        located.locations.setdefault(path[:end], where)
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any, where: str) -> Path_:
     """Set `dotted` (list items by index or by `name`) to `value`; returns the resolved path."""
     parts = dotted.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise SpecError([f"{where}: a field path of {len(parts)} parts; values nest at most {MAX_DEPTH} levels"])
     resolved: list[str | int] = []
     node: Any = data
     for depth, part in enumerate(parts):
@@ -92,8 +102,12 @@ def set_path(data: dict[str, Any], dotted: str, value: Any, where: str) -> Path_
     return tuple(resolved)
 
 
+INDEX = re.compile(r"-?[0-9]{1,18}")
+"""A list item given by its index (ASCII digits only: `int` refuses other digits, and long ones)."""
+
+
 def _list_index(items: list[Any], part: str, shown: str, where: str) -> int:
-    if part.lstrip("-").isdigit():
+    if INDEX.fullmatch(part):
         index = int(part)
         if not 0 <= index < len(items):
             raise SpecError([f"{where}: {shown}: index {index} out of range (0..{len(items) - 1})"])
@@ -134,7 +148,7 @@ def _describe(err: Any, loc: Path_, data: Any, model: type[BaseModel]) -> str:
     if kind == "missing":
         return ": required field is missing"
     shown = err.get("input")
-    prefix = f" = {shown!r}" if not isinstance(shown, dict | list) else ""
+    prefix = f" = {short_repr(shown, 200)}" if not isinstance(shown, dict | list) else ""
     return f"{prefix}: {err['msg']}"
 
 

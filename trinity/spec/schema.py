@@ -11,7 +11,10 @@ from typing import Any
 from trinity.spec.experiment import ExperimentSpec
 
 USE_SCHEMA: dict[str, Any] = {
-    "description": "Spec pieces (paths relative to this file) merged under this mapping's own keys.",
+    "description": (
+        "Spec pieces (paths relative to this file, inside the project or TRINITY_SPEC_ROOT) "
+        "merged under this mapping's own keys."
+    ),
     "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
 }
 
