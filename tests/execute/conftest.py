@@ -3,13 +3,26 @@ local and Slurm executor tests (the 1-rank runs are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.cli_runs import NODE, trinity
 from tests.conftest import compose
+
+
+def slurm_cluster_problem() -> str | None:
+    """Why the local Slurm cluster cannot be used (None: it answers)."""
+    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
+        return "no Slurm client or SLURM_CONF (run scripts/slurm-local.sh up and export SLURM_CONF)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"sinfo failed: {probe.stderr.strip()}"
+    return None
+
 
 TWO_RANKS = {"gpus_per_node": 2, "fsdp_group": 2, "ep": 2}
 """The `parallel` overrides that make the micro graph's training nodes 2 ranks."""

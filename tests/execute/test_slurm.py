@@ -18,6 +18,7 @@ import pytest
 
 from tests.cli_runs import NODE, losses, trinity
 from tests.conftest import ROOT, compose
+from tests.execute.conftest import slurm_cluster_problem
 from trinity.run.layout import RunDir
 from trinity.run.ranks import read_rank_ends
 from trinity.run.status import NodeStatus, list_attempts
@@ -33,18 +34,9 @@ SLURM = [
 ]
 
 
-def _cluster_up() -> str | None:
-    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
-        return "no Slurm client or SLURM_CONF (run scripts/slurm-local.sh up and export SLURM_CONF)"
-    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0 or not probe.stdout.strip():
-        return f"sinfo failed: {probe.stderr.strip()}"
-    return None
-
-
 @pytest.fixture(autouse=True, scope="module")
 def cluster() -> None:
-    problem = _cluster_up()
+    problem = slurm_cluster_problem()
     if problem is not None:
         if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
             pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")

@@ -25,6 +25,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ROOT
+from tests.execute.conftest import slurm_cluster_problem
 from trinity.errors import RunError, SpecError
 from trinity.execute import slurm
 from trinity.execute.commands import dry_run, run_graph
@@ -115,18 +116,9 @@ def test_a_partition_the_cluster_lacks_is_refused_by_a_run_and_left_unfitted_by_
 # -- on the local cluster ------------------------------------------------------------------------------
 
 
-def _cluster_problem() -> str | None:
-    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
-        return "no Slurm client or SLURM_CONF (run scripts/slurm-local.sh up and export SLURM_CONF)"
-    probe = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0 or not probe.stdout.strip():
-        return f"sinfo failed: {probe.stderr.strip()}"
-    return None
-
-
 @pytest.fixture
 def cluster() -> None:
-    problem = _cluster_problem()
+    problem = slurm_cluster_problem()
     if problem is not None:
         if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
             pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")
