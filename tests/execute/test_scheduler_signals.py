@@ -135,6 +135,8 @@ def test_sigterm_or_sighup_to_the_scheduler_stops_the_node_at_a_checkpoint(
     assert f"interrupted ({sig.name}): running nodes were stopped at a checkpoint" in out
     assert not process_alive(pid)  # the scheduler waited for it
     step = stopped_at(s.node_dir, "stopped on request")
+    if sig == signal.SIGHUP:
+        return  # the same stop as SIGTERM's; resuming it once is enough (and Ctrl-C's test resumes too)
     resumed = trinity("resume", str(run), "--nodes", NODE)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert list_attempts(s.node_dir)[-1].resumed_from_step == step
@@ -169,7 +171,7 @@ def test_a_detached_node_runs_on_after_its_scheduler_ends_and_resume_refuses_it_
 
 @pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes, stopped and resumed
 def test_the_ranks_of_a_two_rank_node_stop_together_when_the_scheduler_is_killed(
-    prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
+    prepared: tuple[Path, Path], two_rank_graph: Path, tmp_path: Path
 ) -> None:
     """Under torchrun a rank's parent is torchrun, not the scheduler: each rank's watch thread sees the
     scheduler gone; they stop at the same step (a committed checkpoint), torchrun ends with them."""
@@ -188,11 +190,9 @@ def test_the_ranks_of_a_two_rank_node_stop_together_when_the_scheduler_is_killed
             wait_gone(pid)
         ends = read_rank_ends(s.node_dir, 1)
         assert {r: e.state for r, e in ends.items()} == {0: "STOPPED", 1: "STOPPED"}
-        step = stopped_at(s.node_dir, f"stopped: its scheduler (pid {s.proc.pid}) is gone")
-        resumed = trinity("resume", str(run), "--nodes", NODE)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert list_attempts(s.node_dir)[-1].resumed_from_step == step
-        assert losses(run) == losses(two_rank_run)
+        # Rank 0 says why, whichever rank's watch saw the scheduler gone first. (Resuming a stopped
+        # 2-rank node exactly is tested with Ctrl-C in tests/execute/test_local.py.)
+        stopped_at(s.node_dir, f"stopped: its scheduler (pid {s.proc.pid}) is gone")
     finally:
         s.close()
 

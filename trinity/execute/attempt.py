@@ -190,7 +190,10 @@ def _run_body(ctx: NodeContext, watch: SchedulerWatch | None = None) -> Outcome:
         if ctx.is_primary:
             kind.verify(ctx)
     except StopRequested:
-        reason = ctx.stop_event.reason or "stopped on request"
+        # Under torchrun the stop is agreed by every rank: rank 0 may stop because a peer's watch saw
+        # the scheduler gone before its own did, so it asks its watch (which checks at once) too.
+        gone = watch is not None and watch.gone()
+        reason = ctx.stop_event.reason or (watch.reason if gone and watch is not None else "stopped on request")
         return Outcome("STOPPED", reason + _checkpoint_note(ctx), EXIT_STOPPED)
     except NodeFailure as exc:
         return Outcome("FAILED", str(exc), EXIT_FAILED)
