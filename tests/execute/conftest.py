@@ -3,6 +3,7 @@ local and Slurm executor tests (the 1-rank runs are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,6 +23,19 @@ def slurm_cluster_problem() -> str | None:
     if probe.returncode != 0 or not probe.stdout.strip():
         return f"sinfo failed: {probe.stderr.strip()}"
     return None
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it (whatever session each is in), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier]
+        found += frontier
+    return found
 
 
 TWO_RANKS = {"gpus_per_node": 2, "fsdp_group": 2, "ep": 2}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runs import NODE
+from tests.execute.conftest import descendants
 from trinity.execute.run import write_run
 from trinity.run.layout import RunDir
 from trinity.run.status import AttemptRecord, NodeStatus
@@ -97,7 +98,7 @@ def test_a_node_gets_sigterm_when_its_scheduler_is_killed(tmp_path: Path, via_la
         while not Path(f"{mark}.ready").exists():
             assert time.monotonic() < deadline and scheduler.poll() is None
             time.sleep(0.05)
-        node_pids = [p for p in _session_members(scheduler.pid) if p != scheduler.pid]
+        node_pids = [p for p in descendants(scheduler.pid) if p != scheduler.pid]
         os.kill(scheduler.pid, signal.SIGKILL)
         scheduler.wait()
         while not mark.exists() or not mark.read_text():
@@ -111,19 +112,6 @@ def test_a_node_gets_sigterm_when_its_scheduler_is_killed(tmp_path: Path, via_la
         with contextlib.suppress(ProcessLookupError):
             os.killpg(scheduler.pid, signal.SIGKILL)
         scheduler.wait()
-
-
-def _session_members(root: int) -> list[int]:
-    """`root` and its descendants (each in a session of its own here), from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [p for p, pp in parents.items() if pp in frontier]
-        found += frontier
-    return found
 
 
 def test_a_node_whose_scheduler_is_gone_before_it_starts_exits_without_touching_the_node(

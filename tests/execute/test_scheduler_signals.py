@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runs import NODE, losses, trinity
+from tests.execute.conftest import descendants
 from trinity.nodes.checkpoints import last_committed_step
 from trinity.run.layout import NodeDir, RunDir
 from trinity.run.ranks import read_rank_ends
@@ -181,7 +182,7 @@ def test_the_ranks_of_a_two_rank_node_stop_together_when_the_scheduler_is_killed
     s = Scheduler(two_rank_graph, run)
     try:
         s.until_step(5, timeout_s=600)
-        ranks = [p for p in _descendants(s.proc.pid) if p != s.proc.pid]
+        ranks = [p for p in descendants(s.proc.pid) if p != s.proc.pid]
         s.node_pids.update(ranks)
         assert len(ranks) >= 3  # torchrun and its 2 ranks
         os.killpg(s.proc.pid, signal.SIGKILL)
@@ -195,16 +196,3 @@ def test_the_ranks_of_a_two_rank_node_stop_together_when_the_scheduler_is_killed
         stopped_at(s.node_dir, f"stopped: its scheduler (pid {s.proc.pid}) is gone")
     finally:
         s.close()
-
-
-def _descendants(root: int) -> list[int]:
-    """`root` and every process below it, from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [root], [root]
-    while frontier:
-        frontier = [p for p, pp in parents.items() if pp in frontier]
-        found += frontier
-    return found
