@@ -25,6 +25,15 @@ def slurm_cluster_problem() -> str | None:
     return None
 
 
+def require_slurm_cluster() -> None:
+    """Skip the test when the local cluster is not usable; fail it when CI requires Slurm (TRINITY_REQUIRE_SLURM=1)."""
+    problem = slurm_cluster_problem()
+    if problem is not None:
+        if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
+            pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")
+        pytest.skip(problem)
+
+
 def descendants(root: int) -> list[int]:
     """`root` and every process below it (whatever session each is in), from /proc."""
     parents: dict[int, int] = {}

@@ -8,7 +8,6 @@ Without a cluster these tests skip, unless TRINITY_REQUIRE_SLURM=1 (CI), where t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from tests.cli_runs import NODE, losses, trinity
 from tests.conftest import ROOT, compose
-from tests.execute.conftest import slurm_cluster_problem
+from tests.execute.conftest import require_slurm_cluster
 from trinity.run.layout import RunDir
 from trinity.run.ranks import read_rank_ends
 from trinity.run.status import NodeStatus, list_attempts
@@ -36,11 +35,7 @@ SLURM = [
 
 @pytest.fixture(autouse=True, scope="module")
 def cluster() -> None:
-    problem = slurm_cluster_problem()
-    if problem is not None:
-        if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
-            pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")
-        pytest.skip(problem)
+    require_slurm_cluster()
 
 
 def wait_for(predicate: object, seconds: float, what: str) -> None:

@@ -25,7 +25,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import ROOT
-from tests.execute.conftest import slurm_cluster_problem
+from tests.execute.conftest import require_slurm_cluster
 from trinity.errors import RunError, SpecError
 from trinity.execute import slurm
 from trinity.execute.commands import dry_run, run_graph
@@ -118,11 +118,7 @@ def test_a_partition_the_cluster_lacks_is_refused_by_a_run_and_left_unfitted_by_
 
 @pytest.fixture
 def cluster() -> None:
-    problem = slurm_cluster_problem()
-    if problem is not None:
-        if os.environ.get("TRINITY_REQUIRE_SLURM") == "1":
-            pytest.fail(f"TRINITY_REQUIRE_SLURM=1 but the Slurm cluster is not usable: {problem}")
-        pytest.skip(problem)
+    require_slurm_cluster()
 
 
 def node_cpus() -> int:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from tests.conftest import TEST_GRAPHS
 from trinity.graph.diff import flatten
@@ -129,3 +131,13 @@ def resumed_run(tmp_path: Path) -> RunDir:
     _write_attempt(run, "r1", P1, 1, range(1, 11), state="FAILED")
     _write_attempt(run, "r1", P1, 2, range(7, 13), resumed_from_step=6)
     return run
+
+
+@pytest.fixture
+def one_rank_mesh() -> Iterator[DeviceMesh]:
+    """A gloo group of one, in this process (a job on one rank that still uses DTensors)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    finally:
+        dist.destroy_process_group()

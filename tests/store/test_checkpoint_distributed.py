@@ -20,7 +20,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,16 +362,6 @@ def test_refused_layouts_and_trees_raise_on_every_rank(runs: Runs) -> None:
         assert r.refused.startswith("ValueError: w: placements ['S(0)', 'S(0)']"), r.refused
         assert "rank 1 the slice [2:3] of dim 0" in r.refused
         assert r.mismatch.startswith("ValueError") and "ranks [3] passed state trees" in r.mismatch, r.mismatch
-
-
-@pytest.fixture
-def one_rank_mesh() -> Iterator[DeviceMesh]:
-    """A gloo group of one, in this process (a job on one rank that still uses DTensors)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_one_rank_dtensors_save_whole_with_either_writer(tmp_path: Path, one_rank_mesh: DeviceMesh) -> None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import trinity.store.checkpoint_zarr as ckpt_zarr
@@ -151,15 +149,6 @@ def test_a_marker_without_checksums_is_checked_structurally(tmp_path: Path) -> N
     chunks(path, ZERO)[0].unlink()
     with pytest.raises(CheckpointError, match=rf"{path}: array {ZERO}: chunk c/0/0 is missing"):
         load_checkpoint(path)
-
-
-@pytest.fixture
-def one_rank_mesh() -> Iterator[DeviceMesh]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_collective_save_records_the_ranks_chunks_and_checks_them(tmp_path: Path, one_rank_mesh: DeviceMesh) -> None:
