@@ -175,7 +175,7 @@ def memory_per_gpu(m: ModelSpec, par: ParallelSpec, seq_len: int, cp: int | None
     block = per_layer_dense + (expert_layer + shared_layer if m.n_moe_layers else 0)
     tokens = par.micro_batch * seq_len / (cp or par.cp)
     per_token = [_block_activation_bytes_per_token(m, m.is_moe_layer(i)) for i in range(m.n_layers)]
-    if par.activation_checkpointing:
+    if par.activation_checkpointing != "none":
         activations = tokens * (m.n_layers * m.d_model * BYTES_BF16 + max(per_token))
     else:
         activations = tokens * sum(per_token)

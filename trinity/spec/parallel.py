@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from trinity.spec.base import SpecModel, execution_only
 from trinity.spec.optim import MAX_BATCH_SEQUENCES
@@ -57,8 +57,23 @@ class ParallelSpec(SpecModel):
     """Dtype of gathered parameters in forward/backward (mixed precision)."""
     reduce_dtype: Literal["fp32", "bf16"] = execution_only("fp32")
     """Dtype of gradient reductions."""
-    activation_checkpointing: bool = execution_only(True)
-    """Recompute each block's activations in backward (the memory estimate assumes it when on)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = execution_only("full")
+    """Recompute activations in backward, per transformer block: `none` keeps every activation;
+    `full` keeps only each block's input and recomputes the block; `selective` recomputes one
+    sublayer of each block and keeps the other's activations (`selective_save`). true/false are
+    read as full/none."""
+    selective_save: Literal["moe", "attention"] = execution_only("moe")
+    """With `selective`: the sublayer whose activations are kept (the other one is recomputed).
+    [open] The paper does not publish its policy; keeping the MoE (whose recompute repeats the
+    expert all-to-all) and recomputing attention is torchtitan's usual trade."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value: object) -> object:
+        """true/false (the older boolean form of the field) read as full/none."""
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _rules(self) -> ParallelSpec:
