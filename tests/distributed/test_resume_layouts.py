@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.test_training_parity import BATCH, MICRO, SEQ, SyntheticBatches, _spec
+from tests.distributed.test_training_parity import BATCH, MICRO, SEQ, SyntheticBatches, _spec, synthetic_source
 from trinity.distributed.testing import run_workers
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training, resume_into
 from trinity.optim.balancing import update_expert_biases
@@ -56,7 +56,7 @@ def _step(trainer: Trainer) -> float:
 def _train_save_continue(rank: int, world: int, fsdp_group: int, ep: int, node_root: str) -> list[float]:
     """3 steps, a checkpoint at step 3, then 1 more step: [loss 1..4]."""
     ctx = _context(world, fsdp_group, ep, node_root)
-    training = build_training(ctx, SyntheticBatches())
+    training = build_training(ctx, synthetic_source())
     trainer = _trainer(ctx, training, 0)
     losses = [_step(trainer) for _ in range(3)]
     trainer.checkpoint()
@@ -66,7 +66,7 @@ def _train_save_continue(rank: int, world: int, fsdp_group: int, ep: int, node_r
 
 def _resume_and_step(rank: int, world: int, fsdp_group: int, ep: int, node_root: str) -> tuple[int, float]:
     ctx = _context(world, fsdp_group, ep, node_root)
-    training = build_training(ctx, SyntheticBatches())
+    training = build_training(ctx, synthetic_source())
     resumed = resume_into(ctx, training)
     assert resumed is not None
     trainer = _trainer(ctx, training, resumed[0])

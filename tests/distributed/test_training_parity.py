@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from trinity.data.packing import Batch
+from trinity.distributed.data import StreamSet
 from trinity.distributed.testing import run_workers
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training
 from trinity.optim.balancing import update_expert_biases
@@ -50,14 +51,15 @@ MODEL = dict(
 
 class SyntheticBatches:
     """A deterministic, learnable stream (each document follows x' = 5x + 3 mod V from a random start)
-    of micro-batches with document ids (so intra-document masking is exercised)."""
+    of micro-batches with document ids (so intra-document masking is exercised). Stream `stream` of
+    `n_streams` yields micro-batches stream, stream + n_streams, ... of the one global sequence."""
 
-    def __init__(self) -> None:
-        self.index = 0
+    def __init__(self, stream: int = 0, n_streams: int = 1) -> None:
+        self.index, self.n_streams = stream, n_streams
 
     def next_batch(self) -> Batch:
         g = torch.Generator().manual_seed(1000 + self.index)
-        self.index += 1
+        self.index += self.n_streams
         vocab: int = MODEL["vocab_size"]  # type: ignore[assignment]
         starts = torch.rand(MICRO, SEQ + 1, generator=g) < 0.05
         tokens = torch.randint(0, vocab, (MICRO, SEQ + 1), generator=g)
@@ -71,6 +73,15 @@ class SyntheticBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])
+
+
+STREAMS = 4
+"""Data streams of every layout here (each rank reads its own; the global sequence is the same)."""
+
+
+def synthetic_source() -> StreamSet:
+    """This rank's streams of the synthetic data (the job's rank and world)."""
+    return StreamSet(lambda s: SyntheticBatches(s, STREAMS), STREAMS)
 
 
 def _spec(world: int, fsdp_group: int, ep: int) -> Any:
@@ -105,7 +116,7 @@ def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _train(rank: int, world: int, fsdp_group: int, ep: int, steps: int) -> dict[str, Any]:
     spec = _spec(world, fsdp_group, ep)
     ctx = SimpleNamespace(spec=spec)
-    training = build_training(ctx, SyntheticBatches())  # type: ignore[arg-type]
+    training = build_training(ctx, synthetic_source())  # type: ignore[arg-type]
     plan = TrainPlan("p", 0, steps, 0, SEQ, MICRO, lambda tokens: BATCH, lambda step, tokens: 1.0)
     trainer = Trainer(ctx, training.model, training.optimizer, training.batches, plan, None, sharding=training.sharding)  # type: ignore[arg-type]
     losses, het, counts, norms = [], [], [], []

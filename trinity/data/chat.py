@@ -18,6 +18,10 @@ next one, and the rest is padding (`<|pad|>`, target -100). A conversation longe
 is cut to `seq_len`. Each conversation of a sequence gets its own document id (0, 1, ...) and the
 padding the next one, so intra-document masking keeps conversations apart. The state is
 (epoch, position in the epoch order): exact on resume.
+
+Data streams (`data.streams`, trinity.distributed.data): stream s of S packs only the
+conversations at positions s, s + S, s + 2S, ... of each epoch's order, so within an epoch the
+streams share the conversations out, nothing lost, nothing read twice (S = 1: all of them).
 """
 
 from __future__ import annotations
@@ -134,9 +138,19 @@ class SftBatches:
         micro_batch: int,
         pad_id: int,
         seed: int = 0,
+        stream: int = 0,
+        n_streams: int = 1,
     ) -> None:
         if not conversations:
             raise ValueError("no SFT conversations: add stages.sft.chat_sources or math_conversations")
+        if not 0 <= stream < n_streams:
+            raise ValueError(f"stream {stream} is outside 0..{n_streams - 1}")
+        if len(conversations) < n_streams:
+            raise ValueError(
+                f"{len(conversations)} SFT conversations cannot feed data.streams = {n_streams} streams: "
+                "add conversations or use fewer streams"
+            )
+        self.stream, self.n_streams = stream, n_streams
         self.convs = [(np.asarray(i[:seq_len], np.int64), np.asarray(t[:seq_len], np.int64)) for i, t in conversations]
         self.seq_len, self.micro_batch, self.pad_id, self.seed = seq_len, micro_batch, pad_id, seed
         self.epoch, self.pos = 0, 0
@@ -145,12 +159,13 @@ class SftBatches:
 
     def _order_of(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch, 0x5F7]).permutation(len(self.convs))
+            perm = np.random.default_rng([self.seed, epoch, 0x5F7]).permutation(len(self.convs))
+            self._order = perm[self.stream :: self.n_streams]
             self._order_epoch = epoch
         return self._order
 
     def _peek(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.pos == len(self.convs):
+        if self.pos == len(self._order_of(self.epoch)):
             self.epoch, self.pos = self.epoch + 1, 0
         return self.convs[int(self._order_of(self.epoch)[self.pos])]
 
@@ -176,7 +191,14 @@ class SftBatches:
         return Batch(*(torch.from_numpy(np.stack([r[i] for r in rows])) for i in range(3)))
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seq_len": self.seq_len, "seed": self.seed, "conversations": len(self.convs)}
+        return {
+            "kind": self.kind,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "conversations": len(self.convs),
+            "stream": self.stream,
+            "n_streams": self.n_streams,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.config(), "epoch": self.epoch, "pos": self.pos}

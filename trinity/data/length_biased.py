@@ -18,6 +18,11 @@ intra-document masking) and `doc_id % n_docs` still indexes the store.
 
 Randomness is counter-based as in RSDB: draw k of stream s uses the k-th uniform of blocks drawn
 from `default_rng([seed, s, block, 0x1E9])`, so a stream's state is plain ints.
+
+Data streams (`data.streams`, trinity.distributed.data): stream s of S is the loader of "rank s of
+S" (`rank=s, world=S`), whose worker streams s x workers + w draw independently. The documents are
+not split between streams: draws are independent and with replacement, so S streams draw from the
+same distribution as one, and a rare long document stays reachable from every stream.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def build_loader(
     world: int = 1,
     seed: int = 0,
 ) -> PackedLoader:
-    """The loader a phase's spec asks for, serving data-parallel `rank` of `world`."""
+    """The loader a phase's spec asks for, serving `rank` of `world` (in training: data stream s of data.streams)."""
     if isinstance(loader_spec, data_spec.RsdbLoader):
         return RsdbLoader(store, seq_len, micro_batch, rank, world, loader_spec.workers, seed, loader_spec.buffer_size)
     if isinstance(loader_spec, data_spec.SequentialLoader):

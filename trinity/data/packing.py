@@ -2,9 +2,11 @@
 
 Contract of every loader (`SequentialLoader`, `RsdbLoader`; built by `loaders.build_loader`):
 
-- A loader serves one data-parallel rank. The rank runs `workers` independent sub-streams ("loader
-  workers"); the sequences of a micro-batch come from them round-robin (sequence k of the rank from
-  worker k mod workers). Stream `rank * workers + w` of `world * workers` streams.
+- A loader serves "rank" `rank` of `world`: in training, data stream s of S = data.streams
+  (`trinity.distributed.data.StreamSet` builds each data-parallel rank's own streams). It runs
+  `workers` independent sub-streams ("loader workers"); the sequences of a micro-batch come from
+  them round-robin (sequence k from worker k mod workers). Stream `rank * workers + w` of
+  `world * workers` streams.
 - Epochs: epoch e orders the store's documents by a permutation drawn from `(seed, e)`; stream s owns
   the documents at positions s, s + S, s + 2S, ... of it (S = world x workers). So within an epoch
   every document belongs to exactly one stream: nothing lost, nothing read twice. A stream that
@@ -58,7 +60,7 @@ class EpochOrder:
         if n_docs < n_streams:
             raise ValueError(
                 f"the store has {n_docs} documents, fewer than the {n_streams} loader streams "
-                "(data-parallel ranks x workers); use fewer workers or a larger phase"
+                "(data.streams x workers); use fewer workers or streams, or a larger phase"
             )
         self.n_docs, self.stream, self.n_streams, self.seed = n_docs, stream, n_streams, seed
         self._epoch = -1

@@ -180,6 +180,7 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
         "model": identity_payload(spec.model),
         "stability": identity_payload(spec.stability),
         "optim": identity_payload(spec.optim),
+        "data_streams": spec.data.streams,  # which stream each micro-batch comes from
         "seed": spec.seed,
     }
     horizon = [{"name": p.name, "tokens": p.tokens, "seq_len": p.seq_len} for p in spec.data.phases]

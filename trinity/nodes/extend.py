@@ -3,7 +3,8 @@
 Starts from the last pretraining phase's final checkpoint (model, optimizer state, expert bias and
 momentum) and trains `stages.extend.tokens` tokens at `stages.extend.seq_len` on the prepare/extend
 store, whose documents are drawn with a length bias (`trinity.data.length_biased`) from the seed
-stream `loader/extend`.
+stream `loader/extend`, by `data.streams` streams of which this rank builds only its own
+(trinity.distributed.data).
 
 "Only the global layers are treated as changed": global layers use no positional encoding, so a
 longer context needs no change to them beyond training; local layers keep their RoPE theta and
@@ -23,6 +24,7 @@ from typing import Any
 
 from trinity.data.length_biased import LengthBiasedLoader
 from trinity.data.store import open_store
+from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
 from trinity.nodes.context import NodeContext, set_threads
 from trinity.nodes.loop import verify_training_node
@@ -47,12 +49,23 @@ def extend_lr_factor(ext: ExtendSpec, total_steps: int) -> Callable[[int, int], 
     return lambda step, tokens: rule.from_fraction * decay_shape(step / max(total_steps - 1, 1), final, rule.decay)
 
 
-def build_extend_loader(ext: ExtendSpec, store: Any, micro_batch: int, seed: int) -> LengthBiasedLoader:
-    """Length-biased draws packed as the stage's loader spec says (RSDB buffer or sequential)."""
+def build_extend_loader(
+    ext: ExtendSpec, store: Any, micro_batch: int, seed: int, stream: int = 0, n_streams: int = 1
+) -> LengthBiasedLoader:
+    """Stream `stream` of `n_streams`: length-biased draws packed as the stage's loader spec says
+    (RSDB buffer or sequential)."""
     loader = ext.loader
     buffer = loader.buffer_size if isinstance(loader, data_spec.RsdbLoader) else 0
     return LengthBiasedLoader(
-        store, ext.seq_len, micro_batch, ext.long_doc_bias, workers=loader.workers, seed=seed, buffer_size=buffer
+        store,
+        ext.seq_len,
+        micro_batch,
+        ext.long_doc_bias,
+        rank=stream,
+        world=n_streams,
+        workers=loader.workers,
+        seed=seed,
+        buffer_size=buffer,
     )
 
 
@@ -65,8 +78,9 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
     store = open_store(store_paths(ctx.dep_dir("prepare", "extend").outputs / "store")[0])
     if spec.model.vocab_size < int(store.attrs.get("vocab_size", 0)):
         raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
-    loader = build_extend_loader(ext, store, spec.parallel.micro_batch, seed=stream_seed(spec.seed, "loader/extend"))
-    training = build_training(ctx, loader)
+    n_streams, micro, seed = spec.data.streams, spec.parallel.micro_batch, stream_seed(spec.seed, "loader/extend")
+    streams = StreamSet(lambda s: build_extend_loader(ext, store, micro, seed, s, n_streams), n_streams)
+    training = build_training(ctx, streams)
     total = ext.optimizer_steps
 
     def from_pretraining() -> None:

@@ -3,7 +3,8 @@
 Phase 1 initialises the model from the `model/init` stream of the spec's seed (then shards it
 over the job's ranks); phase k continues from phase k-1's final checkpoint (model, optimizer
 state, expert bias and momentum) on its own data with a fresh loader, seeded from the stream
-`loader/pretrain/<phase name>`. Steps are numbered globally across phases, so the warmup and the
+`loader/pretrain/<phase name>`, drawn from `data.streams` streams of which this rank builds only its
+own (trinity.distributed.data). Steps are numbered globally across phases, so the warmup and the
 token-based decay of the schedule run over the whole of pretraining. A re-run attempt resumes from
 the node's last committed checkpoint of the same identity, exactly (trinity.nodes.loop).
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from trinity.data.loaders import build_loader
 from trinity.data.store import open_store
+from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
 from trinity.nodes.context import NodeContext, set_threads
 from trinity.nodes.loop import verify_training_node
@@ -38,8 +40,11 @@ def run_pretrain_node(ctx: NodeContext) -> dict[str, Any]:
     if spec.model.vocab_size < int(store.attrs.get("vocab_size", 0)):
         raise NodeFailure(f"the token store's vocabulary ({store.attrs['vocab_size']}) exceeds model.vocab_size")
     seed = stream_seed(spec.seed, f"loader/pretrain/{phase.name}")
-    loader = build_loader(phase.loader, store, phase.seq_len, spec.parallel.micro_batch, seed=seed)
-    training = build_training(ctx, loader)
+    n_streams, micro = spec.data.streams, spec.parallel.micro_batch
+    streams = StreamSet(
+        lambda s: build_loader(phase.loader, store, phase.seq_len, micro, rank=s, world=n_streams, seed=seed), n_streams
+    )
+    training = build_training(ctx, streams)
 
     def from_previous_phase() -> tuple[int, int]:
         previous = training.load_upstream(ctx.dep_dir("pretrain", phases[index - 1].name))

@@ -3,9 +3,11 @@
 Starts from the model of the stage before (extension, or the last pretraining phase) with a fresh
 optimizer state; trains ceil(tokens / (global_batch_sequences x seq_len)) optimizer steps with the
 pretraining loop (`Trainer`), fed by `SftBatches` (chat template, packing and loss mask in
-`trinity.data.chat`; packing order from the seed stream `loader/sft`). Data: every conversation of
-`stages.sft.chat_sources` plus `math_conversations` built-in ones from the math generator (problem
-as the user turn, worked solution ending in `Answer: X` as the assistant turn).
+`trinity.data.chat`; packing order from the seed stream `loader/sft`; the conversations are shared
+out over `data.streams` streams, of which this rank builds only its own: trinity.distributed.data).
+Data: every conversation of `stages.sft.chat_sources` plus `math_conversations` built-in ones from
+the math generator (problem as the user turn, worked solution ending in `Answer: X` as the
+assistant turn).
 
 Learning rate: linear warm-up to `peak_fraction` x the pretraining peak of each optimizer group
 over `warmup_steps`, then linear decay to 0 at the last step (`rewarm_factor`).
@@ -17,6 +19,7 @@ from typing import Any
 
 from trinity.data.chat import SftBatches, math_conversation, math_sft_problems, read_chat_jsonl, render, targets_of
 from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
 from trinity.nodes.context import NodeContext, set_threads
 from trinity.nodes.loop import verify_training_node
@@ -60,9 +63,15 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
         conversations = sft_conversations(spec, tok, ctx.base_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise NodeFailure(str(exc)) from None
-    seed = stream_seed(spec.seed, "loader/sft")
-    batches = SftBatches(conversations, sft.seq_len, spec.parallel.micro_batch, tok.pad_id, seed=seed)
-    training = build_training(ctx, batches)
+    seed, n_streams, micro = stream_seed(spec.seed, "loader/sft"), spec.data.streams, spec.parallel.micro_batch
+    try:
+        streams = StreamSet(
+            lambda s: SftBatches(conversations, sft.seq_len, micro, tok.pad_id, seed, stream=s, n_streams=n_streams),
+            n_streams,
+        )
+    except ValueError as exc:
+        raise NodeFailure(str(exc)) from None
+    training = build_training(ctx, streams)
     total = sft.optimizer_steps
 
     def from_upstream_model() -> None:  # a fresh optimizer state

@@ -19,7 +19,9 @@ MAX_SEQ_LEN = 2**24
 MAX_COUNT = 10**12
 """Documents, bytes per file and other counts of things read from the data."""
 MAX_WORKERS = 1024
-"""Loader workers per rank."""
+"""Loader workers per data stream."""
+MAX_STREAMS = 2**20
+"""Data streams of a job (Trinity Large reads 2048, one per GPU)."""
 
 
 class JsonlSource(SpecModel):
@@ -72,9 +74,9 @@ class RsdbLoader(SpecModel):
 
     kind: Literal["rsdb"] = "rsdb"
     buffer_size: PositiveInt = Field(4096, le=2**24)
-    """Configured documents per rank; the internal buffer holds 2x and refills at this occupancy."""
+    """Configured documents per data stream; the internal buffer holds 2x and refills at this occupancy."""
     workers: PositiveInt = Field(4, le=MAX_WORKERS)
-    """Loader workers per rank, each with its own slice of the buffer."""
+    """Loader workers per data stream, each with its own slice of the buffer."""
 
 
 class SequentialLoader(SpecModel):
@@ -82,7 +84,7 @@ class SequentialLoader(SpecModel):
 
     kind: Literal["sequential"] = "sequential"
     workers: PositiveInt = Field(1, le=MAX_WORKERS)
-    """Loader workers per rank."""
+    """Loader workers per data stream."""
 
 
 Loader = Annotated[RsdbLoader | SequentialLoader, Field(discriminator="kind")]
@@ -117,6 +119,13 @@ class DataSpec(SpecModel):
     """Pretraining phases, trained in this order, each continuing from the last."""
     holdout_documents: int = Field(64, ge=0, le=MAX_COUNT)
     """Documents per source held out of training for held-out loss evals."""
+    streams: PositiveInt = Field(1, le=MAX_STREAMS)
+    """Independent streams the training data is drawn from (pretraining, extension, SFT): global
+    micro-batch M comes from stream M mod streams, and each data-parallel rank builds, reads and packs
+    only its own streams (rank r of W: streams r, r + W, ...). The data-parallel ranks (parallel.nodes x
+    parallel.gpus_per_node / parallel.cp) must divide it; the data then does not depend on the layout, so
+    1 rank and W ranks train on the same batches. [open]: the paper runs one loader per GPU, so the
+    presets set their data-parallel ranks."""
 
     @model_validator(mode="after")
     def _rules(self) -> DataSpec:

@@ -121,6 +121,13 @@ class ExperimentSpec(SpecModel):
                 f"= {step.sequences} must be divisible by data-parallel ranks x micro_batch "
                 f"({par.dp_ranks()} x {par.micro_batch} = {unit})",
             )
+        streams, dp = self.data.streams, par.dp_ranks()
+        rules.check(
+            streams % dp == 0,
+            ("data", "streams"),
+            f"= {streams} must be a multiple of the data-parallel ranks (parallel.nodes x parallel.gpus_per_node / "
+            f"parallel.cp = {par.nodes} x {par.gpus_per_node} / {par.cp} = {dp}): each rank reads its own streams",
+        )
         extend = self.stages.extend
         if extend is not None:
             cp = extend.cp or par.cp
