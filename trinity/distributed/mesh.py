@@ -76,7 +76,7 @@ def layout_for(parallel: ParallelSpec, world_size: int, n_experts: int | None = 
     return Layout(replicas=world_size // parallel.fsdp_group, fsdp_group=parallel.fsdp_group, ep=parallel.ep)
 
 
-def build_mesh(layout: Layout, device_type: str = "cpu") -> DeviceMesh:
+def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
     """The 3-D mesh of DIMS with the flattened "shard" dimension registered (needs an initialised process group)."""
     mesh = init_device_mesh(device_type, (layout.replicas, layout.shard_mod_ep, layout.ep), mesh_dim_names=DIMS)
     mesh["shard_mod_ep", "ep"]._flatten("shard")

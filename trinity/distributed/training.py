@@ -1,10 +1,14 @@
 """What a training node does differently when it runs on several ranks.
 
-    model = TrinityModel(spec.model); init or load it as a single process would
-    sharding = shard_for_training(spec, model)        # None on a single process
-    optimizer = build_optimizer(model, spec.optim)    # over the sharded parameters
-    like = state_template(model, optimizer)           # target layout for resharding loads
-    batches = sharding.slice(loader) if sharding else loader
+    model, sharding = build_model(spec, seed)       # sharding None on a single process
+    optimizer = build_optimizer(model, spec.optim)  # over the sharded parameters
+    like = state_template(model, optimizer)         # target layout for resharding loads
+
+`build_model` never holds the whole model on a rank: it builds it on the `meta` device, shards it
+(`shard_for_training`: mesh, expert parallelism, FSDP2), then materialises each rank's shards on
+the training device and initialises them (trinity.model.transformer.init_weights, whose draws
+depend only on the seed, the parameter and the element's index, so 1, 2 or N ranks start from
+the same full weights). Loads (resume, upstream) come after, into the shards.
 
 Checkpoints stay one Zarr store written by all ranks (trinity.store.checkpoint); `like` tells
 the loader which piece of each stored array this rank needs, so a checkpoint written by N ranks
@@ -19,11 +23,11 @@ from typing import Any
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from trinity.distributed.data import RankSlice
+from trinity.distributed.device import training_device
 from trinity.distributed.mesh import Layout, build_mesh, layout_for
 from trinity.distributed.parallelize import parallelize, rescale_expert_gradients
 from trinity.distributed.step import distributed, rank, world_size
-from trinity.model import TrinityModel
+from trinity.model import TrinityModel, init_weights
 from trinity.optim.groups import TrinityOptimizer
 from trinity.spec.experiment import ExperimentSpec
 
@@ -36,25 +40,38 @@ class Sharding:
     mesh: DeviceMesh
     rank: int
 
-    def slice(self, source: Any) -> RankSlice:
-        """This rank's micro-batches of the global stream of `source`."""
-        return RankSlice(source, self.rank, self.layout.dp_ranks)
-
     def finish_gradients(self, model: TrinityModel) -> None:
         """After the step's backward passes: make every gradient the mean over the global batch."""
         rescale_expert_gradients(model, self.layout)
 
 
 def shard_for_training(spec: ExperimentSpec, model: TrinityModel) -> Sharding | None:
-    """Check the world against spec.parallel, build the mesh and shard `model` (None on one process)."""
+    """Check the world against spec.parallel, build the mesh and shard `model` (None on one process).
+
+    `model` may live on the meta device (build_model) or hold real weights (identical on every rank).
+    """
     if not distributed():
         return None
     n_experts = spec.model.moe.n_experts if spec.model.moe is not None else None
     layout = layout_for(spec.parallel, world_size(), n_experts)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = build_mesh(layout, device)
+    mesh = build_mesh(layout, training_device().type)
     parallelize(model, mesh, layout, spec.parallel, spec.stability.precision)
     return Sharding(layout, mesh, rank())
+
+
+def build_model(spec: ExperimentSpec, seed: int) -> tuple[TrinityModel, Sharding | None]:
+    """The model of `spec` on this rank's training device, sharded when distributed, initialised from `seed`.
+
+    Built on `meta` (no memory), sharded there, then `to_empty` allocates only this rank's shards
+    (and the small unsharded buffers) and `init_weights` fills them: no rank ever holds the full
+    parameter set, and the full weights are the same for every layout, one process included.
+    """
+    with torch.device("meta"):
+        model = TrinityModel(spec.model)  # init_weights skips a meta model
+    sharding = shard_for_training(spec, model)
+    model.to_empty(device=training_device())
+    init_weights(model, seed)
+    return model, sharding
 
 
 def state_template(model: TrinityModel, optimizer: TrinityOptimizer) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from trinity.model.losses import IGNORE_INDEX
 
@@ -195,9 +196,12 @@ class _HeadCrossEntropyZ(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         h_ND, labels_N, valid_N, n_valid, grad_h, grad_w = ctx.saved_tensors
         w_VD = ctx.w_cVD
-        a = 0.0 if g_ce is None else float(g_ce)
-        b = 0.0 if g_z is None else float(g_z)
         guess: float = ctx.guess
+        if g_ce is not None and is_fake(g_ce):  # a traced plan (FakeTensorMode): no values; a step whose guess held
+            a, b = 1.0, guess
+        else:
+            a = 0.0 if g_ce is None else float(g_ce)
+            b = 0.0 if g_z is None else float(g_z)
         if a != 0.0:
             ctx.ratio.value = b / a
         if a == 0.0 and b == 0.0:

@@ -26,8 +26,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        exponent_F = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        self.register_buffer("inv_freq_F", 1.0 / (theta**exponent_F), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq_F", self._inv_freq(torch.get_default_device()), persistent=False)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        exponent_F = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponent_F)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the inverse frequencies in place: a model built on `meta` and materialised with
+        `to_empty` holds garbage there (the buffer is not saved, so no checkpoint restores it).
+        Computed on the CPU and copied, so every device gets the same bits (as transformers does)."""
+        self.inv_freq_F.copy_(self._inv_freq(torch.device("cpu")))
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, T, 1, F] (one value per frequency, broadcast over heads of a

@@ -14,6 +14,7 @@ from torch import nn
 
 from trinity.model.attention import Attention, AttentionMasks, build_attention_masks
 from trinity.model.head_loss import GradRatio, head_cross_entropy_and_z
+from trinity.model.init import fill_constant, fill_truncated_normal
 from trinity.model.losses import cross_entropy_and_z
 from trinity.model.moe import MoE, SwiGLU
 from trinity.model.norm import RMSNorm
@@ -89,7 +90,7 @@ class TrinityModel(nn.Module):
         self.embed_scale = math.sqrt(spec.d_model) if spec.embedding_scale == "sqrt_d_model" else 1.0
         # The fused head loss's guess of g_z / g_ce for its precomputed gradient (head_loss.py).
         self.head_grad_ratio = GradRatio()
-        init_weights(self)
+        init_weights(self)  # nothing on the meta device: materialise (to_empty), then init_weights
 
     def moe_layers(self) -> list[MoE]:
         """The MoE modules in layer order (row l of expert_counts belongs to the l-th)."""
@@ -147,8 +148,8 @@ class TrinityModel(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(model: TrinityModel) -> None:
-    """Initialise every parameter and balancing buffer of `model` from its spec.
+def init_weights(model: TrinityModel, seed: int | None = None) -> None:
+    """Initialise every parameter and buffer of `model` from its spec, whatever its layout.
 
     Scheme (PAPER.md 1-2, ModelSpec.init):
     - every weight matrix: embedding, q/k/v/gate/o projections, dense and shared SwiGLU, router,
@@ -157,18 +158,30 @@ def init_weights(model: TrinityModel) -> None:
       +- init.truncation x std;
     - RMSNorm gains: 1 for the input norms (attn_norm, mlp_norm), q/k norms and the final norm;
       1/sqrt(n_layers) for the post norms (post_attn_norm, post_mlp_norm);
-    - expert bias and its SMEBU momentum: 0 (fp32).
+    - expert bias and its SMEBU momentum: 0 (fp32); RoPE inverse frequencies recomputed; the fused
+      head loss's gradient-ratio guess back to 0.
+
+    The random values come from trinity.model.init: each element's draw depends only on (seed,
+    parameter name, its index in the full parameter), so a model sharded over any number of ranks
+    (DTensor parameters: each rank fills only its shard) gets the same full weights as one
+    process. `seed` None draws one from torch's global generator (so `torch.manual_seed(s);
+    TrinityModel(spec)` stays reproducible). A model on the meta device is left as is.
     """
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     spec = model.spec
     std = spec.init.resolved_std(spec.d_model)
-    cut = spec.init.truncation * std
     for name, p in model.named_parameters():
         if p.ndim >= 2:
-            nn.init.trunc_normal_(p, mean=0.0, std=std, a=-cut, b=cut)
+            fill_truncated_normal(p, seed, name, std, spec.init.truncation)
         elif name.endswith(("post_attn_norm.weight", "post_mlp_norm.weight")):
-            p.fill_(1.0 / math.sqrt(spec.n_layers))
+            fill_constant(p, 1.0 / math.sqrt(spec.n_layers))
         else:
-            p.fill_(1.0)
+            fill_constant(p, 1.0)
+    model.rope.reset_buffers()
     for moe in model.moe_layers():
         moe.expert_bias.zero_()
         moe.expert_bias_momentum.zero_()
+    model.head_grad_ratio.value = 0.0
