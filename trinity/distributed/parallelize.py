@@ -9,7 +9,10 @@ Order (each step needs the previous one's parameters):
    backward passes `rescale_expert_gradients` divides by ep: the mean over the whole world. (FSDP's
    own set_gradient_divide_factor needs PREMUL_SUM, which gloo lacks, and its sum-only fallback
    divides twice under HSDP in torch 2.13.)
-3. `fully_shard(block)` over ("replicate", "shard") for every transformer block, then the root
+3. activation checkpointing as parallel.activation_checkpointing asks
+   (trinity.model.checkpointing): before any fully_shard, as torchtitan orders it, so FSDP's
+   unshard and reshard stay outside the recomputed regions;
+4. `fully_shard(block)` over ("replicate", "shard") for every transformer block, then the root
    (embedding, final norm, head).
 
 Mixed precision: parameters are gathered in bf16 when stability.precision is bf16 and
@@ -29,6 +32,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from trinity.distributed.mesh import Layout
 from trinity.model import TrinityModel
+from trinity.model.checkpointing import apply_activation_checkpointing
 from trinity.spec.parallel import ParallelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,6 +52,7 @@ def parallelize(
         from trinity.distributed.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, mesh["ep"])
+    apply_activation_checkpointing(model, parallel)
     for block in model.layers:
         experts = getattr(block.mlp, "experts", None)
         if experts is not None and layout.ep > 1:

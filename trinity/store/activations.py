@@ -10,6 +10,8 @@ so capture costs nothing on the hot path. Router scores are recomputed from the 
 its own `route` (the same function on the same input, so the same values): the router weight is
 read inside `route`, not called as a module, so there is no submodule output to hook.
 Several forwards within one step (gradient accumulation) are concatenated along the batch.
+A module recomputed in backward (activation checkpointing) runs its hooks again; they skip that
+replay (trinity.model.checkpointing.recomputing), so each forward is recorded once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trinity.model.checkpointing import recomputing
 from trinity.model.moe import MoE
 from trinity.store.checkpoint import save_checkpoint
 
@@ -48,7 +51,7 @@ class ActivationCapture:
 
     def _hidden_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._step is None:
+            if self._step is None or recomputing():  # off, or a checkpointed region's replay
                 return
             self._keep(name, "hidden", output[0] if isinstance(output, tuple) else output)
 
@@ -56,7 +59,7 @@ class ActivationCapture:
 
     def _router_hook(self, name: str) -> Any:
         def hook(moe: MoE, args: Any, output: Any) -> None:
-            if self._step is None:
+            if self._step is None or recomputing():  # off, or a checkpointed region's replay
                 return
             x_BTD = args[0]
             B, T, D = x_BTD.shape
