@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trinity.run.layout import NodeDir, RunDir
 from trinity.store.catalog import open_catalog
-from trinity.store.telemetry import PART_RE, SCHEMAS, TelemetryWriter, moe_layer_stats
+from trinity.store.sql import query
+from trinity.store.telemetry import ADDED_COLUMNS, PART_RE, SCHEMAS, TelemetryWriter, moe_layer_stats
+from trinity.store.verify import check_part
 
 
 def _read(folder: Path, table: str) -> list[dict[str, Any]]:
@@ -185,3 +189,52 @@ def test_steps_must_increase_within_an_attempt(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="after step 5"):  # a flush does not forget the last step
         w.log_step(3, loss=1.0)
     w.close()
+
+
+def _old_steps_part(node: NodeDir, node_id: str, run_id: str, steps: range) -> Path:
+    """A `steps` part as writers before ADDED_COLUMNS wrote it: the same schema without those columns."""
+    added = set(ADDED_COLUMNS["steps"])
+    old = pa.schema([f for f in SCHEMAS["steps"] if f.name not in added])
+    rows = [{"run_id": run_id, "node": node_id, "attempt": 1, "step": s, "loss": 1.0 / s} for s in steps]
+    folder = node.telemetry(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "steps-000000.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=old), path, write_page_checksum=True)
+    return path
+
+
+def test_peak_memory_and_mfu_columns_beside_parts_written_before_them(
+    tmp_path: Path, make_run: Callable[..., RunDir]
+) -> None:
+    """New parts carry mfu and the step's peak memory; parts older than those columns still read (as
+    NULL there, in `trinity sql`'s views) and are not damaged for `trinity verify`."""
+    old_id, new_id = "pretrain/phase1", "pretrain/phase2"
+    run = make_run(tmp_path / "run", "r", [(old_id, "pretrain", {}), (new_id, "pretrain", {})])
+    old_part = _old_steps_part(run.node(old_id), old_id, "r", range(1, 4))
+    assert check_part(old_part, "steps") is None
+
+    # Only old parts: the views still have every column.
+    cols, rows = query(run.root, "SELECT step, mfu, peak_mem_allocated_bytes, peak_mem_reserved_bytes FROM steps")
+    assert cols == ["step", "mfu", "peak_mem_allocated_bytes", "peak_mem_reserved_bytes"]
+    assert sorted(rows) == [(1, None, None, None), (2, None, None, None), (3, None, None, None)]
+
+    with TelemetryWriter(run.node(new_id), new_id, 1, "r") as w:
+        w.log_step(1, loss=2.0, mfu=0.375, peak_mem_allocated_bytes=3 << 30, peak_mem_reserved_bytes=(3 << 30) + 5)
+        w.log_step(2, loss=1.5, mfu=0.25, peak_mem_allocated_bytes=7 << 20)  # CPU: no reserved figure
+    (new_part,) = [p for p in w.folder.iterdir() if PART_RE.match(p.name)]
+    assert check_part(new_part, "steps") is None
+    sql = "SELECT node, step, mfu, peak_mem_allocated_bytes, peak_mem_reserved_bytes FROM steps ORDER BY node, step"
+    for view in ("steps", "steps_history"):
+        _, rows = query(run.root, sql.replace("FROM steps", f"FROM {view}"))
+        assert rows == [
+            (old_id, 1, None, None, None),
+            (old_id, 2, None, None, None),
+            (old_id, 3, None, None, None),
+            (new_id, 1, 0.375, 3 << 30, (3 << 30) + 5),
+            (new_id, 2, 0.25, 7 << 20, None),
+        ]
+    tb = EventAccumulator(str(run.node(new_id).tensorboard(1)))
+    tb.Reload()
+    assert [e.value for e in tb.Scalars("mfu")] == [0.375, 0.25]
+    assert [e.value for e in tb.Scalars("memory/peak_allocated_bytes")] == [3 << 30, 7 << 20]
+    assert [e.step for e in tb.Scalars("memory/peak_reserved_bytes")] == [1]  # null: not written

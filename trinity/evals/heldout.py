@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from trinity.data.packing import IGNORE
+from trinity.distributed.device import module_device, to_device
 from trinity.model import TrinityModel
 
 
@@ -46,6 +47,7 @@ def heldout_loss(
             for b, (x, y) in enumerate(chunk):
                 ids[b, : len(x)] = torch.from_numpy(x)
                 tgt[b, : len(y)] = torch.from_numpy(y)
+            ids, tgt = to_device((ids, tgt), module_device(model))
             logits = model(ids).logits.float()
             ce = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=IGNORE, reduction="sum")
             total += float(ce)

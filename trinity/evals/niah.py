@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from trinity.distributed.device import module_device, to_device
 from trinity.model import TrinityModel
 from trinity.model.generate import generate
 
@@ -155,9 +156,10 @@ def value_choice(model: TrinityModel, tok: TextTokenizer, stack: Haystack) -> bo
     ids = torch.zeros(len(conts), T, dtype=torch.long)
     for b, c in enumerate(conts):
         ids[b, : len(stack.ids) + len(c)] = torch.tensor(stack.ids + c)
-    logp = torch.log_softmax(model(ids).logits.float(), dim=-1)
     P = len(stack.ids)
-    scores = [float(sum(logp[b, P - 1 + i, t] for i, t in enumerate(c))) for b, c in enumerate(conts)]
+    logits_BCV = model(to_device(ids, module_device(model))).logits[:, P - 1 :]  # positions predicting the values
+    logp_BCV = torch.log_softmax(logits_BCV.float(), dim=-1).cpu()  # one copy to the host, then many lookups
+    scores = [float(sum(logp_BCV[b, i, t] for i, t in enumerate(c))) for b, c in enumerate(conts)]
     asked = [v for _, v in stack.needles].index(stack.value)
     return all(scores[asked] > x for i, x in enumerate(scores) if i != asked)
 

@@ -194,6 +194,8 @@ def sample_next(
 
     The nucleus is the smallest set of most likely tokens whose probability reaches top_p (the
     token that crosses the threshold is kept); probabilities are renormalised within it.
+    The draw happens on the generator's device (a CPU generator stays usable for a model on a GPU,
+    and the same seed draws the same tokens from the same probabilities on either).
     """
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
@@ -203,6 +205,8 @@ def sample_next(
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the more likely tokens
         sorted_BV = torch.where(before_BV < top_p, sorted_BV, torch.zeros_like(sorted_BV))
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    if generator is not None and generator.device != probs_BV.device:
+        return torch.multinomial(probs_BV.to(generator.device), 1, generator=generator)[:, 0].to(logits_BV.device)
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 
 
@@ -234,9 +238,10 @@ def generate_with_logprobs(
         raise ValueError("every prompt needs at least one token")
     P = max(len(p) for p in prompts)
     device = next(model.parameters()).device
-    ids_BP = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    ids_BP = torch.full((B, P), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids_BP[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+    ids_BP = ids_BP.to(device)  # built on the host, one copy to the model's device
     pad_B = torch.tensor([P - len(p) for p in prompts], dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -250,11 +255,12 @@ def generate_with_logprobs(
         next_B = sample_next(logits_BV, temperature, top_p, generator)
         lp_B = torch.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None])[:, 0]
         is_stop_B = torch.isin(next_B, stops)
+        next_b, lp_b, is_stop_b = next_B.tolist(), lp_B.tolist(), is_stop_B.tolist()  # one host copy each
         for b in range(B):
             if not done[b]:
-                tokens[b].append(int(next_B[b]))
-                logprobs[b].append(float(lp_B[b]))
-                done[b] = bool(is_stop_B[b])
+                tokens[b].append(int(next_b[b]))
+                logprobs[b].append(float(lp_b[b]))
+                done[b] = bool(is_stop_b[b])
         if all(done) or i == max_new_tokens - 1:
             break
         logits_BV = step_logits(model, cache, next_B[:, None])[:, -1]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trinity.data.store import open_store
+from trinity.distributed.device import training_device
 from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.evals.heldout import heldout_loss
@@ -64,6 +65,7 @@ def run_eval_node(ctx: NodeContext) -> dict[str, Any]:
     ev = eval_spec(ctx)
     stage_dir = ctx.run.node(ctx.node.deps[0])
     model, final = load_final_model(stage_dir, spec.model)
+    model = model.to(training_device())  # inputs follow the model (trinity.evals take its device)
     step = int(final["step"])
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

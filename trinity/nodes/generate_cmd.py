@@ -13,6 +13,7 @@ import torch
 
 from trinity.data.chat import user_prompt
 from trinity.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from trinity.distributed.device import training_device
 from trinity.errors import NodeFailure
 from trinity.graph.kinds import CHAT_KINDS, TRAINING_KINDS
 from trinity.model.generate import generate
@@ -43,6 +44,7 @@ def generate_cli(
         )
     spec = graph.spec(node)
     model, _ = load_final_model(run.node(node_id), spec.model)
+    model = model.to(training_device())
     tokenizers = graph.upstream(node_id, "tokenizer")
     if not tokenizers:
         raise NodeFailure(f"{node_id} has no upstream tokenizer node")
@@ -50,7 +52,7 @@ def generate_cli(
     ids = user_prompt(tok, prompt) if node.kind in CHAT_KINDS else tok.encode(prompt)
     if not ids:
         raise NodeFailure("the prompt is empty")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the host: the same draws whatever the model's device
     stops = stop_ids(tok)
     out = generate(model, [ids], max_new_tokens, temperature, top_p, generator, stops, tok.pad_id)[0]
     if out and out[-1] in stops:

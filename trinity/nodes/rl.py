@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from trinity.data.tokenizer import Tokenizer
+from trinity.distributed.device import module_device, to_device, training_device
 from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.model import TrinityModel
@@ -59,8 +60,9 @@ def grpo_update(
     grad_clip: float | None,
 ) -> tuple[GrpoStats, float]:
     """One optimizer step on a rollout; returns the loss statistics and the gradient norm."""
-    adv_B = group_advantages(ro.rewards_PG).reshape(-1)
-    batch = policy_batch(ro.prompt_ids, ro.response_ids, ro.logprobs, pad_id)
+    device = module_device(policy)
+    adv_B = to_device(group_advantages(ro.rewards_PG).reshape(-1), device)
+    batch = to_device(policy_batch(ro.prompt_ids, ro.response_ids, ro.logprobs, pad_id), device)
     with torch.no_grad():
         ref_BT = token_logprobs(reference, batch.ids_BT, batch.targets_BT)
     logp_BT = token_logprobs(policy, batch.ids_BT, batch.targets_BT)
@@ -195,6 +197,7 @@ def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
     set_threads(ctx)
     tok = upstream_tokenizer(ctx)
     reference, _ = load_final_model(ctx.dep_dir("sft"), ctx.spec.model)
+    reference = reference.to(training_device())
     policy = copy.deepcopy(reference)  # SFT's weights, without initialising a model only to overwrite it
     reference.requires_grad_(False)
     return GrpoTrainer(ctx, policy, reference, tok).run()

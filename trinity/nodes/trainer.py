@@ -13,7 +13,7 @@ One optimizer step:
   step's summed counts, which also gives the step's MaxVio per MoE layer for telemetry.
 
 On several ranks (torch.distributed, see trinity.distributed): each rank runs its share of the
-step's micro-batches (RankSlice), FSDP2 averages the gradients, and the ranks agree once per step
+step's micro-batches (StreamSet: its own data streams), FSDP2 averages the gradients, and the ranks agree once per step
 on the gradient norm, the expert counts (so every rank moves the expert bias alike), BatchHet over
 all micro-batches of the global step, non-finite losses and whether to stop. Rank 0 alone writes
 telemetry, progress and final.json; every rank writes its shards of each checkpoint.
@@ -31,9 +31,21 @@ import torch
 
 from trinity.data.loaders import Batch
 from trinity.distributed import step as collective
-from trinity.distributed.training import Sharding, shard_for_training, state_template
+from trinity.distributed.device import (
+    PeakMemory,
+    autocast,
+    model_flops_utilization,
+    module_device,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+    to_device,
+)
+from trinity.distributed.training import Sharding, build_model, state_template
 from trinity.errors import NodeFailure
+from trinity.graph.estimates import flops_per_token
 from trinity.model import TrinityModel
+from trinity.model.checkpointing import apply_activation_checkpointing
 from trinity.model.rope import positions_from_doc_ids
 from trinity.nodes.checkpoints import final_state, last_committed_step
 from trinity.nodes.context import NodeContext
@@ -84,6 +96,8 @@ class StepResult:
     counts_LE: torch.Tensor
     max_vio_L: torch.Tensor | None = None
     """MaxVio per MoE layer, from the expert-bias update (set by `optimizer_step`)."""
+    peak_memory: PeakMemory | None = None
+    """This rank's peak device memory during the step (set by `optimizer_step`)."""
 
 
 class Trainer(TrainingLoop[StepResult]):
@@ -91,6 +105,10 @@ class Trainer(TrainingLoop[StepResult]):
 
     telemetry: None lets `run` open (rank 0) and close the attempt's writer; a writer given here is
     used and left open. final_metrics: recorded in final.json beside the final loss.
+
+    The step computes where the model is (trinity.distributed.device.training_device() in a node):
+    each micro-batch is moved there, autocast is on that device's type, and telemetry records the
+    step's peak memory there and its MFU over parallel.accelerator's declared peak.
     """
 
     def __init__(
@@ -111,6 +129,8 @@ class Trainer(TrainingLoop[StepResult]):
         self.stability = ctx.spec.stability
         self.final_metrics = final_metrics or {}
         self.capture: ActivationCapture | None = None
+        self.device = module_device(model)
+        self.flops_per_token = flops_per_token(ctx.spec.model, plan.seq_len)
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -124,33 +144,32 @@ class Trainer(TrainingLoop[StepResult]):
                 f"parallel.micro_batch = {plan.micro_batch}, which {world} ranks cannot share evenly"
             )
         n_micro = n_global // world
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if stab.precision == "bf16" else contextlib.nullcontext()
         micro_ce: list[float] = []
         totals = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z
         counts_LE: torch.Tensor | None = None
         non_finite: str | None = None
         for micro in range(n_micro):
-            batch = self.loader.next_batch()
+            batch = to_device(self.loader.next_batch(), self.device)
             doc_ids = batch.doc_ids_BT if stab.intra_document_masking else None
             positions = (
                 positions_from_doc_ids(batch.doc_ids_BT)
                 if doc_ids is not None and stab.reset_positions_per_document
                 else None
             )
-            with autocast:
+            with autocast(self.device, stab.precision):
                 out = self.model(
                     batch.tokens_BT, doc_ids_BT=doc_ids, labels_BT=batch.targets_BT, position_ids_BT=positions
                 )
             assert out.ce_loss is not None and out.z_loss_term is not None
             aux = combine_aux_loss(out.aux_loss_per_layer, stab.aux_loss_reduce)
             loss = out.ce_loss + stab.z_loss_weight * out.z_loss_term + stab.aux_loss_weight * aux
-            if non_finite is None and not torch.isfinite(loss):
-                non_finite = f"loss is {loss.item()} in micro-batch {micro * world + collective.rank()}"
+            values_4 = torch.stack([t.detach().double() for t in (loss, out.ce_loss, aux, out.z_loss_term)])
             (loss / n_micro).backward()  # FSDP averages over ranks: the mean over the global batch
-            micro_ce.append(out.ce_loss.item())
-            totals += torch.tensor(
-                [loss.item(), out.ce_loss.item(), aux.item(), out.z_loss_term.item()], dtype=torch.float64
-            )
+            values_4 = values_4.cpu()  # one device-to-host copy per micro-batch, after the backward is queued
+            if non_finite is None and not math.isfinite(float(values_4[0])):
+                non_finite = f"loss is {float(values_4[0])} in micro-batch {micro * world + collective.rank()}"
+            micro_ce.append(float(values_4[1]))
+            totals += values_4
             counts_LE = out.expert_counts if counts_LE is None else counts_LE + out.expert_counts
         if self.sharding is not None:
             self.sharding.finish_gradients(self.model)
@@ -192,10 +211,13 @@ class Trainer(TrainingLoop[StepResult]):
         """train_step, then the expert-bias update once from the step's summed counts (its MaxVio kept)."""
         if self.capture is not None:
             self.capture.begin_step(self.step + 1)  # the step being computed, numbered as in telemetry
+        reset_peak_memory(self.device)
         result = self.train_step()
         if self.capture is not None:
             self.capture.end_step()
         result.max_vio_L = update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
+        synchronize(self.device)  # the step's time (measured around this call) includes its queued kernels
+        result.peak_memory = peak_memory(self.device)
         return result
 
     def log_step(self, r: StepResult, seconds: float) -> None:
@@ -215,6 +237,14 @@ class Trainer(TrainingLoop[StepResult]):
             tokens_per_s=r.tokens / seconds,
             step_time_s=seconds,
             batch_het=r.batch_het,
+            mfu=model_flops_utilization(
+                r.tokens / seconds,
+                self.flops_per_token,
+                collective.world_size(),
+                self.ctx.spec.parallel.accelerator.peak_bf16_tflops,
+            ),
+            peak_mem_allocated_bytes=r.peak_memory.allocated if r.peak_memory else None,
+            peak_mem_reserved_bytes=r.peak_memory.reserved if r.peak_memory else None,
             phase=self.phase,
         )
         layers = moe_modules(self.model)
@@ -286,16 +316,17 @@ class Training:
 
 
 def build_training(ctx: NodeContext, source: BatchSource) -> Training:
-    """The model (initialised once, from the `model/init` stream of spec.seed, as a single process would),
-    sharded when distributed, its optimizer, and this rank's slice of `source`. Loads (resume, upstream)
-    come after, into the shards."""
+    """The model on the training device (built on `meta`, sharded when distributed, each rank's shards
+    initialised from the `model/init` stream of spec.seed: the same full weights on any number of
+    ranks), activation checkpointing as spec.parallel asks, its optimizer, and `source` (already this
+    rank's own streams, trinity.distributed.data.StreamSet). Loads (resume, upstream) come after,
+    into the shards."""
     spec = ctx.spec
-    torch.manual_seed(stream_seed(spec.seed, "model/init"))
-    model = TrinityModel(spec.model)  # its constructor runs init_weights
-    sharding = shard_for_training(spec, model)
+    model, sharding = build_model(spec, stream_seed(spec.seed, "model/init"))
+    if sharding is None:  # on the sharded path parallelize applies it
+        apply_activation_checkpointing(model, spec.parallel)
     optimizer = build_optimizer(model, spec.optim)
-    batches: BatchSource = sharding.slice(source) if sharding is not None else source
-    return Training(model, optimizer, batches, sharding)
+    return Training(model, optimizer, source, sharding)
 
 
 def train_to_final(

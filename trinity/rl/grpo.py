@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from trinity.data.packing import IGNORE
+from trinity.distributed.device import module_device, to_device
 from trinity.model import TrinityModel
 
 
@@ -71,7 +72,9 @@ def policy_batch(
 
 
 def token_logprobs(model: TrinityModel, ids_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """log p(target | prefix) at every position (0 where the target is -100), with gradients."""
+    """log p(target | prefix) at every position (0 where the target is -100), with gradients, on the
+    model's device."""
+    ids_BT, targets_BT = to_device((ids_BT, targets_BT), module_device(model))
     logits_BTV = model(ids_BT).logits.float()
     safe_BT = targets_BT.clamp(min=0)
     logp_BT = -F.cross_entropy(logits_BTV.transpose(1, 2), safe_BT, reduction="none")
@@ -97,7 +100,8 @@ def grpo_loss(
     kl_weight: float = 0.0,
     ref_logp_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoStats]:
-    """The clipped, KL-penalised GRPO loss (a scalar to minimise) and its statistics."""
+    """The clipped, KL-penalised GRPO loss (a scalar to minimise) and its statistics, on logp_BT's device."""
+    old_logp_BT, advantages_B, mask_BT = to_device((old_logp_BT, advantages_B, mask_BT), logp_BT.device)
     m = mask_BT.to(logp_BT.dtype)
     n = m.sum().clamp(min=1.0)
     adv_B1 = advantages_B.to(logp_BT.dtype)[:, None]
@@ -105,7 +109,7 @@ def grpo_loss(
     clipped_BT = ratio_BT.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     surrogate_BT = torch.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
     surrogate = (surrogate_BT * m).sum() / n
-    kl = torch.zeros((), dtype=logp_BT.dtype)
+    kl = torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device)
     if ref_logp_BT is not None:
         d_BT = ref_logp_BT - logp_BT
         kl = ((torch.exp(d_BT) - d_BT - 1.0) * m).sum() / n

@@ -513,7 +513,10 @@ def _create_views(con: duckdb.DuckDBPyConnection, table: str, parts: Sequence[Pa
         con.from_arrow(SCHEMAS[table].empty_table()).create(f"{table}_history")
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
         return
-    con.execute(f"CREATE VIEW {table}_history AS SELECT * FROM {_scan([p.path for p in parts])}")
+    # Every column of SCHEMAS even when no part has it yet (parts older than ADDED_COLUMNS): NULL there.
+    con.from_arrow(SCHEMAS[table].empty_table()).create(f"_{table}_columns")
+    columns = f"SELECT * FROM _{table}_columns UNION ALL BY NAME "
+    con.execute(f"CREATE VIEW {table}_history AS {columns}SELECT * FROM {_scan([p.path for p in parts])}")
     if table not in _ROW_KEY:
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
         return
@@ -525,7 +528,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, table: str, parts: Sequence[Pa
         f"SELECT * FROM {_scan(files)}" + ("" if after is None else f" WHERE step <= {int(after)}")
         for after, files in sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
     ]
-    body = "\nUNION ALL BY NAME\n".join(selects)
+    body = "\nUNION ALL BY NAME\n".join([f"SELECT * FROM _{table}_columns", *selects])
     if table in ("steps", "evals"):
         # Small tables: also guarantee one row per key should records disagree with the rows.
         key = ", ".join(("run_id", "node", *_ROW_KEY[table]))

@@ -59,8 +59,17 @@ STEP_SCALARS = (
     "tokens_per_s",
     "step_time_s",
     "batch_het",
+    "mfu",
 )
 """The float columns of `steps` (besides tokens, phase and time), in schema order."""
+
+STEP_MEMORY = ("peak_mem_allocated_bytes", "peak_mem_reserved_bytes")
+"""The integer columns of `steps` after the floats: the step's peak device memory, bytes
+(trinity.distributed.device.PeakMemory: CUDA allocated / reserved; CPU peak RSS / null)."""
+
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"steps": ("mfu", *STEP_MEMORY)}
+"""Columns newer than the first telemetry parts. Parts written before them lack them: they read as
+NULL (the catalog's views always have every column of SCHEMAS) and are not damaged (`trinity verify`)."""
 
 SCHEMAS: dict[str, pa.Schema] = {
     "steps": pa.schema(
@@ -70,6 +79,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("phase", pa.string()),
             pa.field("tokens", pa.int64()),
             *(pa.field(name, pa.float64()) for name in STEP_SCALARS),
+            *(pa.field(name, pa.int64()) for name in STEP_MEMORY),
         ]
     ),
     "moe_layers": pa.schema(
@@ -217,14 +227,32 @@ class TelemetryWriter:
         tokens_per_s: float | None = None,
         step_time_s: float | None = None,
         batch_het: float | None = None,
+        mfu: float | None = None,
+        peak_mem_allocated_bytes: int | None = None,
+        peak_mem_reserved_bytes: int | None = None,
         phase: str | None = None,
         time_s: float | None = None,
     ) -> None:
         """One optimizer step. `tokens` is cumulative for this node; None means not applicable.
 
+        mfu: achieved FLOP/s per rank over the accelerator's declared bf16 peak.
+        peak_mem_*_bytes: the step's peak device memory (see STEP_MEMORY).
         time_s: seconds since the epoch (default: now).
         """
-        scalars = (loss, ce_loss, aux_loss, z_loss, lr_muon, lr_adamw, grad_norm, tokens_per_s, step_time_s, batch_het)
+        scalars = (
+            loss,
+            ce_loss,
+            aux_loss,
+            z_loss,
+            lr_muon,
+            lr_adamw,
+            grad_norm,
+            tokens_per_s,
+            step_time_s,
+            batch_het,
+            mfu,
+        )
+        memory = (peak_mem_allocated_bytes, peak_mem_reserved_bytes)
         self._advance("steps", step)
         c = self._cols["steps"]
         self._key(c, step)
@@ -233,8 +261,12 @@ class TelemetryWriter:
         c["tokens"].append(None if tokens is None else int(tokens))
         for name, value in zip(STEP_SCALARS, scalars, strict=True):
             c[name].append(None if value is None else float(value))
+        for name, nbytes in zip(STEP_MEMORY, memory, strict=True):
+            c[name].append(None if nbytes is None else int(nbytes))
         if self.tb is not None:
-            self.tb.log_step(step, dict(zip(STEP_SCALARS, scalars, strict=True)), tokens=tokens)
+            values: dict[str, float | None] = dict(zip(STEP_SCALARS, scalars, strict=True))
+            values |= {name: None if b is None else float(b) for name, b in zip(STEP_MEMORY, memory, strict=True)}
+            self.tb.log_step(step, values, tokens=tokens)
         self._pending += 1
         self._maybe_flush()
 

@@ -6,8 +6,9 @@ MoE-layer and eval row here. Events land in NodeDir.tensorboard(attempt), so
 `tensorboard --logdir RUN/nodes` shows every node and attempt as its own run.
 
 Tags (global step = optimizer step):
-    loss, ce_loss, aux_loss, z_loss, grad_norm, tokens_per_s, step_time_s, batch_het, tokens
+    loss, ce_loss, aux_loss, z_loss, grad_norm, tokens_per_s, step_time_s, batch_het, mfu, tokens
     lr/muon, lr/adamw
+    memory/peak_allocated_bytes, memory/peak_reserved_bytes    (the step's peak device memory)
     max_vio/layer_NN, dead_experts/layer_NN      (NN = MoE layer index, from 00)
     eval/<task>/<metric>[/<length>]
 """
@@ -22,7 +23,12 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.tensorboard import SummaryWriter
 
-_TAGS = {"lr_muon": "lr/muon", "lr_adamw": "lr/adamw"}
+_TAGS = {
+    "lr_muon": "lr/muon",
+    "lr_adamw": "lr/adamw",
+    "peak_mem_allocated_bytes": "memory/peak_allocated_bytes",
+    "peak_mem_reserved_bytes": "memory/peak_reserved_bytes",
+}
 
 
 def step_tag(name: str) -> str:

@@ -29,7 +29,7 @@ from trinity.run.graph import RunGraph
 from trinity.run.layout import NodeDir, RunDir
 from trinity.store.checkpoint_commit import list_checkpoints, list_set_aside
 from trinity.store.checkpoint_integrity import check_checkpoint
-from trinity.store.telemetry import PART_RE, SCHEMAS
+from trinity.store.telemetry import ADDED_COLUMNS, PART_RE, SCHEMAS
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def check_part(path: Path, table: str) -> str | None:
     except (OSError, pa.ArrowException) as exc:
         text = str(exc).strip()
         return f"cannot be read as Parquet ({text.splitlines()[0] if text else type(exc).__name__})"
-    missing = [n for n in SCHEMAS[table].names if n not in data.column_names]
+    optional = ADDED_COLUMNS.get(table, ())  # newer than the part: NULL in the views
+    missing = [n for n in SCHEMAS[table].names if n not in data.column_names and n not in optional]
     return f"lacks the columns {missing} of table {table}" if missing else None
 
 
