@@ -55,3 +55,22 @@ def test_the_distributed_tiny_graph_validates_with_four_ranks() -> None:
     par = spec.parallel
     assert (par.nodes, par.gpus_per_node, par.fsdp_group, par.ep, par.replicas) == (1, 4, 2, 2, 2)
     assert all(par.divides_batch(b.sequences) for b in spec.optim.batch)
+
+
+def test_every_graph_written_in_the_guide_validates(tmp_path: Path) -> None:
+    """The ```yaml graph files of docs/guide.md, saved where their comment says, pass `trinity validate`
+    (a user copies them as they are)."""
+    import re
+
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    blocks = re.findall(r"```yaml\n# (graphs/[\w.-]+\.yaml)\n(.*?)```", guide, re.S)
+    assert blocks, "the guide's example graph (a ```yaml block starting with '# graphs/NAME.yaml') is gone"
+    for name, text in blocks:
+        path = ROOT / name
+        assert not path.exists(), f"{name} would overwrite a graph of the repository"
+        try:
+            path.write_text(text)
+            result = runner.invoke(app, ["validate", str(path)])
+        finally:
+            path.unlink(missing_ok=True)
+        assert result.exit_code == 0, f"docs/guide.md's {name}: {result.output}"

@@ -122,18 +122,38 @@ def plan(
     graph: GraphArg,
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace",
+            help="Also run one training step of each stage's layout at the spec's world size on fake tensors "
+            "and report what one rank holds (minutes for the largest presets).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Show the nodes to run, their identities and what the experiment will cost."""
     from trinity.graph.plan import build_plan
 
-    result = build_plan(_load(graph, set_))
+    loaded = _load(graph, set_)
+    result = build_plan(loaded)
+    report = None
+    if trace:
+        from trinity.distributed.trace import trace_plan
+
+        with err.status("tracing one training step per stage (fake tensors, fake process group)") as status:
+            report = trace_plan(loaded.spec, on_stage=lambda s: status.update(f"tracing one training step of: {s}"))
+        result["trace"] = report.to_json()
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
-        return
-    from trinity.cli_render import print_plan
+    else:
+        from trinity.cli_render import print_plan
 
-    print_plan(out, result)
+        print_plan(out, result)
+    if report is not None:
+        from trinity.distributed.trace import check_fits
+
+        check_fits(report, loaded.spec)
 
 
 @app.command("graph")

@@ -76,18 +76,45 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         ("training FLOPs / token (pretraining length)", f"{est['flops_per_token']:.3e}"),
         ("world size", f"{est['world_size']:,}"),
         (
-            "memory / GPU (peak stage)",
+            "memory / GPU (pretraining)",
             Text.assemble(
                 human_bytes(est["memory_per_gpu_bytes"]), ("" if est["memory_fits"] else ("  does not fit", "bold red"))
             ),
         ),
         ("  of which", plain(", ".join(f"{k} {human_bytes(v)}" for k, v in mem.items()))),
+        (
+            "  per stage",
+            plain(", ".join(f"{k} {human_bytes(v)}" for k, v in est.get("memory_per_stage_bytes", {}).items())),
+        ),
         ("checkpoint size", human_bytes(est["checkpoint_bytes"])),
         ("GPU-hours (whole graph)", f"{est['graph_gpu_hours']:,.0f}"),
     ]
     for row in rows:
         summary.add_row(*row)
     console.print(summary)
+    if "trace" in plan:
+        print_trace(console, plan["trace"])
+
+
+def print_trace(console: Console, trace: dict[str, Any]) -> None:
+    """`plan --trace`: per stage, what one rank held in the traced training step (or why there was none)."""
+    table = Table(title=f"traced step, per rank of {trace['world_size']:,}", title_justify="left")
+    for col in ("stage", "seq_len", "params", "grads", "optimizer", "activation peak", "peak", "traced in"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in trace["stages"]:
+        if s["skipped"] is not None:
+            table.add_row(plain(s["stage"]), f"{s['seq_len']:,}", Text(printable(f"not traced: {s['skipped']}")))
+            continue
+        table.add_row(
+            plain(s["stage"]),
+            f"{s['seq_len']:,}",
+            *(human_bytes(s[k]) for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_peak_bytes")),
+            human_bytes(s["peak_bytes"]),
+            f"{s['seconds']:.0f} s",
+        )
+    console.print(table)
+    for line in trace["assumptions"]:
+        console.print(plain(f"assumed: {line}"))
 
 
 def print_diff(console: Console, result: SpecDiff) -> None:

@@ -32,6 +32,10 @@ T = TypeVar("T")
 _PROC = Path("/proc/self")
 
 
+HOST = torch.device("cpu")
+"""The host: the CPU fallback of training and of gloo's collectives, the fake device of `plan --trace`."""
+
+
 def training_device() -> torch.device:
     """cuda:LOCAL_RANK when CUDA is available, else the CPU (the only CPU fallback of the trainer)."""
     if torch.cuda.is_available():
@@ -42,7 +46,7 @@ def training_device() -> torch.device:
                 "start at most one rank per GPU (parallel.gpus_per_node)"
             )
         return torch.device("cuda", local)
-    return torch.device("cpu")
+    return HOST
 
 
 def collective_device() -> torch.device:
@@ -50,7 +54,7 @@ def collective_device() -> torch.device:
     host (gloo; also without a process group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return training_device()
-    return torch.device("cpu")
+    return HOST
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

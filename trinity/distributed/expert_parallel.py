@@ -17,6 +17,10 @@ Both row exchanges are autograd functions whose backward is the reverse exchange
 expert gradients come from every rank's loss, and router/shared gradients from its own. Every
 rank of the ep mesh must run each forward and backward (they are collectives).
 
+Under `trinity.model.moe.balanced_routing()` (traces under FakeTensorMode, which have no data) the
+split sizes and the regrouping come from the balanced counts on the host instead of from the
+exchanged count matrix: every rank routes the same number of rows to every expert.
+
 Module-level `STATS` counts what the row and count exchanges move and how long they take, per
 forward and backward, for benchmarks (`reset_stats`, `read_stats`).
 
@@ -37,7 +41,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from trinity.model.moe import GroupedExperts, MoE, permute_rows, swiglu_grouped
+from trinity.model.moe import (
+    GroupedExperts,
+    MoE,
+    balanced_counts,
+    permute_rows,
+    routing_is_balanced,
+    swiglu_grouped,
+)
 
 EXPERT_PARAMS = ("w1_EFD", "w3_EFD", "w2_EDF")
 
@@ -145,10 +156,20 @@ class AllToAllDispatch:
         send_PL = counts_E.reshape(P, L).contiguous()
         recv_PL = torch.empty_like(send_PL)
         _exchange(recv_PL, send_PL, None, None, self.group, STATS.forward)
-        send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # host sync: sizes
+        if routing_is_balanced():  # a trace: every rank routes the balanced counts (module docstring)
+            counts = balanced_counts(x_MD.shape[0], P * L)
+            me = dist.get_rank(self.group)
+            send_splits = [sum(counts[p * L : (p + 1) * L]) for p in range(P)]
+            recv_splits = [sum(counts[me * L : (me + 1) * L])] * P
+            repeats_PL = torch.tensor(counts[me * L : (me + 1) * L] * P, device=x_MD.device)
+        else:
+            send_splits, recv_splits = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()  # host sync: sizes
+            repeats_PL = recv_PL.reshape(-1)
         x_RD = all_to_all_rows(x_MD, recv_splits, send_splits, self.group)
         # Arrived in (source rank, local expert) blocks; the grouped matmul needs (local expert, source rank).
-        local_ids_R = torch.arange(L, device=x_MD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
+        local_ids_R = (
+            torch.arange(L, device=x_MD.device).repeat(P).repeat_interleave(repeats_PL, output_size=sum(recv_splits))
+        )
         order_R = torch.argsort(local_ids_R, stable=True)
         inverse_R = torch.argsort(order_R)
         w1_LFD, w3_LFD, w2_LDF = (local_part(getattr(experts, n)) for n in EXPERT_PARAMS)

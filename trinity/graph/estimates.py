@@ -10,12 +10,18 @@ Conventions (printed by `trinity plan`, checked against PAPER.md's counts in the
   excluded) + 12 x heads x head_dim x mean attended context, summed over layers: a local layer
   attends to at most `sliding_window` keys, a global one to (T+1)/2 on average (causal). The
   context is an upper bound under intra-document masking.
-- Memory per GPU under HSDP: fp32 master weights, fp32 gradients and optimizer state (Muon:
-  one momentum; AdamW: two moments) sharded over the FSDP group (experts over EP inside it);
-  plus two transformer blocks gathered in the compute dtype (current + prefetch); plus
-  activations of one micro-batch (block inputs kept, one block recomputed, with activation
-  checkpointing; all blocks without), at the sequence length divided by context parallelism;
-  plus the bf16 logits of one micro-batch.
+- Memory per GPU under HSDP, per training stage: fp32 master weights, fp32 gradients and optimizer
+  state (Muon: one momentum; AdamW: two moments) sharded over the FSDP group (experts over EP
+  inside it); plus the gathered parameters in the compute dtype: the root's (embedding and head,
+  kept from forward to backward) and one transformer block; plus
+  activations of one micro-batch in the compute dtype (block inputs kept, and one block recomputed
+  with as much again for its backward temporaries, with activation checkpointing; all blocks
+  without), at the sequence length divided by context parallelism; plus the larger of two
+  transients that never coincide: one block's gradients in the compute and the reduce dtype (its
+  backward), or what the fused head loss holds (trinity/model/head_loss.py: the fp32 head gradient
+  it computes in the forward, its [chunk, V] buffers; the [B, T, V] logits are never built).
+  `trinity plan --trace` checks these figures against one traced step of the real code
+  (trinity/distributed/trace.py): within 15% for the presets' pretraining.
 - GPU-hours = FLOPs / (peak bf16 FLOP/s x declared MFU) / 3600.
 """
 
@@ -148,44 +154,71 @@ def _block_activation_bytes_per_token(m: ModelSpec, moe: bool) -> float:
     return float((attn + ffn) * BYTES_BF16)
 
 
+HEAD_CHUNK_BYTES = 64 * 2**20
+HEAD_HELD_BYTES = 256 * 2**20
+"""The fused head loss's caps on its fp32 [chunk, V] buffer and its held logit gradients
+(trinity/model/head_loss.py MAX_CHUNK_BYTES, MAX_GRAD_ROWS_BYTES; graph/ may not import model/)."""
+
+
+def _head_loss_bytes(m: ModelSpec, tokens: float, compute_bytes: int) -> float:
+    """What the fused head loss holds at once: the fp32 head gradient it computes in the forward (kept
+    for the backward), its chunk buffers (fp32 and compute-dtype [C, V], held logit gradients) and the
+    gradient w.r.t. the hidden states. The [B, T, V] logits are never built."""
+    V, d = m.vocab_size, m.d_model
+    buffers = HEAD_CHUNK_BYTES * (1 + compute_bytes / BYTES_FP32) + min(HEAD_HELD_BYTES, tokens * V * compute_bytes)
+    return V * d * BYTES_FP32 + buffers + tokens * d * compute_bytes
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU, by kind."""
+    """Bytes per GPU, by kind (see the module docstring)."""
 
     params: int
     grads: int
     optimizer: int
     gathered: int
     activations: int
-    logits: int
+    block_grads: int
+    head_loss: int
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations + self.logits
+        # A block's gradients live in its backward, the head loss's buffers at the head: never both.
+        held = self.params + self.grads + self.optimizer + self.gathered + self.activations
+        return held + max(self.block_grads, self.head_loss)
 
 
-def memory_per_gpu(m: ModelSpec, par: ParallelSpec, seq_len: int, cp: int | None = None) -> MemoryEstimate:
+def memory_per_gpu(
+    m: ModelSpec, par: ParallelSpec, seq_len: int, cp: int | None = None, precision: str = "bf16"
+) -> MemoryEstimate:
     """Training memory per GPU at `seq_len` under the layout `par` (see the module docstring)."""
     c = count_params(m)
     shard = par.fsdp_group
-    compute_bytes = BYTES_BF16 if par.param_dtype == "bf16" else BYTES_FP32
+    compute_bytes = BYTES_BF16 if par.param_dtype == "bf16" and precision == "bf16" else BYTES_FP32
+    act_bytes = BYTES_BF16 if precision == "bf16" else BYTES_FP32
+    reduce_bytes = BYTES_BF16 if par.reduce_dtype == "bf16" else BYTES_FP32
     per_layer_dense = (c.attention + c.norms + c.dense_ffn) / m.n_layers
     expert_layer = (c.routed_experts / max(m.n_moe_layers, 1)) / par.ep
     shared_layer = (c.shared_experts + c.router) / max(m.n_moe_layers, 1)
     block = per_layer_dense + (expert_layer + shared_layer if m.n_moe_layers else 0)
+    root = c.embedding + c.head
     tokens = par.micro_batch * seq_len / (cp or par.cp)
-    per_token = [_block_activation_bytes_per_token(m, m.is_moe_layer(i)) for i in range(m.n_layers)]
+    per_token = [
+        _block_activation_bytes_per_token(m, m.is_moe_layer(i)) / BYTES_BF16 * act_bytes for i in range(m.n_layers)
+    ]
     if par.activation_checkpointing != "none":
-        activations = tokens * (m.n_layers * m.d_model * BYTES_BF16 + max(per_token))
+        # Block inputs kept; one block recomputed in the backward, with its gradient temporaries.
+        activations = tokens * (m.n_layers * m.d_model * act_bytes + 2 * max(per_token))
     else:
         activations = tokens * sum(per_token)
     return MemoryEstimate(
         params=math.ceil(c.total * BYTES_FP32 / shard),
         grads=math.ceil(c.total * BYTES_FP32 / shard),
         optimizer=math.ceil(_optimizer_state_bytes(c) / shard),
-        gathered=math.ceil(2 * block * compute_bytes),
+        gathered=math.ceil((root + block) * compute_bytes),
         activations=math.ceil(activations),
-        logits=math.ceil(tokens * m.vocab_size * BYTES_BF16),
+        block_grads=math.ceil(block * (compute_bytes + reduce_bytes)),
+        head_loss=math.ceil(_head_loss_bytes(m, tokens, compute_bytes)),
     )
 
 
@@ -217,19 +250,22 @@ class Estimates:
     active_params_non_embedding: int
     flops_per_token: float
     memory_per_gpu_bytes: int
+    """Pretraining's (at the longest phase), the figure `plan --trace` checks."""
     memory_breakdown: dict[str, int]
     memory_fits: bool
     checkpoint_bytes: int
     gpu_hours: float
     world_size: int
     stages: list[StageCost] = field(default_factory=list)
+    memory_per_stage_bytes: dict[str, int] = field(default_factory=dict)
+    """Every training stage's (extension at its context-parallel degree); `memory_fits` means all fit."""
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
 def estimate(spec: ExperimentSpec) -> Estimates:
-    """Estimates for the whole experiment (memory at the pretraining sequence length)."""
+    """Estimates for the whole experiment (memory: pretraining's, and per training stage)."""
     m, par = spec.model, spec.parallel
     c = count_params(m)
     peak = par.accelerator.peak_bf16_tflops * 1e12 * par.mfu
@@ -242,13 +278,15 @@ def estimate(spec: ExperimentSpec) -> Estimates:
         cost(f"pretrain:{p.name}", p.tokens, p.seq_len, n, flops_per_token(m, p.seq_len))
         for p, n in zip(spec.data.phases, spec.pretrain_steps(), strict=True)
     ]
-    memory = memory_per_gpu(m, par, spec.data.max_seq_len)
+    precision = spec.stability.precision
+    memory = memory_per_gpu(m, par, spec.data.max_seq_len, precision=precision)
+    per_stage = {"pretrain": memory.total}
     if (ext := spec.stages.extend) is not None:
         stages.append(cost("extend", ext.tokens, ext.seq_len, ext.optimizer_steps, flops_per_token(m, ext.seq_len)))
-        ext_memory = memory_per_gpu(m, par, ext.seq_len, ext.cp)
-        memory = max(memory, ext_memory, key=lambda e: e.total)
+        per_stage["extend"] = memory_per_gpu(m, par, ext.seq_len, ext.cp, precision).total
     if (sft := spec.stages.sft) is not None:
         stages.append(cost("sft", sft.tokens, sft.seq_len, sft.optimizer_steps, flops_per_token(m, sft.seq_len)))
+        per_stage["sft"] = memory_per_gpu(m, par, sft.seq_len, precision=precision).total
     if (rl := spec.stages.rl) is not None:
         # Upper bound: every response at max length; generation 2N, policy update 6N per token.
         tokens = rl.steps * rl.prompts_per_step * rl.group_size * rl.max_new_tokens
@@ -262,7 +300,8 @@ def estimate(spec: ExperimentSpec) -> Estimates:
         flops_per_token=flops_per_token(m, spec.data.max_seq_len),
         memory_per_gpu_bytes=memory.total,
         memory_breakdown=breakdown,
-        memory_fits=memory.total <= par.accelerator.memory_gib * 1024**3,
+        memory_per_stage_bytes=per_stage,
+        memory_fits=max(per_stage.values()) <= par.accelerator.memory_gib * 1024**3,
         checkpoint_bytes=checkpoint_bytes(m),
         gpu_hours=sum(s.gpu_hours for s in stages),
         world_size=par.total_ranks,

@@ -14,13 +14,20 @@ owning their experts and back; routing, sorting and combining stay here, unchang
 `MoEReference` computes every expert on every token with a dense gate matrix: slow, obvious,
 used by tests.
 
+Balanced routing (`balanced_routing()`): the per-expert row counts are data-dependent (a bincount of
+the top-k choices) and so are the splits of the expert-parallel all-to-all that follow from them.
+A trace under FakeTensorMode (trinity.distributed.trace) has no data, so inside this context every
+expert receives T*K / E rows (the remainder spread over the first experts), known on the host; the
+selection itself still runs. Outside it nothing changes.
+
 Legend: B batch, T tokens (flattened B*T where noted), D d_model, E routed experts, K top-k,
 F expert hidden, M = T*K routed rows, S shared hidden.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +35,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from trinity.model.losses import sequence_aux_loss
+
+_BALANCED = False
+
+
+@contextmanager
+def balanced_routing() -> Iterator[None]:
+    """Route as if every expert received the same number of rows (for traces; see the module docstring)."""
+    global _BALANCED
+    before, _BALANCED = _BALANCED, True
+    try:
+        yield
+    finally:
+        _BALANCED = before
+
+
+def routing_is_balanced() -> bool:
+    """Whether `balanced_routing()` is on."""
+    return _BALANCED
+
+
+def balanced_counts(rows: int, n: int) -> list[int]:
+    """`rows` split over `n` groups as evenly as possible, the first ones taking the remainder."""
+    return [rows // n + (1 if i < rows % n else 0) for i in range(n)]
 
 
 def to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -58,10 +88,15 @@ def grouped_linear(x_MD: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Ten
     """Rows offsets[e-1]:offsets[e] of x times w[e]^T, for every expert e, in one grouped kernel."""
     size = x_MD.element_size()
     aligned = all(n * size % 16 == 0 for n in (x_MD.shape[-1], *w_EFD.shape[-2:]))  # the kernel's rule
-    if hasattr(torch, "_grouped_mm") and aligned:
+    # A trace (balanced routing, fake tensors) loops in fp32: _grouped_mm's shape function accepts only bf16.
+    traced_fp32 = _BALANCED and x_MD.dtype != torch.bfloat16
+    if hasattr(torch, "_grouped_mm") and aligned and not traced_fp32:
         return torch._grouped_mm(x_MD, w_EFD.transpose(-2, -1), offs=offsets_E)
     # Fallback (no grouped mm, or rows not 16-byte aligned): a loop over experts, never over tokens.
-    sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
+    if _BALANCED:
+        sizes = balanced_counts(x_MD.shape[0], w_EFD.shape[0])
+    else:
+        sizes = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).tolist()
     chunks = x_MD.split(sizes)  # type: ignore[no-untyped-call]
     return torch.cat([x @ w.T for x, w in zip(chunks, w_EFD, strict=True)])
 
@@ -195,7 +230,11 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         scores_TE, topk_ids_TK, gates_TK = self.route(x_TD)
-        counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
+        if _BALANCED:  # a trace: no data to count (see the module docstring)
+            counts = balanced_counts(topk_ids_TK.numel(), self.n_experts)
+            counts_E = torch.tensor(counts, dtype=torch.int64, device=x_BTD.device)
+        else:
+            counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.n_experts)
         # Under autocast the experts compute in bf16: cast once for the routed experts (whose
         # gather, and all-to-all under expert parallelism, then moves half the bytes) and the shared one.
         x_cTD = to_compute_dtype(x_TD)
