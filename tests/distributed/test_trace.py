@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -111,15 +114,29 @@ def test_plan_trace_cli_exits_2_over_memory() -> None:
     assert "pretrain" in out.stderr and "parallel.micro_batch = 2" in out.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["nano", "mini", "large"])
-def test_preset_trace_agrees_with_the_analytic_estimate(name: str) -> None:
-    """The presets at full scale (512 fake ranks for Nano and Mini, 2048 for Large): pretraining's traced
-    peak fits the accelerator and the analytic memory_per_gpu_bytes is within 15% of it (0.5 to 1.5
-    min of one core each)."""
+def _trace_preset(name: str) -> tuple[int, int | None, int, float, int]:
+    """(world, traced peak, analytic memory_per_gpu_bytes, accelerator GiB) of a preset's pretraining."""
     spec = load_experiment(ROOT / "graphs" / f"trinity-{name}.yaml").spec
     t = trace_stage(spec, "pretrain", spec.data.max_seq_len, cp=1)
-    analytic = estimate(spec).memory_per_gpu_bytes
-    assert t.world_size == spec.parallel.total_ranks and t.peak_bytes is not None
-    assert t.peak_bytes < spec.parallel.accelerator.memory_gib * 1024**3
-    assert abs(analytic / t.peak_bytes - 1) < 0.15
+    return (
+        t.world_size,
+        t.peak_bytes,
+        estimate(spec).memory_per_gpu_bytes,
+        spec.parallel.accelerator.memory_gib,
+        (spec.parallel.total_ranks),
+    )
+
+
+@pytest.mark.slow
+def test_preset_traces_agree_with_the_analytic_estimate() -> None:
+    """The presets at full scale (512 fake ranks for Nano and Mini, 2048 for Large): pretraining's traced
+    peak fits the accelerator and the analytic memory_per_gpu_bytes is within 15% of it (0.5 to 1.5
+    min of one core each; traced in parallel processes, one per core)."""
+    names = ["nano", "mini", "large"]
+    workers = min(len(names), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(zip(names, pool.map(_trace_preset, names), strict=True))
+    for name, (world, peak, analytic, memory_gib, ranks) in results.items():
+        assert world == ranks and peak is not None, name
+        assert peak < memory_gib * 1024**3, name
+        assert abs(analytic / peak - 1) < 0.15, (name, analytic, peak)
