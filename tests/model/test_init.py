@@ -13,29 +13,12 @@ import math
 import pytest
 import torch
 
+from tests.model.test_transformer import small_spec
 from trinity.model import TrinityModel, init_weights
 from trinity.model.init import canonical_name, fill_truncated_normal, param_key, uniform_bits
 from trinity.model.rope import RotaryEmbedding
-from trinity.spec.model import ModelSpec
 
 M64 = (1 << 64) - 1
-
-
-def small_spec(**kw: object) -> ModelSpec:
-    base: dict[str, object] = dict(
-        vocab_size=97,
-        d_model=32,
-        n_layers=4,
-        n_dense_layers=1,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        dense_hidden=48,
-        sliding_window=8,
-        moe=dict(n_experts=4, top_k=2, expert_hidden=16, route_scale=2.0),
-    )
-    base.update(kw)
-    return ModelSpec.model_validate(base)
 
 
 def _splitmix_mix(z: int) -> int:
