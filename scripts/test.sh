@@ -13,7 +13,7 @@ else
     echo "test.sh: the local Slurm cluster did not come up; Slurm tests will skip (or fail if required)" >&2
 fi
 status=0
-python3 -m pytest -q "$@" || status=$?
+python3 -m pytest -q --durations=25 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test.sh: pytest collected no test" >&2
 fi

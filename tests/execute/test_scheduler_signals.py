@@ -41,6 +41,9 @@ class Scheduler:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # A user's terminal delivers SIGHUP; a test session started under `nohup` would pass its
+            # SIG_IGN on, and an ignored SIGHUP is (rightly) left ignored by the scheduler.
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
         )
         self.node_pids: set[int] = set()
 
