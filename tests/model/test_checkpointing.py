@@ -21,6 +21,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
+from tests.distributed.test_training_parity import MODEL as PARITY_MODEL
 from trinity.model import TransformerBlock, TrinityModel
 from trinity.model.checkpointing import apply_activation_checkpointing
 from trinity.spec.model import ModelSpec
@@ -28,19 +29,7 @@ from trinity.spec.parallel import ParallelSpec
 from trinity.store.activations import ActivationCapture
 from trinity.store.checkpoint import load_checkpoint
 
-MODEL: dict[str, Any] = dict(
-    vocab_size=256,
-    d_model=64,
-    n_layers=4,
-    n_dense_layers=1,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    dense_hidden=128,
-    global_every=4,
-    sliding_window=16,
-    moe=dict(n_experts=4, n_shared_experts=1, top_k=2, expert_hidden=32, route_scale=2.0),
-)
+MODEL: dict[str, Any] = PARITY_MODEL  # the distributed parity tests' model: MoE, a dense layer, local + global
 B, T = 2, 64
 POLICIES: dict[str, dict[str, Any]] = {
     "full": dict(activation_checkpointing="full"),
