@@ -3,12 +3,19 @@
 The same training state (a TrinityModel's state_dict, AdamW's state after one step: exp_avg and
 exp_avg_sq per parameter, RNG states, loader state), side by side in one process, fp32 and a
 bf16 variant (model and moments in bf16, stored as uint16 bit patterns). GB/s = bytes of tensor
-data / seconds; median of `--repeats`; ratios are trinity / torch (above 1: trinity faster).
+data / seconds; medians of `--repeats`, the variants alternating within each repeat. Under
+results[dtype]:
 
-Variants: trinity without compression (the default) with and without fsync (fsync of every file
-is part of the commit protocol; torch.save does none, so "torch.save+fsync" is shown too), and
-with zstd level 1 / blosc-lz4 compression. Reads come from the page cache right after the
-write, for both.
+    save_vs_torch           trinity's default save (fsync of every file, checksums in the marker)
+                            vs torch.save followed by an fsync of its file: durable vs durable
+    save_vs_torch_nofsync   trinity with fsync=False vs plain torch.save
+    load_vs_torch           loads from disk: the page cache is dropped before each timed load of
+                            either side (sync; echo 3 > /proc/sys/vm/drop_caches; needs root, and
+                            `page_cache_dropped` says whether it worked)
+    load_vs_torch_warm      the same file loaded again, from the page cache
+
+Above 1: trinity faster. zstd level 1 and blosc-lz4 saves and cold loads are timed too (fewer
+repeats). The JSON records the load average: other jobs on the machine move the figures.
 
     python bench/checkpoint.py [--model medium|tiny] [--repeats 3] [--dir /tmp] [--out bench/checkpoint.json]
 """
@@ -98,14 +105,21 @@ def dir_bytes(path: Path) -> int:
     return sum((Path(d) / f).stat().st_size for d, _, fs in os.walk(path) for f in fs)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, before: Callable[[], None] = lambda: None) -> float:
-    times = []
-    for _ in range(repeats):
-        before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def drop_caches() -> bool:
+    """Write back dirty pages and drop the page cache (root only), so that the next read comes from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def timed(fn: Callable[[], Any], before: Callable[[], Any] = lambda: None) -> float:
+    before()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def torch_save(state: dict[str, Any], path: Path, fsync: bool) -> None:
@@ -117,48 +131,73 @@ def torch_save(state: dict[str, Any], path: Path, fsync: bool) -> None:
 
 
 def measure(model_name: str, dtype: torch.dtype, repeats: int, work: Path) -> dict[str, Any]:
+    """Every variant timed `repeats` times, the two sides alternating within each repeat; medians."""
     state = training_state(model_name, dtype)
     nbytes = tensor_bytes(state)
     out: dict[str, Any] = {
-        "dtype": str(dtype).removeprefix("torch."),
         "params": sum(v.numel() for v in state["model"].values()),
         "tensor_bytes": nbytes,
         "n_tensors": sum(1 for _ in state["model"]) + sum(len(s) for s in state["optimizer"]["state"].values()),
     }
-    gbs = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
-
     pt = work / "state.pt"
-    for fsync in (False, True):
-        key = "torch" + ("+fsync" if fsync else "")
-        out[f"{key}_save_gbs"] = gbs(median_time(lambda f=fsync: torch_save(state, pt, f), repeats))  # type: ignore[misc]
-    out["torch_load_gbs"] = gbs(median_time(lambda: torch.load(pt, weights_only=False), repeats))
-    out["torch_file_bytes"] = pt.stat().st_size
-    pt.unlink()
+    saves: dict[str, Callable[[], Any]] = {
+        "torch+fsync": lambda: torch_save(state, pt, True),
+        "trinity": lambda: save_checkpoint(work / "trinity", 1, state, 1),
+        "torch": lambda: torch_save(state, pt, False),
+        "trinity_nofsync": lambda: save_checkpoint(work / "trinity", 1, state, 1, fsync=False),
+    }
+    ckpt = work / "trinity" / "step-00000001"
+    loads: dict[str, Callable[[], Any]] = {
+        "torch": lambda: torch.load(pt, weights_only=False),
+        "trinity": lambda: load_checkpoint(ckpt),
+    }
+    times: dict[str, list[float]] = {}
 
-    for name, kw in {
-        "trinity": {"compression": "none"},
-        "trinity_nofsync": {"compression": "none", "fsync": False},
-        "trinity_zstd1": {"compression": "zstd"},
-        "trinity_lz4": {"compression": "lz4"},
-    }.items():
+    def clear(name: str) -> None:
+        if name.startswith("torch"):
+            pt.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(work / "trinity", ignore_errors=True)
+        os.sync()  # earlier writes' writeback does not run into the next timed save
+
+    dropped = True
+    for _ in range(repeats):
+        for name, fn in saves.items():
+            times.setdefault(f"{name}_save", []).append(timed(fn, lambda n=name: clear(n)))  # type: ignore[misc]
+        for cache in ("cold", "warm"):
+            for name, fn in loads.items():
+                if cache == "cold":
+                    dropped &= drop_caches()
+                else:
+                    fn()  # into the page cache
+                times.setdefault(f"{name}_load_{cache}", []).append(timed(fn))
+    out["torch_file_bytes"] = pt.stat().st_size
+    out["trinity_bytes"] = dir_bytes(ckpt)
+    for name, kw in {"trinity_zstd1": {"compression": "zstd"}, "trinity_lz4": {"compression": "lz4"}}.items():
         root = work / name
-        clear = lambda r=root: shutil.rmtree(r, ignore_errors=True)  # type: ignore[misc]  # noqa: E731
-        out[f"{name}_save_gbs"] = gbs(
-            median_time(lambda r=root, k=kw: save_checkpoint(r, 1, state, 1, **k), repeats, clear)
-        )  # type: ignore[misc]
         path = root / "step-00000001"
-        out[f"{name}_load_gbs"] = gbs(median_time(lambda p=path: load_checkpoint(p), repeats))  # type: ignore[misc]
+        for _ in range(max(1, repeats // 3)):
+            times.setdefault(f"{name}_save", []).append(
+                timed(lambda r=root, k=kw: save_checkpoint(r, 1, state, 1, **k), lambda r=root: shutil.rmtree(r, True))  # type: ignore[misc]
+            )
+            dropped &= drop_caches()
+            times.setdefault(f"{name}_load_cold", []).append(timed(lambda p=path: load_checkpoint(p)))  # type: ignore[misc]
         out[f"{name}_bytes"] = dir_bytes(path)
-        clear()
-    out["ratio_save_trinity_vs_torch"] = out["trinity_save_gbs"] / out["torch_save_gbs"]
-    out["ratio_save_trinity_vs_torch_fsync"] = out["trinity_save_gbs"] / out["torch+fsync_save_gbs"]
-    out["ratio_save_trinity_nofsync_vs_torch"] = out["trinity_nofsync_save_gbs"] / out["torch_save_gbs"]
-    out["ratio_load_trinity_vs_torch"] = out["trinity_load_gbs"] / out["torch_load_gbs"]
+        shutil.rmtree(root)
+    for key, ts in times.items():
+        out[f"{key}_gbs"] = nbytes / statistics.median(ts) / 1e9
+    out["page_cache_dropped"] = dropped
+    out["save_vs_torch"] = out["trinity_save_gbs"] / out["torch+fsync_save_gbs"]
+    out["save_vs_torch_nofsync"] = out["trinity_nofsync_save_gbs"] / out["torch_save_gbs"]
+    out["load_vs_torch"] = out["trinity_load_cold_gbs"] / out["torch_load_cold_gbs"]
+    out["load_vs_torch_warm"] = out["trinity_load_warm_gbs"] / out["torch_load_warm_gbs"]
 
     back = load_checkpoint(save_checkpoint(work / "check", 1, state, 1))  # the bench state round-trips exactly
     assert all(torch.equal(a.view(torch.uint8) if a.ndim else a, b.view(torch.uint8) if b.ndim else b)
                for a, b in zip(state["model"].values(), back["model"].values(), strict=True))  # fmt: skip
     shutil.rmtree(work / "check")
+    clear("torch")
+    clear("trinity")
     return out
 
 
@@ -176,7 +215,11 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "model": args.model,
             "repeats": args.repeats,
-            "results": [measure(args.model, dt, args.repeats, Path(d)) for dt in (torch.float32, torch.bfloat16)],
+            "load_average": os.getloadavg(),
+            "results": {
+                str(dt).removeprefix("torch."): measure(args.model, dt, args.repeats, Path(d))
+                for dt in (torch.float32, torch.bfloat16)
+            },
         }
     text = json.dumps(result, indent=2)
     print(text)

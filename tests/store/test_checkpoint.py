@@ -239,12 +239,12 @@ def test_failure_mid_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
     real = ckpt_zarr.write_array
     calls = 0
 
-    async def disk_full(*args: Any) -> None:
+    def disk_full(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        await real(*args)
+        return real(*args)
 
     monkeypatch.setattr(ckpt_zarr, "write_array", disk_full)
     new = {f"w{i}": torch.randn(300, 300) for i in range(6)}
@@ -256,14 +256,15 @@ def test_failure_mid_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatc
 
 
 KILL_CHILD = """
-import asyncio, sys, torch
+import sys, time, torch
 from pathlib import Path
 import trinity.store.checkpoint as ckpt
 import trinity.store.checkpoint_zarr as ckpt_zarr
 real = ckpt_zarr.write_array
-async def slow(*args):
-    await real(*args)
-    await asyncio.sleep(0.2)  # a slow disk: the parent has time to kill us mid-write
+def slow(*args):
+    out = real(*args)
+    time.sleep(0.2)  # a slow disk: the parent has time to kill us mid-write
+    return out
 ckpt_zarr.write_array = slow
 state = {f"w{i}": torch.full((256, 1024), float(i)) for i in range(64)}
 ckpt.save_checkpoint(Path(sys.argv[1]), 2, state, keep_last=1, pack_below_bytes=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ def chunks(path: Path, array: str) -> list[Path]:
     return sorted(p for p in (path / array / "c").rglob("*") if p.is_file())
 
 
+def crc32(file: Path) -> str:
+    return f"{zlib.crc32(file.read_bytes()):08x}"
+
+
 def flip(file: Path, at: int) -> None:
     data = bytearray(file.read_bytes())
     data[at] ^= 0x10
@@ -63,13 +68,14 @@ def test_intact_checkpoints_load_and_every_chunk_of_zeros_is_written(tmp_path: P
     assert check_checkpoint(path) == ([], [])
 
 
-def test_the_marker_records_every_file_with_its_sha256(tmp_path: Path) -> None:
+def test_the_marker_records_every_file_with_its_crc32(tmp_path: Path) -> None:
     path = saved(tmp_path)
+    assert read_marker(path)["checksum"] == "crc32"
     files = read_marker(path)["files"]
     on_disk = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file() and p.name != MARKER}
     assert set(files) == set(on_disk)
     for rel, p in on_disk.items():
-        assert files[rel] == [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()], rel
+        assert files[rel] == [p.stat().st_size, crc32(p)], rel
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -91,7 +97,7 @@ def test_flipped_bits_in_a_chunk_are_an_error(tmp_path: Path, compression: ckpt_
     path = saved(tmp_path, compression)
     chunk = chunks(path, BIG)[1]
     flip(chunk, chunk.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match=rf"{path}: array {BIG}: chunk c/1/0 does not match its sha256"):
+    with pytest.raises(CheckpointError, match=rf"{path}: array {BIG}: chunk c/1/0 does not match its crc32"):
         load_checkpoint(path)
 
 
@@ -119,7 +125,7 @@ def test_several_problems_are_all_listed_by_check(tmp_path: Path) -> None:
     problems, _ = check_checkpoint(path)
     assert problems == [
         f"{path}: array {BIG}: chunk c/0/0 is missing",
-        f"{path}: array {ZERO}: chunk c/2/0 does not match its sha256 checksum in the COMMITTED marker "
+        f"{path}: array {ZERO}: chunk c/2/0 does not match its crc32 checksum in the COMMITTED marker "
         "(its bytes changed)",
     ]
     with pytest.raises(CheckpointError) as exc:
@@ -157,7 +163,7 @@ def test_a_collective_save_records_the_ranks_chunks_and_checks_them(tmp_path: Pa
     path = save_checkpoint(tmp_path, 1, {"model": {"w": w}}, keep_last=0, pack_below_bytes=0, distributed=True)
     files = read_marker(path)["files"]
     chunk = path / "model/w/c/0/0"
-    assert files["model/w/c/0/0"] == [chunk.stat().st_size, hashlib.sha256(chunk.read_bytes()).hexdigest()]
+    assert files["model/w/c/0/0"] == [chunk.stat().st_size, crc32(chunk)]
     assert check_checkpoint(path) == ([], [])
     flip(chunk, 100)
     like = {"model": {"w": distribute_tensor(torch.zeros(64, 32), one_rank_mesh, [Shard(0)])}}
@@ -167,3 +173,26 @@ def test_a_collective_save_records_the_ranks_chunks_and_checks_them(tmp_path: Pa
     chunk.unlink()
     with pytest.raises(CheckpointError, match=rf"{path}: array model/w: chunk c/0/0 is missing"):
         load_checkpoint(path, like=like)
+
+
+def test_a_marker_with_sha256_checksums_is_verified_with_sha256(tmp_path: Path) -> None:
+    """Checkpoints committed before crc32 (checksum "sha256") still load, checked with sha256."""
+    path = saved(tmp_path)
+    marker = json.loads((path / MARKER).read_text())
+    marker["checksum"] = "sha256"
+    marker["files"] = {rel: [size, hashlib.sha256((path / rel).read_bytes()).hexdigest()]
+                       for rel, (size, _) in marker["files"].items()}  # fmt: skip
+    (path / MARKER).write_text(json.dumps(marker))
+    assert torch.equal(load_checkpoint(path)["model"]["big"], state()["model"]["big"])
+    assert check_checkpoint(path) == ([], [])
+    flip(chunks(path, BIG)[2], 5)
+    with pytest.raises(CheckpointError, match=rf"{path}: array {BIG}: chunk c/2/0 does not match its sha256"):
+        load_checkpoint(path)
+    for compression in ("zstd",):  # zarr-python's reading path (VerifyingStore) too
+        zpath = saved(tmp_path / compression, compression)
+        zmarker = json.loads((zpath / MARKER).read_text())
+        zmarker["checksum"] = "sha256"
+        zmarker["files"] = {rel: [size, hashlib.sha256((zpath / rel).read_bytes()).hexdigest()]
+                            for rel, (size, _) in zmarker["files"].items()}  # fmt: skip
+        (zpath / MARKER).write_text(json.dumps(zmarker))
+        assert torch.equal(load_checkpoint(zpath)["model"]["big"], state()["model"]["big"])

@@ -38,8 +38,8 @@ def test_an_intact_run_verifies(resumed_run: RunDir) -> None:
 
 def test_every_damaged_file_is_one_line(resumed_run: RunDir) -> None:
     step6, step10 = _checkpoints(resumed_run)
-    (step10 / "model" / "w" / "c" / "0" / "0").unlink()
-    chunk = step6 / "model" / "w" / "c" / "0" / "0"
+    (step10 / "%packed" / "c" / "0").unlink()  # the toy's 2 MiB weight is packed (under 8 MiB)
+    chunk = step6 / "%packed" / "c" / "0"
     data = bytearray(chunk.read_bytes())
     data[12345] ^= 1
     chunk.write_bytes(bytes(data))
@@ -55,9 +55,9 @@ def test_every_damaged_file_is_one_line(resumed_run: RunDir) -> None:
     lines = result.stdout.splitlines()
     seq = int(middle.name[-14:-8])
     assert lines == [
-        f"damaged: {step6}: array model/w: chunk c/0/0 does not match its sha256 checksum in the COMMITTED marker "
+        f"damaged: {step6}: array %packed: chunk c/0 does not match its crc32 checksum in the COMMITTED marker "
         "(its bytes changed)",
-        f"damaged: {step10}: array model/w: chunk c/0/0 is missing",
+        f"damaged: {step10}: array %packed: chunk c/0 is missing",
         f"damaged: {attempt1}: telemetry part {seq:06d} is missing (after {parts[len(parts) // 2 - 1]} and before "
         f"{parts[len(parts) // 2 + 1]}): its rows are lost",
         lines[3],

@@ -8,7 +8,7 @@ commit marker is written. The pieces:
     trinity.store.checkpoint_zarr       the group: attributes, arrays, chunks, compression
     trinity.store.checkpoint_commit     temporary folder, atomic rename, COMMITTED marker; list,
                                         latest, prune keep-last-K (never the newest committed)
-    trinity.store.checkpoint_integrity  the sha256 of every file, in the marker; checked on load
+    trinity.store.checkpoint_integrity  the checksum of every file, in the marker; checked on load
     trinity.store.checkpoint_dist       the collective save of a torch.distributed job
     trinity.store.shards                where a DTensor's pieces lie, and who writes each
 
@@ -41,7 +41,6 @@ from trinity.store.checkpoint_commit import (
     checkpoint_name,
     claimed,
     commit,
-    fsync_tree,
     marker_summary,
     prune_checkpoints,
     read_marker,
@@ -49,16 +48,26 @@ from trinity.store.checkpoint_commit import (
     temporary_name,
 )
 from trinity.store.checkpoint_dist import save_collective
-from trinity.store.checkpoint_encoding import PACK_BELOW_BYTES, PACKED, StoredLeaves, as_tensor, leaf_value, unpacked
+from trinity.store.checkpoint_encoding import (
+    PACK_BELOW_BYTES,
+    PACK_BELOW_BYTES_ONE_PROCESS,
+    PACKED,
+    StoredLeaves,
+    as_tensor,
+    leaf_value,
+    unpacked,
+)
 from trinity.store.checkpoint_integrity import manifest, reading_store, verify_chunks, verify_metadata
 from trinity.store.checkpoint_zarr import (
     FORMAT,
     Compression,
     Selection,
-    compressors_for,
     create_group,
+    fsync_unsynced,
+    raw_array,
     read_arrays,
     read_attrs,
+    read_raw,
     set_attrs,
     write_arrays,
 )
@@ -76,12 +85,15 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     *,
     compression: Compression = "none",
-    pack_below_bytes: int = PACK_BELOW_BYTES,
+    pack_below_bytes: int | None = None,
     fsync: bool = True,
     stale_after_s: float = 3600.0,
     distributed: bool | None = None,
+    keep_every: int | None = None,
+    protected: frozenset[int] = frozenset(),
 ) -> Path:
-    """Write and commit ckpt_root/step-{step:08d}; then keep the `keep_last` newest (keep_last <= 0: all).
+    """Write and commit ckpt_root/step-{step:08d}; then keep the `keep_last` newest (keep_last <= 0: all),
+    every multiple of `keep_every` and the steps in `protected` (trinity.store.checkpoint_commit.retained_steps).
 
     `state` is any nesting of dicts/lists/tuples of tensors, numpy arrays and Python scalars
     (see trinity.store.tree). `meta` (JSON) is stored in the checkpoint and returned by
@@ -98,7 +110,9 @@ def save_checkpoint(
     if distributed:
         return save_collective(
             Path(ckpt_root), step, state, keep_last, meta, compression=compression,
-            pack_below_bytes=pack_below_bytes, fsync=fsync, stale_after_s=stale_after_s,
+            pack_below_bytes=PACK_BELOW_BYTES if pack_below_bytes is None else pack_below_bytes, fsync=fsync,
+            stale_after_s=stale_after_s, keep_every=keep_every,
+            protected=protected,
         )  # fmt: skip
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         commit(ckpt_root, step, tmp, summary)
-    prune_checkpoints(ckpt_root, keep_last, stale_after_s=stale_after_s)
+    prune_checkpoints(ckpt_root, keep_last, keep_every=keep_every, protected=protected, stale_after_s=stale_after_s)
     return final
 
 
@@ -126,28 +140,25 @@ def write_tree(
     *,
     step: int | None = None,
     compression: Compression = "none",
-    pack_below_bytes: int = PACK_BELOW_BYTES,
+    pack_below_bytes: int | None = None,
     fsync: bool = True,
 ) -> dict[str, Any]:
     """Write `state` as a new Zarr group at `folder` (which must not exist); return the summary for the marker."""
     skeleton, leaves = flatten(state)
-    stored = StoredLeaves(pack_below_bytes)
+    stored = StoredLeaves(PACK_BELOW_BYTES_ONE_PROCESS if pack_below_bytes is None else pack_below_bytes)
     for leaf in leaves:
         stored.add(leaf.path, _whole_in_one_process(leaf))
     arrays = stored.arrays()
     attrs = {"format": FORMAT, "step": step, "meta": meta or {}, "skeleton": skeleton, "leaves": stored.records}
 
-    async def write() -> None:
-        root = await create_group(folder)
-        await write_arrays(root, arrays, compressors_for(compression))
-        await set_attrs(root, attrs)  # metadata last
-
     folder.mkdir(parents=True)
-    sync(write())
-    if fsync:
-        fsync_tree(folder)
+    root = sync(create_group(folder))
+    digests = write_arrays(folder, arrays, compression, fsync=False)  # checksummed as they are written
+    sync(set_attrs(root, attrs))  # metadata last
+    if fsync:  # then every file and folder at once: the disk gets them together (1.3 s, not 2.0 s, for 616 MB)
+        fsync_unsynced(folder, ())
     summary = marker_summary(skeleton, stored.records, len(arrays), int(sum(a.nbytes for _, a in arrays)))
-    return {**summary, **manifest(folder)}
+    return {**summary, **manifest(folder, known=digests)}
 
 
 def _whole_in_one_process(leaf: Leaf) -> torch.Tensor | np.ndarray[Any, Any]:
@@ -203,10 +214,10 @@ def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.d
             wanted.append((rec["array"], targets[i][2] if i in targets else ...))
     if any("packed" in r for r in records):
         wanted.append((PACKED, ...))
-    if "files" not in marker:
+    files = marker.get("files")
+    if files is None:
         verify_chunks(path, marker, wanted, records)  # an older marker: every chunk present, no checksums
-    store = reading_store(path, marker, records)  # with checksums: each file checked as it is read
-    arrays = dict(zip([n for n, _ in wanted], sync(read_arrays(path, wanted, store)), strict=True))
+    arrays = _read(path, wanted, marker, records)
     leaves: list[Any] = []
     for i, rec in enumerate(records):
         if "packed" in rec:
@@ -222,6 +233,23 @@ def load_checkpoint(path: Path, *, like: Any = None, map_location: str | torch.d
     state = unflatten(skeleton, leaves)
     assert isinstance(state, dict)
     return state
+
+
+def _read(
+    path: Path, wanted: list[tuple[str, Selection]], marker: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, np.ndarray[Any, Any]]:
+    """{array name: what `wanted` reads of it}: uncompressed arrays read by trinity.store.checkpoint_zarr
+    straight into their destination, compressed ones by zarr-python through the verifying store; every
+    file checked against the marker's checksums as it is read."""
+    files, algorithm = marker.get("files"), marker.get("checksum", "sha256")
+    raw = {name: raw_array(path, name, files, algorithm) for name, _ in wanted}
+    fast = [(name, sel) for name, sel in wanted if raw[name] is not None]
+    slow = [(name, sel) for name, sel in wanted if raw[name] is None]
+    out = dict(zip([n for n, _ in fast], read_raw(path, [(raw[n], s) for n, s in fast], files, algorithm), strict=True))  # type: ignore[misc]
+    if slow:
+        store = reading_store(path, marker, records)  # with checksums: each file checked as it is read
+        out.update(zip([n for n, _ in slow], sync(read_arrays(path, slow, store)), strict=True))
+    return out
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:

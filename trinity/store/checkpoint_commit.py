@@ -18,9 +18,11 @@ Protocol (a checkpoint without its marker does not exist):
    last, and fsyncs every file and the folder (trinity.store.checkpoint, .checkpoint_dist);
 2. `commit` renames the folder to step-00000100 (atomic) and fsyncs ckpt_root;
 3. `commit` writes COMMITTED (fsync the file and the folder);
-4. `prune_checkpoints`: committed checkpoints beyond `keep_last` (never the newest committed),
-   marker-less step folders and scratch folders of writers that are gone (same host: pid not
-   alive; another host: untouched for `stale_after_s`). Deletion removes the marker first.
+4. `prune_checkpoints`: committed checkpoints the retention policy does not keep (it keeps the
+   newest committed always, the last `keep_last`, every multiple of `keep_every`, and the steps still
+   referenced downstream: `retained_steps`), marker-less step folders and scratch folders of
+   writers that are gone (same host: pid not alive; another host: untouched for `stale_after_s`).
+   Deletion removes the marker first.
 A failure in 1 removes the temporary folder; earlier checkpoints are never touched before 3.
 A checkpoint found damaged when resuming is renamed aside (`set_aside`), marker and all, so that
 neither a later resume nor pruning nor a new save of the same step touches it.
@@ -258,14 +260,36 @@ def _writer_gone(folder: Path, pid_hint: int | None, stale_after_s: float) -> bo
     return time.time() - newest > stale_after_s
 
 
-def prune_checkpoints(ckpt_root: Path, keep_last: int, *, stale_after_s: float = 3600.0) -> list[Path]:
-    """Delete committed checkpoints beyond the `keep_last` newest (never the newest; keep_last <= 0
-    keeps all), and leftovers of writers that are gone. Returns what was deleted."""
+def retained_steps(
+    steps: list[int], keep_last: int, *, keep_every: int | None = None, protected: frozenset[int] = frozenset()
+) -> set[int]:
+    """Which of the committed `steps` the retention policy keeps: the newest always, the `keep_last`
+    newest (keep_last <= 0: all), every step that is a multiple of `keep_every`, every step in `protected`
+    (checkpoints an eval or a downstream node still references)."""
+    ordered = sorted(steps)
+    if keep_last <= 0:
+        return set(ordered)
+    kept = set(ordered[-max(1, keep_last) :])
+    kept |= {s for s in ordered if (keep_every is not None and s % keep_every == 0) or s in protected}
+    return kept
+
+
+def prune_checkpoints(
+    ckpt_root: Path,
+    keep_last: int,
+    *,
+    keep_every: int | None = None,
+    protected: frozenset[int] = frozenset(),
+    stale_after_s: float = 3600.0,
+) -> list[Path]:
+    """Delete the committed checkpoints the retention policy does not keep (`retained_steps`: never the
+    newest), and leftovers of writers that are gone (never a folder being written). Returns what was deleted."""
     root = Path(ckpt_root)
     removed: list[Path] = []
     entries = list_checkpoints(root)
-    committed = [c.path for c in entries if c.committed]
-    doomed = committed[: -max(1, keep_last)] if keep_last > 0 else []
+    committed = [c for c in entries if c.committed]
+    kept = retained_steps([c.step for c in committed], keep_last, keep_every=keep_every, protected=protected)
+    doomed = [c.path for c in committed if c.step not in kept]
     for p in doomed:
         _unmark(p)
         shutil.rmtree(p, ignore_errors=True)

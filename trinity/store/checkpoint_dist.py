@@ -29,6 +29,13 @@ reaches, so a failure on any rank is known to all, nobody waits forever and all 
 On any failure rank 0 removes the temporary folder: no step folder, no committed checkpoint.
 A rank that dies (killed, not raising) leaves the others waiting in the next exchange until the
 process group's timeout, as any collective would.
+
+Asynchronous saves (trinity.store.checkpoint_async) split this in two. At the step boundary, on the
+training thread, `snapshot_collective` does phase 1's planning and phase 2's gathers (the only
+collectives on the training's process group) and copies every leaf and this rank's pieces to host
+memory; later a worker thread calls `save_collective(..., snapshot=, group=)`, whose exchanges run on
+`group`, a gloo group of all ranks created once for the purpose, so that they never interleave with
+the training's collectives on the default group.
 """
 
 from __future__ import annotations
@@ -39,16 +46,19 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import zarr
 from torch.distributed.tensor import DTensor
 from zarr import AsyncArray
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from trinity.errors import CollectiveSaveError
 from trinity.store import shards
@@ -69,20 +79,27 @@ from trinity.store.checkpoint_zarr import (
     compressors_for,
     create_group,
     open_group,
+    raw_array,
     set_attrs,
     write_arrays,
+    write_chunk,
+    write_groups,
+    write_metadata,
 )
 from trinity.store.tree import Leaf, flatten
 
 _CONCURRENT_PIECES = 16
 
 
-def _exchange(what: str, error: BaseException | None, value: Any = None) -> list[Any]:
+def _exchange(
+    what: str, error: BaseException | None, value: Any = None, group: dist.ProcessGroup | None = None
+) -> list[Any]:
     """Every rank's `value`, once every rank got here; if any rank failed, raise on all of them
-    (a rank re-raises its own error, the others a CollectiveSaveError naming the first that failed)."""
+    (a rank re-raises its own error, the others a CollectiveSaveError naming the first that failed).
+    The exchange runs on `group` (None: the default group), whose ranks must be all the job's ranks."""
     mine = (None if error is None else f"{type(error).__name__}: {error}", value)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
     failed = [(rank, err) for rank, (err, _) in enumerate(everyone) if err is not None]
     if error is not None:
         raise error
@@ -92,12 +109,39 @@ def _exchange(what: str, error: BaseException | None, value: Any = None) -> list
     return [v for _, v in everyone]
 
 
+class _Piece(Protocol):
+    """What the writers read of a DTensor leaf: a DTensor, or its host copy (`_HostPiece`)."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def numel(self) -> int: ...
+
+    def to_local(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class _HostPiece:
+    """A DTensor leaf's local piece copied to host memory, standing in for the DTensor when a snapshot
+    is written from another thread (which must not touch the live DTensor, nor run its collectives)."""
+
+    local: torch.Tensor
+    dtype: torch.dtype
+    global_numel: int
+
+    def numel(self) -> int:
+        return self.global_numel
+
+    def to_local(self) -> torch.Tensor:
+        return self.local
+
+
 @dataclass(frozen=True)
 class _Sharded:
     """A DTensor leaf: its layout, and either `packed` (small: gathered to rank 0) or its chunk grid and this
     rank's piece."""
 
-    dt: DTensor
+    dt: _Piece
     layout: shards.Layout
     packed: bool
     chunks: tuple[int, ...] | None
@@ -110,6 +154,54 @@ class _Plan:
     leaves: list[Leaf]
     sharded: dict[int, _Sharded]
     digest: str
+
+
+HostCopy = Callable[[str, torch.Tensor], torch.Tensor]
+"""Copies a tensor (named by its leaf path) to host memory: see trinity.store.checkpoint_async."""
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """One rank's state as `save_collective` writes it, all in host memory: the plan, every leaf and this
+    rank's pieces copied, the small DTensors already gathered. Writing it runs no collective but the
+    exchanges (on the group given to save_collective)."""
+
+    plan: _Plan
+    gathered: dict[int, torch.Tensor]
+
+
+def snapshot_collective(state: Any, copy: HostCopy, pack_below_bytes: int = PACK_BELOW_BYTES) -> HostSnapshot:
+    """Phase 1's plan and phase 2's gathers of `state`, on every rank (a collective on the default group:
+    call it from the training thread, at the same step on every rank), with everything copied by `copy`.
+    Nothing of `state` is referenced by the result, so training may change it at once."""
+    plan = _plan(state, pack_below_bytes)
+    with torch.no_grad():  # parameters: no autograd graph for the copies
+        gathered = {i: copy(plan.leaves[i].path, full) for i, full in _gather_small(plan).items()}
+        sharded: dict[int, _Sharded] = {}
+        for i, sh in plan.sharded.items():
+            local = gathered[i] if sh.packed else copy(plan.leaves[i].path, sh.dt.to_local())
+            sharded[i] = replace(sh, dt=_HostPiece(local, sh.dt.dtype, sh.dt.numel()))
+        leaves = [
+            Leaf(leaf.path, sharded[i].dt.to_local() if i in sharded else _host_value(copy, leaf))
+            for i, leaf in enumerate(plan.leaves)
+        ]
+    return HostSnapshot(replace(plan, leaves=leaves, sharded=sharded), gathered)
+
+
+def _gather_small(plan: _Plan) -> dict[int, torch.Tensor]:
+    """Phase 2's collective: every small DTensor whole (full_tensor, in leaf order on every rank)."""
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad():  # parameters: no autograd graph for the gather
+        for i, sh in plan.sharded.items():
+            v = plan.leaves[i].value
+            if sh.packed and isinstance(v, DTensor):
+                out[i] = v.full_tensor()
+    return out
+
+
+def _host_value(copy: HostCopy, leaf: Leaf) -> torch.Tensor | np.ndarray[Any, Any]:
+    v = leaf.value
+    return copy(leaf.path, v) if isinstance(v, torch.Tensor) else np.array(v, copy=True)
 
 
 def _plan(state: Any, pack_below_bytes: int) -> _Plan:
@@ -168,28 +260,54 @@ def _write_rank0(
         "layout": {"world_size": dist.get_world_size(), "dtensors": dtensors},
     }  # fmt: skip
 
-    async def write() -> None:
-        root = await create_group(folder)
-        compressors = compressors_for(compression)
-        await write_arrays(root, arrays, compressors)
-        await asyncio.gather(*(_create_sharded(root, n, s, d, c, compressors) for n, s, d, c in empty))
-
     folder.mkdir(parents=True)
-    sync(write())
+    sync(create_group(folder))
+    write_arrays(folder, arrays, compression, fsync=False)  # fsynced and hashed at the commit (_fsync_rest)
+    write_groups(folder, [n for n, _, _, _ in empty], fsync=False)
+    for n, s, d, c in empty:
+        _create_sharded(folder, n, s, d, c, compression)
     return attrs, marker_summary(plan.skeleton, stored.records, len(arrays) + len(empty), int(nbytes))
 
 
-async def _create_sharded(
-    root: Any, name: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...], compressors: Any
+def _create_sharded(
+    folder: Path,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    chunks: tuple[int, ...],
+    compression: Compression,
 ) -> None:
-    """A DTensor's array, without data: the ranks write its chunks."""
-    await root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=compressors)
+    """A DTensor's array, without data (its zarr.json): the ranks write its chunks."""
+    if compression == "none":
+        write_metadata(folder, name, shape, dtype, chunks, fsync=False)
+    else:
+        zarr.create_array(
+            store=LocalStore(str(folder)), name=name, shape=shape, dtype=dtype, chunks=chunks,
+            compressors=compressors_for(compression),
+        )  # fmt: skip
 
 
-async def _write_piece(root: Any, name: str, region: tuple[slice, ...], arr: np.ndarray[Any, Any]) -> str:
+@dataclass
+class _PieceSink:
+    """Where phase 3 writes: the group's folder, whether to fsync, and the digests of the chunks written
+    (hashed as they were written; a compressed chunk, written by zarr-python, is hashed afterwards)."""
+
+    folder: Path
+    fsync: bool
+    digests: dict[str, FileDigest]
+
+
+async def _write_piece(sink: Any, name: str, region: tuple[slice, ...], arr: np.ndarray[Any, Any]) -> str:
     """Write this rank's piece (exactly one chunk) of array `name`; return the chunk's key under the
     group. (A module-level function so tests can make it fail, or watch which rank writes what.)"""
-    z = await root.getitem(name)
+    assert isinstance(sink, _PieceSink)
+    raw = raw_array(sink.folder, name, None)
+    if raw is not None:  # uncompressed: written and hashed here, padded to the chunk if it is the last
+        coords = tuple(r.start // c for r, c in zip(region, raw.chunks, strict=True))
+        key, digest = await asyncio.to_thread(write_chunk, sink.folder, name, coords, arr, raw.chunks, sink.fsync)
+        sink.digests[key] = digest
+        return key
+    z = await (await open_group(sink.folder)).getitem(name)
     assert isinstance(z, AsyncArray)
     # Write chunks that equal the fill value too: -0.0 == 0.0, so skipping them is not exact.
     z = z.with_config({"write_empty_chunks": True})
@@ -204,8 +322,9 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> dict[str, FileDiges
         (i, sh) for i, sh in plan.sharded.items() if sh.piece is not None and sh.piece.writer and not sh.piece.empty
     ]
 
+    sink = _PieceSink(folder, fsync, {})
+
     async def write() -> list[str]:
-        root = await open_group(folder)
         sem = asyncio.Semaphore(_CONCURRENT_PIECES)
         failed = False
 
@@ -217,7 +336,7 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> dict[str, FileDiges
                     return ""
                 arr, _ = stored_array(sh.dt.to_local())
                 try:
-                    return await _write_piece(root, plan.leaves[i].path, sh.piece.region(), arr)
+                    return await _write_piece(sink, plan.leaves[i].path, sh.piece.region(), arr)
                 except BaseException:
                     failed = True
                     raise
@@ -229,11 +348,11 @@ def _write_pieces(folder: Path, plan: _Plan, fsync: bool) -> dict[str, FileDiges
                 raise r
         return [r for r in results if isinstance(r, str)]
 
-    keys = sync(write())
+    rest = [key for key in sync(write()) if key not in sink.digests]  # compressed: written by zarr-python
     if fsync:
-        for key in keys:
+        for key in rest:
             fsync_path(folder / key)
-    return digest_files(folder, keys)
+    return {**sink.digests, **digest_files(folder, rest)}
 
 
 def _fsync_rest(folder: Path, plan: _Plan) -> None:
@@ -259,8 +378,16 @@ def save_collective(
     pack_below_bytes: int = PACK_BELOW_BYTES,
     fsync: bool = True,
     stale_after_s: float = 3600.0,
+    keep_every: int | None = None,
+    protected: frozenset[int] = frozenset(),
+    snapshot: HostSnapshot | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """save_checkpoint on every rank of the default process group; all ranks return the same path."""
+    """save_checkpoint on every rank of the default process group; all ranks return the same path.
+
+    With `snapshot` (`snapshot_collective` of the state, taken earlier; `state` is then ignored) nothing
+    but the status exchanges is a collective, and they run on `group` (None: the default group): an
+    asynchronous save calls this from its worker thread with a gloo group of all ranks."""
     rank = dist.get_rank()
     what = f"checkpoint {Path(ckpt_root) / checkpoint_name(step)}"
 
@@ -268,11 +395,11 @@ def save_collective(
     plan: _Plan | None = None
     error: BaseException | None = None
     try:
-        plan = _plan(state, pack_below_bytes)
+        plan = snapshot.plan if snapshot is not None else _plan(state, pack_below_bytes)
     except BaseException as e:
         error = e
     tmp_name = temporary_name(step) if rank == 0 else None
-    got = _exchange(what, error, (plan.digest if plan else None, tmp_name))
+    got = _exchange(what, error, (plan.digest if plan else None, tmp_name), group)
     assert plan is not None
     differ = [r for r, (digest, _) in enumerate(got) if digest != got[0][0]]
     if differ:  # the same on every rank: all raise here, before any collective that could mismatch
@@ -292,8 +419,7 @@ def save_collective(
             attrs: dict[str, Any] = {}
             summary: dict[str, Any] = {}
             try:
-                with torch.no_grad():  # parameters: no autograd graph for the gather
-                    gathered = {i: sh.dt.full_tensor() for i, sh in plan.sharded.items() if sh.packed}
+                gathered = snapshot.gathered if snapshot is not None else _gather_small(plan)
                 if rank == 0:
                     Path(ckpt_root).mkdir(parents=True, exist_ok=True)
                     if tmp.exists():
@@ -303,7 +429,7 @@ def save_collective(
                 error = None
             except BaseException as e:
                 error = e
-            _exchange(what, error)
+            _exchange(what, error, group=group)
 
             # Phase 3: every rank writes its own chunks and hashes them.
             digests: dict[str, FileDigest] = {}
@@ -313,7 +439,7 @@ def save_collective(
             except BaseException as e:
                 error = e
             pieces: dict[str, FileDigest] = {}
-            for theirs in _exchange(what, error, digests):
+            for theirs in _exchange(what, error, digests, group):
                 pieces.update(theirs)
 
             # Phase 4: rank 0 commits.
@@ -326,13 +452,15 @@ def save_collective(
                     commit(Path(ckpt_root), step, tmp, {**summary, **manifest(tmp, known=pieces)})
                 except BaseException as e:
                     error = e
-            _exchange(what, error)
+            _exchange(what, error, group=group)
         except BaseException:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     if rank == 0:
-        prune_checkpoints(Path(ckpt_root), keep_last, stale_after_s=stale_after_s)
+        prune_checkpoints(
+            Path(ckpt_root), keep_last, keep_every=keep_every, protected=protected, stale_after_s=stale_after_s
+        )
     return final
 
 

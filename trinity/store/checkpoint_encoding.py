@@ -10,13 +10,25 @@ in the skeleton attribute that says how to read it back:
 bfloat16 (and other dtypes numpy lacks, e.g. float8) are stored as their unsigned-integer bit
 pattern of the same width, with the torch dtype recorded, so every round trip is bit-exact.
 
-A leaf of `pack_below_bytes` (1 MiB) or more is its own array, named by its storage path; the
-smaller ones are concatenated as bytes into one array, %packed, each at a 64-byte aligned offset:
-one array instead of hundreds of small ones (zarr costs milliseconds per array).
+A leaf of `pack_below_bytes` or more is its own array, named by its storage path; the smaller ones
+are concatenated as bytes into one array, %packed, each at a 64-byte aligned offset: one array (a few
+chunk files) instead of hundreds of small ones. Every array costs files and folders (its zarr.json,
+its chunk files, the folders of its name and chunk keys), and on a real file system it is those,
+created and fsynced, that make a checkpoint of many small arrays slower than one torch.save file:
+the medium benchmark state (586 tensors, 616 MB) was ~300 files and ~450 folders at 1 MiB and is
+~20 files at 8 MiB (bench/README.md, "Checkpoints"). So a single-process save packs below
+PACK_BELOW_BYTES_ONE_PROCESS (8 MiB). A collective save keeps PACK_BELOW_BYTES (1 MiB): there a
+packed DTensor is gathered to rank 0 and every rank reads all of %packed when it loads, so only the
+truly small ones (norms, biases) are worth it; the large tensors of a large model are their own
+arrays either way.
+
+%packed is written from the leaves' own memory (`PackedBytes`: the parts in order, never copied
+together), each chunk file by its own thread.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import numpy as np
@@ -24,6 +36,9 @@ import torch
 
 PACKED = "%packed"
 PACK_BELOW_BYTES = 1024 * 1024
+"""Leaves smaller than this are packed into %packed in a collective save (see above)."""
+PACK_BELOW_BYTES_ONE_PROCESS = 8 * 1024 * 1024
+"""Leaves smaller than this are packed into %packed in a single-process save (see above)."""
 PACK_ALIGN = 64
 
 NUMPY_DTYPES = {
@@ -79,11 +94,46 @@ def leaf_value(arr: np.ndarray[Any, Any], rec: dict[str, Any], map_location: str
 
 
 def unpacked(packed: np.ndarray[Any, Any], rec: dict[str, Any]) -> np.ndarray[Any, Any]:
-    """The stored array of a packed leaf, cut out of the %packed bytes (a copy: aligned, writable)."""
+    """The stored array of a packed leaf, cut out of the %packed bytes: a view when %packed is writable
+    (as a load reads it: fresh memory, each leaf at a 64-byte aligned offset) and aligned, else a copy."""
     offset, nbytes = rec["packed"]
-    raw = packed[offset : offset + nbytes].copy()
+    raw = packed[offset : offset + nbytes]
+    if not raw.flags.writeable or raw.ctypes.data % np.dtype(rec["stored"]).alignment:
+        raw = raw.copy()
     arr: np.ndarray[Any, Any] = raw.view(np.dtype(rec["stored"])).reshape(tuple(rec["shape"]))
     return arr
+
+
+class PackedBytes:
+    """The bytes of %packed: the packed leaves' uint8 views and their alignment pads, in order, as one
+    uint8 array would hold them, without copying them together (`concatenated` does, for zarr-python)."""
+
+    def __init__(self, parts: list[np.ndarray[Any, Any]]) -> None:
+        self.parts = parts
+        self.starts = np.cumsum([0, *(p.nbytes for p in parts)]).tolist()
+        self.nbytes: int = self.starts[-1]
+        self.shape = (self.nbytes,)
+        self.dtype = np.dtype(np.uint8)
+        self.itemsize = 1
+
+    def byte_range(self, start: int, stop: int) -> list[memoryview]:
+        """Views of the bytes [start, stop), in order (stop <= nbytes)."""
+        out = []
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while start < stop and i < len(self.parts):
+            lo, hi = self.starts[i], self.starts[i + 1]
+            if hi > start:
+                out.append(self.parts[i].data.cast("B")[start - lo : min(stop, hi) - lo])
+                start = min(stop, hi)
+            i += 1
+        return out
+
+    def concatenated(self) -> np.ndarray[Any, Any]:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, np.uint8)
+
+
+StoredArray = np.ndarray[Any, Any] | PackedBytes
+"""What an array of a checkpoint is written from: a leaf's numpy array, or the packed leaves' bytes."""
 
 
 class StoredLeaves:
@@ -120,7 +170,8 @@ class StoredLeaves:
         self._offset += arr.nbytes
         return where
 
-    def arrays(self) -> list[tuple[str, np.ndarray[Any, Any]]]:
-        """(name, array) of every array to write: the whole leaves, then %packed if any leaf is packed."""
-        packed = [(PACKED, np.concatenate(self._packed))] if self._packed else []
-        return self._whole + packed
+    def arrays(self) -> list[tuple[str, StoredArray]]:
+        """(name, array) of every array to write: %packed first if any leaf is packed (its chunks are the
+        most work), then the whole leaves."""
+        packed: list[tuple[str, StoredArray]] = [(PACKED, PackedBytes(self._packed))] if self._packed else []
+        return packed + list(self._whole)

@@ -1,27 +1,33 @@
 """Checksums of a checkpoint's files: recorded in its commit marker, checked before any byte is used.
 
 When a checkpoint is committed, its COMMITTED marker records every file of its Zarr group (all but
-the marker itself): `files` = {path relative to the step folder: [size, sha256 hex]} and
-`checksum` = "sha256". The files are hashed as they lie on disk after the fsync (encoded chunks,
-compressed or not), so whatever changes a file later (a lost chunk, flipped bits, a truncation)
-no longer matches. In a collective save each rank hashes the chunks it wrote and rank 0 the rest
-(trinity.store.checkpoint_dist), so no rank reads another's data.
+the marker itself): `files` = {path relative to the step folder: [size, checksum hex]} and
+`checksum` = "crc32" (ALGORITHM; older markers say "sha256" and are verified with it). The files
+trinity writes itself (uncompressed arrays) are checksummed block by block from memory as they are
+written (trinity.store.checkpoint_zarr.write_file: no second read); the others (compressed arrays,
+the root zarr.json) after the write, as they lie on disk. Whatever changes a file later (a lost
+chunk, flipped bits, a truncation) no longer matches. In a collective save each rank hashes the
+chunks it wrote and rank 0 the rest (trinity.store.checkpoint_dist), so no rank reads another's data.
 
-Loading (trinity.store.checkpoint.load_checkpoint) verifies what it uses: every metadata file
-(zarr.json, small) before the skeleton attribute is read, and then every file Zarr reads, as it
-reads it (`VerifyingStore`: the bytes are hashed once, on their way to the decoder, no second
-read): all chunks of an array read whole, the chunks meeting this rank's rectangle in a resharding
-load. A chunk the marker records must exist: Zarr would silently read a missing chunk as its fill
-value (zeros), and checkpoints always write every chunk (also all-zero ones), so a missing chunk
-file is damage, never data. A problem is a CheckpointError naming the checkpoint and the array.
+Loading (trinity.store.checkpoint.load_checkpoint) verifies what it uses: the root zarr.json before
+the skeleton attribute is read, each array's zarr.json before its chunks, and every chunk as it is
+read: uncompressed chunks by trinity.store.checkpoint_zarr.read_raw, hashed as they arrive in their
+destination; compressed ones by zarr-python through `VerifyingStore` (the bytes are hashed once, on
+their way to the decoder). All chunks of an array read whole, the chunks meeting this rank's
+rectangle in a resharding load. A chunk the marker records must exist: Zarr would silently read a
+missing chunk as its fill value (zeros), and checkpoints always write every chunk (also all-zero
+ones), so a missing chunk file is damage, never data. A problem is a CheckpointError naming the
+checkpoint and the array.
 
 A marker written before checksums existed (no `files`) is verified structurally only, before the
 read: every chunk of every array read must exist (`verify_chunks`); its bytes cannot be checked.
 `check_checkpoint` verifies all of a checkpoint and returns the problems instead of raising
 (`trinity verify`).
 
-sha256 because it is the fastest strong hash hashlib has on CPUs with SHA extensions (about 1.5 GB/s
-per core here, three times blake2b); files are hashed on up to 8 threads (hashlib releases the GIL).
+crc32 (zlib) rather than sha256 since issue 16: ~3.4 GB/s per core here against ~1.5, and the
+checksum is there to catch damage (a lost or truncated chunk, flipped bits), not tampering; with
+sha256, hashing cost more CPU than torch.save's whole write (trinity.store.checkpoint_zarr.ALGORITHM).
+Files are hashed on up to 8 threads (zlib and hashlib release the GIL).
 """
 
 from __future__ import annotations
@@ -44,32 +50,41 @@ from zarr.storage import LocalStore, WrapperStore
 from trinity.errors import CheckpointError
 from trinity.store.checkpoint_commit import MARKER, read_marker, skeleton_digest
 from trinity.store.checkpoint_encoding import PACKED
-from trinity.store.checkpoint_zarr import Selection, read_attrs
+from trinity.store.checkpoint_zarr import ALGORITHM, Selection, changed, hasher, read_attrs
+from trinity.store.checkpoint_zarr import FileDigest as FileDigest  # re-exported: the marker's record of a file
 
-ALGORITHM = "sha256"
 METADATA = "zarr.json"
 _THREADS = min(8, os.cpu_count() or 1)
-_CHANGED = f"does not match its {ALGORITHM} checksum in the {MARKER} marker (its bytes changed)"
+_BLOCK = 8 * 1024 * 1024
 
-FileDigest = list[Any]
-"""[size in bytes, sha256 hex] of one file, as the marker records it (JSON: a list)."""
+
+def algorithm_of(marker: Mapping[str, Any]) -> str:
+    """The checksum a marker's `files` hold: its `checksum` field ("sha256" before crc32 existed)."""
+    return str(marker.get("checksum", "sha256"))
 
 
 # --------------------------------------------------------------------------------------------
 # Hashing at commit
 
 
-def digest_file(path: Path) -> FileDigest:
-    with open(path, "rb") as f:
-        h = hashlib.file_digest(f, ALGORITHM)
-    return [path.stat().st_size, h.hexdigest()]
+def digest_file(path: Path, algorithm: str = ALGORITHM) -> FileDigest:
+    if algorithm == "sha256":
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, algorithm).hexdigest()
+        return [path.stat().st_size, digest]
+    h, size = hasher(algorithm), 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+            size += len(block)
+    return [size, h.hexdigest()]
 
 
-def digest_files(folder: Path, relpaths: Iterable[str]) -> dict[str, FileDigest]:
-    """{relative path: [size, sha256]} of the files `relpaths` under `folder`, hashed in parallel."""
+def digest_files(folder: Path, relpaths: Iterable[str], algorithm: str = ALGORITHM) -> dict[str, FileDigest]:
+    """{relative path: [size, checksum]} of the files `relpaths` under `folder`, hashed in parallel."""
     names = sorted(relpaths)
     with ThreadPoolExecutor(_THREADS) as pool:
-        digests = list(pool.map(lambda r: digest_file(folder / r), names))
+        digests = list(pool.map(lambda r: digest_file(folder / r, algorithm), names))
     return dict(zip(names, digests, strict=True))
 
 
@@ -116,7 +131,9 @@ def _chunk_keys(path: Path, name: str, selection: Selection) -> list[str]:
     return [f"{name}/{arr.metadata.encode_chunk_key(c)}" for c in itertools.product(*ranges)]
 
 
-def _file_problems(path: Path, files: Mapping[str, FileDigest], wanted: Iterable[str]) -> dict[str, str]:
+def _file_problems(
+    path: Path, files: Mapping[str, FileDigest], wanted: Iterable[str], algorithm: str
+) -> dict[str, str]:
     """{relative path: what is wrong} for the files `wanted`, checked against `files` (the marker's)."""
 
     def one(rel: str) -> str | None:
@@ -128,8 +145,8 @@ def _file_problems(path: Path, files: Mapping[str, FileDigest], wanted: Iterable
         size, digest = files[rel]
         if f.stat().st_size != size:
             return f"has {f.stat().st_size} bytes, the {MARKER} marker records {size}"
-        if digest_file(f)[1] != digest:
-            return _CHANGED
+        if digest_file(f, algorithm)[1] != digest:
+            return changed(algorithm)
         return None
 
     names = sorted(set(wanted))
@@ -138,12 +155,12 @@ def _file_problems(path: Path, files: Mapping[str, FileDigest], wanted: Iterable
     return {rel: msg for rel, msg in zip(names, results, strict=True) if msg is not None}
 
 
-def _metadata_problems(path: Path, files: Mapping[str, FileDigest] | None) -> list[str]:
+def _metadata_problems(path: Path, files: Mapping[str, FileDigest] | None, algorithm: str) -> list[str]:
     """The metadata files (every zarr.json: the skeleton attribute, each array's grid) as committed."""
     if files is None:
         return [] if (path / METADATA).is_file() else [f"{path}: {METADATA} is missing"]
     meta = [r for r in files if r == METADATA or r.endswith("/" + METADATA)]
-    return [f"{path}: {rel} {msg}" for rel, msg in _file_problems(path, files, meta).items()]
+    return [f"{path}: {rel} {msg}" for rel, msg in _file_problems(path, files, meta, algorithm).items()]
 
 
 def array_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -153,7 +170,11 @@ def array_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _chunk_problems(
-    path: Path, files: Mapping[str, FileDigest] | None, wanted: Sequence[tuple[str, Selection]], arrays: Sequence[str]
+    path: Path,
+    files: Mapping[str, FileDigest] | None,
+    wanted: Sequence[tuple[str, Selection]],
+    arrays: Sequence[str],
+    algorithm: str,
 ) -> list[str]:
     """Every chunk the reads `wanted` touch exists (and, with `files`, is as committed)."""
     problems: list[str] = []
@@ -166,7 +187,7 @@ def _chunk_problems(
     if files is None:
         bad = {rel: "is missing" for rel in chunks if not (path / rel).is_file()}
     else:
-        bad = _file_problems(path, files, chunks)
+        bad = _file_problems(path, files, chunks, algorithm)
     for rel, msg in bad.items():
         name = _array_of(rel, arrays)
         problems.append(f"{path}: array {name}: chunk {rel[len(name) + 1 :]} {msg}")
@@ -184,9 +205,10 @@ def verify_metadata(path: Path, marker: Mapping[str, Any]) -> None:
     committed (the other metadata files are checked as Zarr reads them, by the VerifyingStore)."""
     files: Mapping[str, FileDigest] | None = marker.get("files")
     if files is None:
-        _raise(_metadata_problems(Path(path), None))
+        _raise(_metadata_problems(Path(path), None, algorithm_of(marker)))
     else:
-        _raise([f"{path}: {rel} {msg}" for rel, msg in _file_problems(Path(path), files, [METADATA]).items()])
+        problems = _file_problems(Path(path), files, [METADATA], algorithm_of(marker))
+        _raise([f"{path}: {rel} {msg}" for rel, msg in problems.items()])
 
 
 def verify_chunks(
@@ -194,7 +216,7 @@ def verify_chunks(
 ) -> None:
     """Before a load reads `wanted` ((array, selection)...): raise CheckpointError unless every chunk it
     touches exists and (with checksums in the marker) is as committed."""
-    _raise(_chunk_problems(Path(path), marker.get("files"), wanted, array_names(records)))
+    _raise(_chunk_problems(Path(path), marker.get("files"), wanted, array_names(records), algorithm_of(marker)))
 
 
 class VerifyingStore(WrapperStore[LocalStore]):
@@ -205,13 +227,18 @@ class VerifyingStore(WrapperStore[LocalStore]):
     checkpoints do not use) are not checked."""
 
     def __init__(
-        self, store: LocalStore, checkpoint: Path, files: Mapping[str, FileDigest], arrays: Sequence[str]
+        self,
+        store: LocalStore,
+        checkpoint: Path,
+        files: Mapping[str, FileDigest],
+        arrays: Sequence[str],
+        algorithm: str = ALGORITHM,
     ) -> None:
         super().__init__(store)
-        self._checkpoint, self._files, self._arrays = checkpoint, files, arrays
+        self._checkpoint, self._files, self._arrays, self._algorithm = checkpoint, files, arrays, algorithm
 
     def _with_store(self, store: LocalStore) -> VerifyingStore:
-        return type(self)(store, self._checkpoint, self._files, self._arrays)
+        return type(self)(store, self._checkpoint, self._files, self._arrays, self._algorithm)
 
     def _damaged(self, key: str, msg: str) -> CheckpointError:
         name = _array_of(key, self._arrays)
@@ -229,10 +256,15 @@ class VerifyingStore(WrapperStore[LocalStore]):
         if len(buf) != expected[0]:
             raise self._damaged(key, f"has {len(buf)} bytes, the {MARKER} marker records {expected[0]}")
         data = buf.as_numpy_array()
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(data.data).hexdigest())  # the GIL is released
+        digest = await asyncio.to_thread(self._digest, data)  # the GIL is released
         if digest != expected[1]:
-            raise self._damaged(key, _CHANGED)
+            raise self._damaged(key, changed(self._algorithm))
         return buf
+
+    def _digest(self, data: Any) -> str:
+        h = hasher(self._algorithm)
+        h.update(data.data)
+        return str(h.hexdigest())
 
     async def get_partial_values(
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
@@ -251,7 +283,9 @@ def reading_store(path: Path, marker: Mapping[str, Any], records: Sequence[Mappi
     for an older marker, the plain LocalStore after `verify_chunks` (structure only) by the caller."""
     store = LocalStore(str(path), read_only=True)
     files = marker.get("files")
-    return store if files is None else VerifyingStore(store, Path(path), files, array_names(records))
+    if files is None:
+        return store
+    return VerifyingStore(store, Path(path), files, array_names(records), algorithm_of(marker))
 
 
 def check_checkpoint(path: Path) -> tuple[list[str], list[str]]:
@@ -265,7 +299,8 @@ def check_checkpoint(path: Path) -> tuple[list[str], list[str]]:
     files: Mapping[str, FileDigest] | None = marker.get("files")
     notes = [] if files is not None else [f"{path}: no checksums in its {MARKER} marker (an older checkpoint): "
                                           "checked structurally (every chunk present), not its bytes"]  # fmt: skip
-    problems = _metadata_problems(path, files)
+    algorithm = algorithm_of(marker)
+    problems = _metadata_problems(path, files, algorithm)
     if problems:
         return problems, notes
     try:
@@ -276,8 +311,8 @@ def check_checkpoint(path: Path) -> tuple[list[str], list[str]]:
     if skeleton_digest(attrs.get("skeleton"), records) != marker.get("skeleton_sha256"):
         return [f"{path}: the skeleton attribute does not match its {MARKER} marker"], notes
     arrays = array_names(records)
-    problems = _chunk_problems(path, files, [(a, ...) for a in arrays], arrays)
+    problems = _chunk_problems(path, files, [(a, ...) for a in arrays], arrays, algorithm)
     if files is not None:  # files the marker records that no array accounts for (e.g. a group's zarr.json)
         rest = [r for r in files if _array_of(r, arrays) == "the group metadata" and not r.endswith(METADATA)]
-        problems += [f"{path}: {rel} {msg}" for rel, msg in _file_problems(path, files, rest).items()]
+        problems += [f"{path}: {rel} {msg}" for rel, msg in _file_problems(path, files, rest, algorithm).items()]
     return problems, notes

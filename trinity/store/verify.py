@@ -3,7 +3,7 @@
 Checked, for every node of the run (or the one asked for):
 
 - every committed checkpoint (nodes/<id>/checkpoints/step-*/ with a COMMITTED marker): every file
-  against the sha256 its marker records, every chunk of every array present
+  against the checksum its marker records, every chunk of every array present
   (trinity.store.checkpoint_integrity; a marker from before checksums: structure only, noted);
   checkpoints set aside as damaged by a resume (step-*.damaged) are noted, not checked;
 - every telemetry part (nodes/<id>/telemetry/attempt-NNNN/<table>-<seq>.parquet): read in full
