@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,61 +81,90 @@ def test_telemetry_of_a_two_rank_node_has_each_step_once(two_rank_run: Path, str
     assert two[max(two)] < two[1] - 2.0
 
 
-@pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes
-def test_killing_rank_1_fails_the_attempt_and_resume_finishes_with_each_step_once(
-    prepared: tuple[Path, Path], two_rank_graph: Path, tmp_path: Path
-) -> None:
-    """A rank that dies ends the attempt FAILED (torchrun tears the other down); resume continues."""
+# -- a 2-rank node interrupted twice: Ctrl-C, then a rank killed --------------------------------------
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What each leg of the `interrupted` run left: `trinity run`'s exit code and output, and the node status."""
+
+    run: Path
+    ctrl_c: tuple[int, str]
+    after_ctrl_c: NodeStatus
+    kill: tuple[int, str]
+    after_kill: NodeStatus
+    resumed: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def interrupted(
+    prepared: tuple[Path, Path], two_rank_graph: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Interrupted:
+    """One 2-rank run of the node, interrupted twice (the Ctrl-C and the rank-kill tests check one leg each, and
+    the end of both): Ctrl-C at step 10; `trinity run` again, its rank 1 killed with SIGKILL at step 25 (past
+    the checkpoint at 20); `trinity resume` to the end."""
     _, prepared_run = prepared
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("interrupted") / "run"
     shutil.copytree(prepared_run, run)
-    proc = run_until_step(two_rank_graph, run, 25, timeout_s=600)  # past the first checkpoint (step 20)
     node_dir = RunDir(run).node(NODE)
-    pids = re.findall(r"rank 1 of 2 on \S+ \(pid (\d+)\)", node_dir.log_file(1).read_text())
+
+    proc = run_until_step(two_rank_graph, run, 10, timeout_s=600)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    ctrl_c, after_ctrl_c = (proc.returncode, out), NodeStatus.read(node_dir)
+
+    proc = run_until_step(two_rank_graph, run, 25, timeout_s=600)
+    pids = re.findall(r"rank 1 of 2 on \S+ \(pid (\d+)\)", node_dir.log_file(2).read_text())
     os.kill(int(pids[0]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out
-    [first] = list_attempts(node_dir)
-    assert first.state == "FAILED" and first.signal == signal.SIGKILL
-    assert "rank 1 killed by signal SIGKILL" in NodeStatus.read(node_dir).message
+    kill, after_kill = (proc.returncode, out), NodeStatus.read(node_dir)
 
     resumed = trinity("resume", str(run), "--nodes", NODE)
+    return Interrupted(run, ctrl_c, after_ctrl_c, kill, after_kill, resumed)
+
+
+@pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes
+def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_resume_is_exact(
+    interrupted: Interrupted, two_rank_run: Path
+) -> None:
+    """SIGINT to `trinity run` -> SIGTERM to torchrun -> every rank: they commit a checkpoint, exit 3 (STOPPED)."""
+    code, out = interrupted.ctrl_c
+    assert code != 0, out
+    node_dir = RunDir(interrupted.run).node(NODE)
+    first, second, *_ = list_attempts(node_dir)
+    assert (first.state, first.exit_code, first.signal) == ("STOPPED", 3, None)
+    ends = read_rank_ends(node_dir, 1)
+    assert {r: e.state for r, e in ends.items()} == {0: "STOPPED", 1: "STOPPED"}  # the signal reached both ranks
+    message = interrupted.after_ctrl_c.message
+    assert "stopped on request; last committed checkpoint at step" in message
+    assert second.resumed_from_step == int(message.rsplit(" ", 1)[-1]) and second.resumed_from_step >= 10
+
+    assert interrupted.resumed.returncode == 0, interrupted.resumed.stdout + interrupted.resumed.stderr
+    assert list_attempts(node_dir)[-1].state == "SUCCEEDED"
+    assert losses(interrupted.run) == losses(two_rank_run)  # the same 2-rank losses, bit for bit
+
+
+@pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes
+def test_killing_rank_1_fails_the_attempt_and_resume_finishes_with_each_step_once(interrupted: Interrupted) -> None:
+    """A rank that dies ends the attempt FAILED (torchrun tears the other down); resume continues."""
+    code, out = interrupted.kill
+    assert code == 1, out
+    node_dir = RunDir(interrupted.run).node(NODE)
+    killed = list_attempts(node_dir)[1]
+    assert killed.state == "FAILED" and killed.signal == signal.SIGKILL
+    assert "rank 1 killed by signal SIGKILL" in interrupted.after_kill.message
+
+    resumed = interrupted.resumed
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     attempts = list_attempts(node_dir)
-    assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
-    assert attempts[1].resumed_from_step is not None and attempts[1].resumed_from_step >= 20
+    assert [a.state for a in attempts] == ["STOPPED", "FAILED", "SUCCEEDED"]
+    assert attempts[2].resumed_from_step is not None and attempts[2].resumed_from_step >= 20
     counts = trinity(
         "sql",
-        str(run),
+        str(interrupted.run),
         f"SELECT step, count(*) AS n FROM steps WHERE node = '{NODE}' GROUP BY step",
         "--format",
         "json",
     )
     rows = json.loads(counts.stdout)
     assert len(rows) == 59 and {r["n"] for r in rows} == {1}
-
-
-@pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes
-def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_resume_is_exact(
-    prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
-) -> None:
-    """SIGINT to `trinity run` -> SIGTERM to torchrun -> every rank: they commit a checkpoint, exit 3 (STOPPED)."""
-    _, prepared_run = prepared
-    run = tmp_path / "run"
-    shutil.copytree(prepared_run, run)
-    proc = run_until_step(two_rank_graph, run, 10, timeout_s=600)
-    node_dir = RunDir(run).node(NODE)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out
-    [first] = list_attempts(node_dir)
-    assert (first.state, first.exit_code, first.signal) == ("STOPPED", 3, None)
-    ends = read_rank_ends(node_dir, 1)
-    assert {r: e.state for r, e in ends.items()} == {0: "STOPPED", 1: "STOPPED"}  # the signal reached both ranks
-    assert "stopped on request; last committed checkpoint at step" in NodeStatus.read(node_dir).message
-
-    resumed = trinity("resume", str(run), "--nodes", NODE)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    second = list_attempts(node_dir)[1]
-    assert second.state == "SUCCEEDED" and second.resumed_from_step is not None and second.resumed_from_step >= 10
-    assert losses(run) == losses(two_rank_run)  # the same 2-rank losses, bit for bit

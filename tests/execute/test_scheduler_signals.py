@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from tests.execute.conftest import descendants
 from trinity.nodes.checkpoints import last_committed_step
 from trinity.run.layout import NodeDir, RunDir
 from trinity.run.ranks import read_rank_ends
-from trinity.run.status import NodeStatus, lease_liveness, list_attempts, process_alive
+from trinity.run.status import AttemptRecord, NodeStatus, lease_liveness, list_attempts, process_alive
 
 STOPS_WITHIN_S = 60.0
 """A stopping node finishes its step and commits a checkpoint well within this (a step is ~0.1 s here)."""
@@ -102,49 +103,119 @@ def stopped_at(node_dir: NodeDir, reason: str) -> int:
     return step
 
 
+@dataclass(frozen=True)
+class Leg:
+    """One interruption of the `stopped_twice` run: the scheduler, the node's pid, whether that process was
+    still alive right after, and the node's attempts and last committed checkpoint at that moment."""
+
+    scheduler: Scheduler
+    pid: int
+    alive_after: bool
+    attempts: list[AttemptRecord]
+    committed: int | None
+    status: NodeStatus
+
+
+@dataclass(frozen=True)
+class StoppedTwice:
+    run: Path
+    sigterm: Leg
+    sigterm_out: str
+    group_killed: Leg
+    resumed: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def stopped_twice(prepared: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoppedTwice]:
+    """One run of the node stopped twice, then resumed (the SIGTERM and the group-kill tests check one stop
+    each, and the end of both): SIGTERM to `trinity run` at step 5; `trinity run` again, its process group
+    killed with SIGKILL 5 steps later; `trinity resume` at once, while the node may still be stopping."""
+    graph, prepared_run = prepared
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    shutil.copytree(prepared_run, run)
+    started: list[Scheduler] = []
+    try:
+        s = Scheduler(graph, run)
+        started.append(s)
+        pid = s.until_step(5)
+        s.proc.send_signal(signal.SIGTERM)
+        out, _ = s.proc.communicate(timeout=STOPS_WITHIN_S)
+        node_dir = s.node_dir
+        sigterm = Leg(
+            s,
+            pid,
+            process_alive(pid),
+            list_attempts(node_dir),
+            last_committed_step(node_dir),
+            NodeStatus.read(node_dir),
+        )
+
+        s = Scheduler(graph, run)
+        started.append(s)
+        pid = s.until_step(NodeStatus.read(node_dir).progress["step"] + 5)
+        os.killpg(s.proc.pid, signal.SIGKILL)
+        s.proc.wait(timeout=30)
+        resumed = trinity("resume", str(run), "--nodes", NODE)  # at once: the node may still be stopping
+        group_killed = Leg(s, pid, process_alive(pid), list_attempts(node_dir), None, NodeStatus.read(node_dir))
+        yield StoppedTwice(run, sigterm, out, group_killed, resumed)
+    finally:
+        for s in started:
+            s.close()
+
+
 def test_a_node_stops_by_itself_when_its_scheduler_group_is_killed_and_resume_right_after_finishes_exactly(
-    scheduler: tuple[Path, Path, list[Scheduler]], straight: dict[int, float]
+    stopped_twice: StoppedTwice, straight: dict[int, float]
 ) -> None:
     """kill -9 of the scheduler's process group (a batch system after its grace period, a closed terminal's
     session): the node commits a checkpoint and exits; `trinity resume` started at once waits for that."""
-    graph, run, started = scheduler
-    s = Scheduler(graph, run)
-    started.append(s)
-    pid = s.until_step(5)
-    os.killpg(s.proc.pid, signal.SIGKILL)
-    s.proc.wait(timeout=30)
-    resumed = trinity("resume", str(run), "--nodes", NODE)  # at once: the node may still be stopping
+    leg, resumed = stopped_twice.group_killed, stopped_twice.resumed
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert not process_alive(pid)
-    attempts = list_attempts(s.node_dir)
-    assert [a.state for a in attempts] == ["STOPPED", "SUCCEEDED"]
-    assert attempts[0].message.startswith(f"stopped: its scheduler (pid {s.proc.pid}) is gone; last committed")
-    step = int(attempts[0].message.rsplit(" ", 1)[-1])
-    assert 5 <= step < 59 and attempts[1].resumed_from_step == step
-    assert losses(run) == straight
+    assert not leg.alive_after
+    attempts = leg.attempts
+    assert [a.state for a in attempts] == ["STOPPED", "STOPPED", "SUCCEEDED"]  # the first: SIGTERM's test
+    assert attempts[1].message.startswith(
+        f"stopped: its scheduler (pid {leg.scheduler.proc.pid}) is gone; last committed"
+    )
+    step = int(attempts[1].message.rsplit(" ", 1)[-1])
+    assert 5 <= step < 59 and attempts[2].resumed_from_step == step
+    assert losses(stopped_twice.run) == straight
 
 
-@pytest.mark.slow  # end to end: the node trained until stopped, twice
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_or_sighup_to_the_scheduler_stops_the_node_at_a_checkpoint(
-    scheduler: tuple[Path, Path, list[Scheduler]], straight: dict[int, float], sig: signal.Signals
+@pytest.mark.slow  # end to end: the node trained until stopped, then resumed (with the group-kill test)
+def test_sigterm_to_the_scheduler_stops_the_node_at_a_checkpoint_and_resume_is_exact(
+    stopped_twice: StoppedTwice, straight: dict[int, float]
 ) -> None:
+    leg, sig = stopped_twice.sigterm, signal.SIGTERM
+    assert leg.scheduler.proc.returncode == 128 + sig, stopped_twice.sigterm_out
+    assert f"interrupted ({sig.name}): running nodes were stopped at a checkpoint" in stopped_twice.sigterm_out
+    assert not leg.alive_after  # the scheduler waited for it
+    status = leg.status
+    assert status.state == "FAILED" and status.message.startswith("stopped on request"), status.message
+    assert "; last committed checkpoint at step " in status.message
+    step = int(status.message.rsplit(" ", 1)[-1])
+    assert leg.committed == step
+    [attempt] = leg.attempts
+    assert attempt.state == "STOPPED" and attempt.end is not None
+    assert list_attempts(leg.scheduler.node_dir)[1].resumed_from_step == step  # `trinity run` again resumed it
+    assert losses(stopped_twice.run) == straight
+
+
+@pytest.mark.slow  # end to end: the node trained until stopped
+def test_sighup_to_the_scheduler_stops_the_node_at_a_checkpoint(
+    scheduler: tuple[Path, Path, list[Scheduler]],
+) -> None:
+    """The same stop as SIGTERM's (resumed in that test, and after Ctrl-C in tests/execute/test_resume.py)."""
     graph, run, started = scheduler
     s = Scheduler(graph, run)
     started.append(s)
     pid = s.until_step(5)
+    sig = signal.SIGHUP
     s.proc.send_signal(sig)
     out, _ = s.proc.communicate(timeout=STOPS_WITHIN_S)
     assert s.proc.returncode == 128 + sig, out
     assert f"interrupted ({sig.name}): running nodes were stopped at a checkpoint" in out
     assert not process_alive(pid)  # the scheduler waited for it
-    step = stopped_at(s.node_dir, "stopped on request")
-    if sig == signal.SIGHUP:
-        return  # the same stop as SIGTERM's; resuming it once is enough (and Ctrl-C's test resumes too)
-    resumed = trinity("resume", str(run), "--nodes", NODE)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert list_attempts(s.node_dir)[-1].resumed_from_step == step
-    assert losses(run) == straight
+    stopped_at(s.node_dir, "stopped on request")
 
 
 @pytest.mark.slow  # end to end: a node trained until stopped

@@ -52,7 +52,8 @@ def status(run: Path) -> dict[str, str]:
 
 def test_tiny_graph_runs_on_slurm_one_job_per_node_with_dependencies(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    shrink = [f"data.phases.phase{i}.tokens=12000" for i in (1, 2, 3)] + ["tokenizer.sample_bytes=300000"]
+    # One optimizer step per phase (16 sequences of 256 tokens): the jobs and their dependencies are the subject.
+    shrink = [f"data.phases.phase{i}.tokens=4096" for i in (1, 2, 3)] + ["tokenizer.sample_bytes=300000"]
     sets = [a for s in shrink for a in ("--set", s)]
     result = trinity(
         "run", str(ROOT / "graphs" / "tiny.yaml"), "--run-dir", str(run), "--nodes", "pretrain/*", *SLURM, *sets
@@ -143,10 +144,12 @@ def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Pa
     _, prepared_run = prepared
     swept = compose(tmp_path / "sweep.yaml", "micro.yaml", sweep={"grid": {"optim.muon.lr": [0.005, 0.01, 0.02]}})
     run = tmp_path / "run"
-    shutil.copytree(prepared_run, run)  # the tokenizer and prepare nodes are shared by the branches: reused
-    result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM)
+    shutil.copytree(prepared_run, run)  # the tokenizer is shared by the branches: reused
+    # 12 steps (of 8 sequences of 64 tokens) instead of 59: prepare/phase1 runs again, once for the 3 branches.
+    short = ["--set", "data.phases.phase1.tokens=6000"]
+    result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM, *short)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 node(s) to run" in result.stdout
+    assert "4 node(s) to run" in result.stdout  # prepare/phase1 and the 3 branches
     nodes = [f"pretrain/phase1[muon.lr={lr}]" for lr in ("0.005", "0.01", "0.02")]
     records = [list_attempts(RunDir(run).node(n))[-1] for n in nodes]
     arrays = {r.job_id.split("_")[0] for r in records if r.job_id}
@@ -156,7 +159,7 @@ def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Pa
         "sql",
         str(run),
         "SELECT s.node, p.optim__muon__lr AS lr, s.loss FROM steps s JOIN spec p "
-        "USING (run_id, node) WHERE s.step = 59 ORDER BY lr",
+        "USING (run_id, node) WHERE s.step = 12 ORDER BY lr",
         "--format",
         "json",
     )
