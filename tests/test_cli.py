@@ -72,7 +72,7 @@ def test_diff_reports_fields_and_invalidated_nodes() -> None:
             "--set",
             "optim.adamw.lr=0.001",
             "--set",
-            "execution.checkpoint_every=5",
+            "execution.checkpoint.async=true",
             "--json",
         ],
     )
@@ -80,7 +80,9 @@ def test_diff_reports_fields_and_invalidated_nodes() -> None:
     out = json.loads(result.stdout)
     changes = {c["path"]: c for c in out["changes"]}
     assert changes["optim.adamw.lr"]["after"] == 0.001 and not changes["optim.adamw.lr"]["execution_only"]
-    assert changes["execution.checkpoint_every"]["execution_only"]
+    assert changes["execution.checkpoint.async"] == {
+        "path": "execution.checkpoint.async", "before": None, "after": True, "execution_only": True
+    }  # fmt: skip
     trained = {"pretrain/phase1", "pretrain/phase2", "extend", "sft", "rl"}
     evals = {f"eval/{task}@{stage}" for task, stage in EVALS}
     assert set(out["rerun"]) == trained | evals  # everything that trains, and what evaluates it

@@ -110,9 +110,12 @@ def _load(graph: Path, sets: list[str] | None) -> Any:
 def validate(graph: GraphArg, set_: SetOption = None, debug: DebugOption = False) -> None:
     """Check a graph file against the spec models and the cross-field rules."""
     from trinity.graph.compile import compile_graph
+    from trinity.nodes.init_source import check_init_architectures
 
     loaded = _load(graph, set_)
-    n = compile_graph(loaded).number_of_nodes()
+    compiled = compile_graph(loaded)
+    check_init_architectures(loaded, compiled)  # needs the model floor, above the compiler's
+    n = compiled.number_of_nodes()
     out.print(f"[green]ok[/]: {shown(graph)} ({loaded.spec.name}: {n} nodes)", highlight=False, emoji=False)
 
 
@@ -430,6 +433,34 @@ def generate(
         raise SpecError(["--node is required: the training node whose final checkpoint generates"])
     out.print(
         generate_cli(run_dir, node, prompt, max_new_tokens, temperature, top_p, seed), highlight=False, markup=False
+    )
+
+
+@app.command()
+@handles_errors
+def export(
+    run_dir: RunDirArg,
+    node: Annotated[str, typer.Argument(help="A training node of the run (e.g. sft, pretrain/phase3).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (absent or empty).")],
+    step: Annotated[
+        int | None, typer.Option("--step", help="A committed step (default: the final checkpoint, else the newest).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 (lossless) or bfloat16.")] = "float32",
+    debug: DebugOption = False,
+) -> None:
+    """Export a training node's checkpoint as a transformers AfmoeForCausalLM directory (checked: logits round trip)."""
+    from trinity.nodes.export import export_cli
+
+    if dtype not in ("float32", "bfloat16"):
+        raise SpecError([f"--dtype {dtype!r} is not float32 or bfloat16"])
+    result = export_cli(run_dir, node, out_dir, step, "bfloat16" if dtype == "bfloat16" else "float32")
+    check = result["check"]
+    out.print(
+        f"exported {shown(node)} step {result['step']} to {shown(out_dir)}: {result['shards']} shard(s), "
+        f"{result['bytes'] / 1e6:.1f} MB {dtype}; transformers' logits within {check['max_abs_diff']:.2g} "
+        f"of trinity's on {check['sequences']} sequences",
+        highlight=False,
+        emoji=False,
     )
 
 

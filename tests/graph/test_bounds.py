@@ -48,8 +48,9 @@ PAST_THE_BOUND = [
     ("parallel.nodes", 2**16 + 1, 2**16),
     ("seed", 2**63, 2**63 - 1),
     ("execution.heartbeat_s", 3601, 3600),
-    ("execution.checkpoint_every", 10**9 + 1, 10**9),
-    ("execution.keep_last", 10_001, 10_000),
+    ("execution.checkpoint.every", 10**9 + 1, 10**9),
+    ("execution.checkpoint.keep_last", 10_001, 10_000),
+    ("execution.checkpoint.keep_every", 10**9 + 1, 10**9),
     ("execution.slurm.cpus_per_task", 4097, 4096),
     ("execution.slurm.time_min.default", 525_601, 525_600),
     ("execution.local.threads", 4097, 4096),
@@ -90,3 +91,48 @@ def test_plan_past_a_bound_ends_at_once_with_exit_2() -> None:
     for field, value in (("model.n_layers", 10**9), ("data.phases.0.tokens", 10**35)):
         result = plan(str(TINY), f"{field}={value}")
         assert result.returncode == 2 and field in result.stderr, result.stderr
+
+
+# -- execution.checkpoint: the section and the older spelling of its fields -----------------------
+
+
+def test_the_older_checkpoint_fields_still_read_into_the_section(small_graph: Path) -> None:
+    """Run directories hold spec.yaml files written before `execution.checkpoint` existed: `resume` re-reads
+    them. checkpoint_every / keep_last land in checkpoint.every / keep_last; the rest keeps its defaults."""
+    small_graph.write_text(small_graph.read_text() + "  checkpoint_every: 7\n  keep_last: 3\n")
+    section = load_experiment(small_graph).spec.execution.checkpoint
+    assert (section.every, section.keep_last, section.keep_every, section.async_) == (7, 3, None, None)
+
+
+@pytest.mark.parametrize(("old", "new"), [("checkpoint_every", "every"), ("keep_last", "keep_last")])
+def test_a_setting_under_both_names_is_an_error_naming_both(old: str, new: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_experiment(TINY, [f"execution.{old}=4"])  # tiny.yaml sets checkpoint.every and keep_last
+    assert any(f"execution.{old} and execution.checkpoint.{new} are both given" in line for line in info.value.lines)
+
+
+def test_an_older_field_past_its_bound_names_its_older_name(small_graph: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_experiment(small_graph, ["execution.keep_last=10001"])
+    assert any(
+        "execution.keep_last = 10001 (the older name of checkpoint.keep_last)" in line
+        and "less than or equal to 10000" in line
+        for line in info.value.lines
+    ), info.value.lines
+
+
+def test_async_is_spelled_async_everywhere_a_user_sees_it() -> None:
+    """`async` is a Python keyword (the field is async_): --set, errors and the schema all say `async`."""
+    assert load_experiment(TINY, ["execution.checkpoint.async=true"]).spec.execution.checkpoint.async_ is True
+    with pytest.raises(SpecError) as info:
+        load_experiment(TINY, ["execution.checkpoint.async=maybe"])
+    assert any(line.startswith("--set #1 (execution.checkpoint.async=maybe): execution.checkpoint.async = ")
+               for line in info.value.lines), info.value.lines  # fmt: skip
+    with pytest.raises(SpecError) as info:
+        load_experiment(TINY, ["execution.checkpoint.asink=true"])
+    assert any("allowed: async, compression, every, keep_every, keep_last" in line for line in info.value.lines)
+    schema = json.loads(subprocess.run(
+        [sys.executable, "-m", "trinity.cli", "schema"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout)  # fmt: skip
+    fields = schema["$defs"]["CheckpointSpec"]["properties"]
+    assert "async" in fields and "async_" not in fields and "background thread" in fields["async"]["description"]

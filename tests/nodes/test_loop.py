@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ import duckdb
 import pytest
 import torch
 
+import trinity.store.checkpoint as ckpt
 from tests.cli_runs import NODE, losses, run_until_step, trinity
 from trinity.errors import CheckpointError, StopRequested
 from trinity.nodes.checkpoints import final_state, last_committed_step
@@ -26,6 +28,8 @@ from trinity.nodes.context import StopFlag
 from trinity.nodes.loop import TrainingLoop
 from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.run.status import AttemptRecord, list_attempts
+from trinity.spec.execution import CheckpointSpec
+from trinity.store.checkpoint import load_checkpoint
 
 IDENTITY = "toy-identity"
 STEPS = 7
@@ -76,14 +80,18 @@ class Toy(TrainingLoop[ToyStep]):
         return super().checkpoint()
 
 
-def context(root: Path, attempt: int, identity: str = IDENTITY) -> Any:
+SYNC = CheckpointSpec(every=3, keep_last=5)
+
+
+def context(root: Path, attempt: int, identity: str = IDENTITY, policy: CheckpointSpec = SYNC) -> Any:
     node_dir = NodeDir(root)
     AttemptRecord(attempt=attempt, executor="test", identity=identity).write(node_dir)
     progress: list[dict[str, Any]] = []
     return SimpleNamespace(
-        spec=SimpleNamespace(execution=SimpleNamespace(checkpoint_every=3, keep_last=5, expert_load_every=10)),
+        spec=SimpleNamespace(execution=SimpleNamespace(checkpoint=policy, expert_load_every=10)),
         dir=node_dir,
         node=SimpleNamespace(identity=identity),
+        graph=SimpleNamespace(nodes={}),  # no other node starts from this one
         node_id="toy",
         attempt=attempt,
         run_id="r",
@@ -123,18 +131,23 @@ def test_cadence_final_checkpoint_and_final_json(tmp_path: Path) -> None:
     assert toy.telemetry is None
 
 
-def test_stop_checkpoints_where_it_stopped_and_the_resume_is_exact(tmp_path: Path) -> None:
+ASYNC = CheckpointSpec(every=3, keep_last=5, **{"async": True})
+
+
+@pytest.mark.parametrize("policy", [SYNC, ASYNC], ids=["sync", "async"])
+def test_stop_checkpoints_where_it_stopped_and_the_resume_is_exact(tmp_path: Path, policy: CheckpointSpec) -> None:
     expected = straight(tmp_path / "straight").logged
 
     torch.manual_seed(0)
-    stopped = Toy(context(tmp_path / "run", 1), stop_after=4)
+    stopped = Toy(context(tmp_path / "run", 1, policy=policy), stop_after=4)
     with pytest.raises(StopRequested):
         stopped.run()
+    # StopRequested is raised once the checkpoint of the step it stopped at is committed (async: waited for).
     assert stopped.committed == [3, 4] and last_committed_step(stopped.ctx.dir) == 4
     assert not (stopped.ctx.dir.outputs / "final.json").exists()
 
     torch.manual_seed(123)  # another process: its RNG is not where the stopped one left it
-    resumed = Toy(context(tmp_path / "run", 2))
+    resumed = Toy(context(tmp_path / "run", 2, policy=policy))
     resumed.run(fresh=lambda: pytest.fail("a committed checkpoint of this identity exists"))
     assert resumed.begun_at == 4 and resumed.committed == [6, 7]
     assert AttemptRecord.read(resumed.ctx.dir, 2).resumed_from_step == 4
@@ -168,11 +181,11 @@ def test_resumed_at_the_last_step_it_only_writes_the_end(tmp_path: Path) -> None
 
 
 class BigToy(Toy):
-    """The toy with its weight also held as a leaf of its own Zarr array (2.4 MB, above the packing threshold):
+    """The toy with its weight also held as a leaf of its own Zarr array (10 MB, above the 8 MiB packing threshold):
     restored from that array, so a chunk of it that loads as zeros changes the losses, silently."""
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": {"w": self.w.clone(), "big": self.w.expand(300_000).clone()}}
+        return {"model": {"w": self.w.clone(), "big": self.w.expand(2_500_000).clone()}}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.w = state["model"]["big"][0].clone()
@@ -276,3 +289,65 @@ def test_a_real_node_resumes_past_a_flipped_bit_exactly(
     verified = trinity("verify", str(run), NODE)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert f"note: {step40}.damaged: set aside as damaged by a resume" in verified.stderr
+
+
+# -- asynchronous checkpoints ---------------------------------------------------------------------
+
+
+class InPlaceToy(Toy):
+    """The toy whose checkpoint state is its live weight (no copy), changed in place by every step, as a
+    model's parameters are: an asynchronous save that did not copy it would commit a later step's value."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": {"w": self.w}}
+
+
+def test_async_checkpoints_are_written_while_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer is held (write_tree blocks in the worker thread) until step 5: steps 4 and 5 run while the
+    checkpoint of step 3 is in flight, and each checkpoint still holds the weight of its own step."""
+    expected = straight(tmp_path / "straight").logged
+    gate = threading.Event()
+    real = ckpt.write_tree
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        assert threading.current_thread() is not threading.main_thread()  # written by the worker
+        assert gate.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    class Held(InPlaceToy):
+        def optimizer_step(self) -> ToyStep:
+            if self.step + 1 == 5:
+                assert last_committed_step(self.ctx.dir) is None  # step 3's save is still in flight
+                gate.set()
+            return super().optimizer_step()
+
+    monkeypatch.setattr(ckpt, "write_tree", held)
+    torch.manual_seed(0)
+    toy = Held(context(tmp_path / "run", 1, policy=ASYNC))
+    toy.run()
+    assert toy.logged == expected and toy.committed == [3, 6, 7]
+    for step in (3, 6, 7):
+        state = load_checkpoint(toy.ctx.dir.checkpoints / f"step-{step:08d}")
+        assert (state["step"], float(state["model"]["w"])) == (step, expected[step])  # the value at its step
+    assert read_json(toy.ctx.dir.outputs / "final.json")["checkpoint"] == "checkpoints/step-00000007"
+    events = duckdb.sql(
+        f"SELECT step, data FROM read_parquet('{tmp_path}/run/telemetry/attempt-0001/events-*.parquet') "
+        "WHERE kind = 'checkpoint_async' ORDER BY step"
+    ).fetchall()
+    assert [s for s, _ in events] == [3, 6, 7]
+    assert all(set(json.loads(d)) == {"waited_s", "snapshot_s"} for _, d in events)
+
+
+def test_a_failed_async_save_fails_the_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's error is raised in the training thread (at the next checkpoint), never lost."""
+
+    def full(folder: Path, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_tree", full)
+    torch.manual_seed(0)
+    toy = Toy(context(tmp_path, 1, policy=ASYNC))
+    with pytest.raises(OSError, match="No space left"):
+        toy.run()
+    assert toy.committed == [3, 6] and last_committed_step(toy.ctx.dir) is None  # raised by the save of step 6
+    assert not (toy.ctx.dir.outputs / "final.json").exists()

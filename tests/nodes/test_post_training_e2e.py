@@ -15,7 +15,7 @@ import pytest
 
 from tests.nodes.post_graph import POST_GRAPH
 from trinity.run.layout import RunDir, read_json
-from trinity.run.status import NodeStatus, list_attempts
+from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
 from trinity.store.catalog import open_catalog
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,19 @@ def trinity(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 PRETRAINED = ["prepare/*", "pretrain/*", "tokenizer", "extend"]
-CKPT = ["--set", "execution.checkpoint_every=3"]
+CKPT = ["--set", "execution.checkpoint.every=3"]
+"""A checkpoint every 3 steps in the post-training nodes (8 SFT steps, 6 RL steps): a kill lands after one."""
+
+# Runs shared by the tests (module-scoped, each made once and copied by the tests that change it):
+#   pretrained   tokenizer .. pretraining .. extension (their checkpoint cadence is not tested here)
+#   with_sft     pretrained + SFT: the uninterrupted SFT run the killed one must reproduce
+#   everything   with_sft + every other node (RL, evals): the uninterrupted RL run, and what the
+#                every-node test checks
+
+
+def run_ok(graph: Path, run: Path, *args: str) -> None:
+    result = trinity("run", str(graph), "--run-dir", str(run), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +48,35 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     graph = root / "micro.yaml"
     graph.write_text(POST_GRAPH)
     run = root / "pretrained"
-    nodes = [x for n in PRETRAINED for x in ("--nodes", n)]
-    result = trinity("run", str(graph), "--run-dir", str(run), *nodes, *CKPT)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(graph, run, *[x for n in PRETRAINED for x in ("--nodes", n)])
     return graph, run
 
 
-def sft_losses(run: Path) -> dict[int, float]:
-    con = open_catalog(run)
-    return dict(con.sql("select step, loss from steps where node = 'sft' order by step").fetchall())
-
-
-def test_every_post_training_node_succeeds(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def with_sft(pretrained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     graph, base = pretrained
-    run = tmp_path / "all"
+    run = tmp_path_factory.mktemp("post") / "with_sft"
     shutil.copytree(base, run)
-    result = trinity("run", str(graph), "--run-dir", str(run), *CKPT)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok(graph, run, "--nodes", "sft", *CKPT)
+    return run
+
+
+@pytest.fixture(scope="module")
+def everything(pretrained: tuple[Path, Path], with_sft: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    graph, _ = pretrained
+    run = tmp_path_factory.mktemp("post") / "everything"
+    shutil.copytree(with_sft, run)
+    run_ok(graph, run, *CKPT)
+    return run
+
+
+def node_losses(run: Path, node: str) -> dict[int, float]:
+    con = open_catalog(run)
+    return dict(con.sql(f"select step, loss from steps where node = '{node}' order by step").fetchall())
+
+
+def test_every_post_training_node_succeeds(everything: Path) -> None:
+    run = everything
     con = open_catalog(run)
     states = {n: NodeStatus.read(RunDir(run).node(n)).state for n in ("extend", "sft", "rl")}
     assert states == dict.fromkeys(states, "SUCCEEDED")
@@ -83,68 +107,23 @@ def test_every_post_training_node_succeeds(pretrained: tuple[Path, Path], tmp_pa
         generate_cli(run, "eval/mk_niah@extend", "x", 2, 0.0, 1.0, 0)
 
 
-def test_sft_sigkill_then_resume_is_bit_identical(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
-    graph, base = pretrained
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for run in (straight, killed):
-        shutil.copytree(base, run)
-    nodes = ["--nodes", "sft"]
-    result = trinity("run", str(graph), "--run-dir", str(straight), *nodes, *CKPT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    expected = sft_losses(straight)
-    assert sorted(expected) == list(range(1, 9))
-    # Extension ran in both copies the same way first (a dependency of sft): same start.
+def kill_then_resume(graph: Path, killed: Path, node: str, kill_at: int, *sets: str) -> list[AttemptRecord]:
+    """`trinity run --nodes NODE` in `killed`, NODE's process SIGKILLed once it reports step `kill_at`, then
+    `trinity resume --nodes NODE`; returns NODE's attempts."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(killed), *nodes, *CKPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    node_dir = RunDir(killed).node("sft")
-    deadline = time.monotonic() + 600
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, "sft ended before it could be killed"
-        if node_dir.status.is_file() and NodeStatus.read(node_dir).progress.get("step", 0) >= 4:
-            break
-        time.sleep(0.02)
-    os.kill(read_json(node_dir.lease)["pid"], signal.SIGKILL)
-    proc.wait(timeout=120)
-    assert NodeStatus.read(node_dir).state == "FAILED"
-
-    resumed = trinity("resume", str(killed), "--nodes", "sft")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    attempts = list_attempts(node_dir)
-    assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
-    assert attempts[1].resumed_from_step in (3, 6)
-    assert sft_losses(killed) == expected
-
-
-def node_losses(run: Path, node: str) -> dict[int, float]:
-    con = open_catalog(run)
-    return dict(con.sql(f"select step, loss from steps where node = '{node}' order by step").fetchall())
-
-
-@pytest.mark.parametrize(
-    ("node", "sets", "kill_at"),
-    [
-        # extension already ran in the fixture: a changed warmup gives it a new identity in both copies
-        ("extend", ["--set", "stages.extend.lr.warmup_steps=3"], 7),
-        ("rl", [], 4),
-    ],
-)
-def test_extend_and_rl_sigkill_then_resume_are_bit_identical(
-    pretrained: tuple[Path, Path], tmp_path: Path, node: str, sets: list[str], kill_at: int
-) -> None:
-    graph, base = pretrained
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for run in (straight, killed):
-        shutil.copytree(base, run)
-    args = ["--nodes", node, *CKPT, *sets]
-    result = trinity("run", str(graph), "--run-dir", str(straight), *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    expected = node_losses(straight, node)
-    assert len(expected) > kill_at
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trinity.cli", "run", str(graph), "--run-dir", str(killed), *args],
+        [
+            sys.executable,
+            "-m",
+            "trinity.cli",
+            "run",
+            str(graph),
+            "--run-dir",
+            str(killed),
+            "--nodes",
+            node,
+            *CKPT,
+            *sets,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -158,9 +137,51 @@ def test_extend_and_rl_sigkill_then_resume_are_bit_identical(
         time.sleep(0.02)
     os.kill(read_json(node_dir.lease)["pid"], signal.SIGKILL)
     proc.wait(timeout=120)
+    assert NodeStatus.read(node_dir).state == "FAILED"
     resumed = trinity("resume", str(killed), "--nodes", node)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    attempts = list_attempts(node_dir)
+    return list_attempts(node_dir)
+
+
+def test_sft_sigkill_then_resume_is_bit_identical(
+    pretrained: tuple[Path, Path], with_sft: Path, tmp_path: Path
+) -> None:
+    graph, base = pretrained
+    expected = node_losses(with_sft, "sft")  # the uninterrupted run, from the same extension checkpoint
+    assert sorted(expected) == list(range(1, 9))
+    killed = tmp_path / "killed"
+    shutil.copytree(base, killed)
+    attempts = kill_then_resume(graph, killed, "sft", 4)
+    assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
+    assert attempts[1].resumed_from_step in (3, 6)
+    assert node_losses(killed, "sft") == expected
+
+
+def test_extend_sigkill_then_resume_is_bit_identical(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, base = pretrained
+    # extension already ran in the fixture: a changed warmup gives it a new identity in both copies
+    sets = ["--set", "stages.extend.lr.warmup_steps=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for run in (straight, killed):
+        shutil.copytree(base, run)
+    run_ok(graph, straight, "--nodes", "extend", *CKPT, *sets)
+    expected = node_losses(straight, "extend")
+    assert len(expected) > 7
+    attempts = kill_then_resume(graph, killed, "extend", 7, *sets)
     assert attempts[-2].state == "FAILED" and attempts[-1].state == "SUCCEEDED"
     assert attempts[-1].resumed_from_step is not None and attempts[-1].resumed_from_step >= 3
-    assert node_losses(killed, node) == expected
+    assert node_losses(killed, "extend") == expected
+
+
+def test_rl_sigkill_then_resume_is_bit_identical(
+    pretrained: tuple[Path, Path], with_sft: Path, everything: Path, tmp_path: Path
+) -> None:
+    graph, _ = pretrained
+    expected = node_losses(everything, "rl")  # the uninterrupted run, from the same SFT checkpoint
+    assert len(expected) > 4
+    killed = tmp_path / "killed"
+    shutil.copytree(with_sft, killed)
+    attempts = kill_then_resume(graph, killed, "rl", 4)
+    assert attempts[-2].state == "FAILED" and attempts[-1].state == "SUCCEEDED"
+    assert attempts[-1].resumed_from_step is not None and attempts[-1].resumed_from_step >= 3
+    assert node_losses(killed, "rl") == expected

@@ -61,6 +61,9 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
     run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
     graph = compile_graph(loaded)
+    from trinity.nodes.init_source import check_init_architectures  # here: it loads torch
+
+    check_init_architectures(loaded, graph)  # `init:` sources of another shape (trinity.nodes.init_source)
     if not run.run_json.is_file():
         atomic_write_json(
             run.run_json,

@@ -1,7 +1,8 @@
 """Compile an experiment spec into a networkx DAG of typed nodes.
 
     tokenizer -> prepare/PHASE -> pretrain/PHASE1 -> pretrain/PHASE2 -> ... -> extend -> sft -> rl
-                                                       eval/NAME@STAGE hang off the checkpoints they read
+                                                       eval/NAME@STAGE hang off the checkpoints they read,
+                                                       export/NAME@STAGE off the final checkpoints they convert
 
 Each node carries its identity: a hash of the spec fields that change its result plus its
 upstream identities (`trinity.graph.identity`). A sweep compiles one branch per grid point;
@@ -23,6 +24,7 @@ import networkx as nx
 
 from trinity.errors import SpecError
 from trinity.graph.identity import identity_payload, node_identity
+from trinity.graph.init_sources import apply_init
 from trinity.graph.kinds import NODE_KINDS, NodeHeader, NodeKind
 from trinity.spec.data import MixSpec
 from trinity.spec.experiment import ExperimentSpec
@@ -44,6 +46,8 @@ class Branch:
 
     label: str
     spec: ExperimentSpec
+    source: Located | None = field(default=None, compare=False, repr=False)
+    """The located data it was validated from (where its errors point)."""
 
 
 @dataclass
@@ -60,7 +64,7 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
     """The experiment's sweep branches, each validated (errors point at the sweep's line)."""
     sweep = loaded.spec.sweep
     if sweep is None:
-        return [Branch("", loaded.spec)]
+        return [Branch("", loaded.spec, loaded.source)]
     keys = list(sweep.grid)
     points = list(itertools.product(*(sweep.grid[k] for k in keys)))
     labels = _labels(keys, points)
@@ -78,7 +82,7 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
             spec = validate(located)
         except SpecError as exc:
             raise SpecError([f"{line} (in sweep branch {label})" for line in exc.lines]) from None
-        out.append(Branch(label, spec))
+        out.append(Branch(label, spec, located))
     return out
 
 
@@ -217,20 +221,42 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
                 deps += [f"prepare/{p.name}" for p in spec.data.phases]
             payload = {"eval": {k: v for k, v in identity_payload(ev).items() if k != "after"}, "stage": ref}
             drafts.append(_Draft(f"eval/{ev.name}@{ref}", "eval", payload, deps, ref))
+    for ex in spec.stages.exports:  # the stage's final checkpoint, and the tokenizer whose files it ships
+        payload = {"export": identity_payload(ex), "model": training["model"], "seed": spec.seed}
+        deps = [stage_node[ex.after], "tokenizer"]
+        drafts.append(_Draft(f"export/{ex.label}@{ex.after}", "export", payload, deps, ex.after))
     return drafts
+
+
+def _upstream_first(drafts: list[_Draft]) -> list[_Draft]:
+    """The drafts with every one after its deps (an `init.from` may point at a node `_drafts` lists later),
+    otherwise in their order."""
+    order = {d.base_id: i for i, d in enumerate(drafts)}
+    deps = nx.DiGraph([(x, d.base_id) for d in drafts for x in d.deps])
+    deps.add_nodes_from(order)
+    by_id = {d.base_id: d for d in drafts}
+    return [by_id[n] for n in nx.lexicographical_topological_sort(deps, key=order.__getitem__)]
 
 
 def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
     """The DAG of the experiment: node attribute `node` holds a `Node`; edges point downstream."""
     per_branch: list[tuple[Branch, list[_Draft]]] = []
     identities_of: dict[str, set[str]] = {}
+    problems: list[str] = []
     for branch in branches(loaded):
         drafts = _drafts(branch.spec)
+        found = apply_init(drafts, branch.spec, branch.source, loaded.base_dir)  # `init:` sources rewire deps
+        problems += [f"{line} (in sweep branch {branch.label})" if branch.label else line for line in found]
+        if found:
+            continue
         by_id = {d.base_id: d for d in drafts}
+        drafts = _upstream_first(drafts)
         for d in drafts:
             d.identity = node_identity(d.kind, d.payload, [by_id[x].identity for x in d.deps])
             identities_of.setdefault(d.base_id, set()).add(d.identity)
         per_branch.append((branch, drafts))
+    if problems:
+        raise SpecError(list(dict.fromkeys(problems)))
 
     graph = nx.DiGraph(name=loaded.spec.name)
     for branch, drafts in per_branch:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     from trinity.spec.experiment import ExperimentSpec
 
-NodeKind = Literal["tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval"]
+NodeKind = Literal["tokenizer", "prepare", "pretrain", "extend", "sft", "rl", "eval", "export"]
 NODE_KINDS: tuple[NodeKind, ...] = get_args(NodeKind)
 """In the order the DAG runs them (ties in a topological sort are broken by it)."""
 

@@ -14,8 +14,8 @@ import networkx as nx
 
 from trinity.graph.compile import nodes_in_order
 
-SHAPES = {"tokenizer": ("[[", "]]"), "prepare": ("[/", "/]"), "eval": ("{{", "}}")}
-DOT_SHAPES = {"tokenizer": "box3d", "prepare": "parallelogram", "eval": "hexagon"}
+SHAPES = {"tokenizer": ("[[", "]]"), "prepare": ("[/", "/]"), "eval": ("{{", "}}"), "export": ("[(", ")]")}
+DOT_SHAPES = {"tokenizer": "box3d", "prepare": "parallelogram", "eval": "hexagon", "export": "cylinder"}
 SAFE_TEXT = re.compile(r"[A-Za-z0-9 _./@=+,~:-]")
 """Characters written as themselves in a label; every other one becomes a character reference."""
 

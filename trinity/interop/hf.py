@@ -18,15 +18,28 @@ Differences, handled honestly:
   score_function='softmax' or normalize_gates=False raises instead of silently changing the model.
 - SMEBU momentum is optimizer-like state, not part of the transformers model: it is not exported
   (load_pretrained sets it to 0). The expert bias is carried across both ways.
+
+`export_pretrained` is what the `export` node and `trinity export` run: a complete directory
+(config, safetensors shards as transformers shards them, tokenizer files, generation config)
+written under a temporary name and renamed into place only after transformers has loaded it and
+its logits agree with trinity's (`check_round_trip`), so a directory at the final path is always
+a checked export.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from trinity.errors import NodeFailure
 from trinity.model.transformer import TrinityModel
 from trinity.spec.model import ModelSpec
 
@@ -201,20 +214,193 @@ def from_hf_state_dict(model: TrinityModel, hf_sd: dict[str, torch.Tensor]) -> N
     model.load_state_dict(sd, strict=True)
 
 
-def save_pretrained(model: TrinityModel, out_dir: str | Path) -> Path:
-    """Write config.json and model.safetensors that `AfmoeForCausalLM.from_pretrained` loads."""
+ExportDtype = Literal["float32", "bfloat16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_SHARD_BYTES = 5_000_000_000
+"""huggingface_hub's default shard size (transformers 4's too; transformers 5 writes 50 GB shards): 5 GB
+files download and resume well."""
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def save_pretrained(
+    model: TrinityModel,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write config.json and the weights that `AfmoeForCausalLM.from_pretrained` loads.
+
+    Weights are cast to `dtype` (default: the model's) and split as transformers' save_pretrained
+    splits them (`huggingface_hub.split_torch_state_dict_into_shards`): one `model.safetensors`
+    when everything fits in `shard_bytes`, else `model-0000i-of-0000N.safetensors` shards and a
+    `model.safetensors.index.json` mapping each tensor to its shard.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype
     cfg = hf_config_dict(model.spec)
-    cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tensors = to_hf_state_dict(model)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in to_hf_state_dict(model).items()}
     if model.spec.tie_embeddings:
         tensors.pop("lm_head.weight")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def write_tokenizer_files(tok: Tokenizer, out_dir: str | Path, chat: bool) -> dict[str, Any]:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json.
+
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` then encodes text as `Tokenizer.encode`
+    does: the same tokenizer.json (no post-processor, so no BOS/EOS is added), and
+    `split_special_tokens: true`, trinity's rule that special-token text inside a text is plain
+    text (a document cannot forge a `<|doc|>`). The chat template writes trinity's
+    `<|role|> content <|end|>` turns; its role markers are special-token text, so tokenize it with
+    `apply_chat_template(..., tokenize=True, tokenizer_kwargs={"split_special_tokens": False})`.
+    End of sequence: `<|end|>` for a chat-trained model (`chat`), else the document boundary.
+    Returns the generation config written (eos and pad ids).
+    """
+    out = Path(out_dir)
+    shutil.copyfile(tok.path, out / TOKENIZER_FILE)
+    by_id = {i: t for t, i in tok.special_ids.items()}
+    doc, pad = by_id[tok.doc_id], by_id[tok.pad_id]
+    end = "<|end|>" if "<|end|>" in tok.special_ids else None
+    eos = end if chat and end is not None else doc
+    specials = {"eos_token": eos, "pad_token": pad}
+    extra = [t for t in tok.special_ids if t not in specials.values()]
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "bos_token": None,
+        "unk_token": None,
+        "additional_special_tokens": extra,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2**63 - 1,
+    }
+    if all(f"<|{r}|>" in tok.special_ids for r in ("system", "user", "assistant")) and end is not None:
+        config["chat_template"] = (
+            "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        )
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {**specials, "additional_special_tokens": extra}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    stops = sorted({tok.special_ids[eos], tok.doc_id})
+    generation = {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tok.pad_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return generation
+
+
+def round_to(model: TrinityModel, dtype: torch.dtype) -> None:
+    """Round every floating-point weight and buffer of `model` to `dtype` and back, in place: the
+    float32 model that holds exactly the weights an export in `dtype` holds."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))
+
+
+def check_sequences(spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
+    """`n` seeded random sequences [n, T] of token ids, T = sliding_window + 16: long enough that
+    local layers mask keys beyond their window."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, spec.vocab_size, (n, spec.sliding_window + 16), generator=generator)
+
+
+def check_round_trip(model: TrinityModel, hf_dir: str | Path, ids_NT: torch.Tensor) -> float:
+    """Max |logit difference| between `model` and `AfmoeForCausalLM.from_pretrained(hf_dir)` on `ids_NT`.
+
+    Both sides compute in float32 on the CPU (transformers loads the export upcast to float32), so
+    for a bfloat16 export pass the model rounded with `round_to`: the comparison is then of the
+    mapping alone, on the same weights, not of bfloat16 arithmetic. One sequence at a time.
+    """
+    from transformers import AfmoeForCausalLM
+
+    hf: torch.nn.Module = AfmoeForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    hf.eval()
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for n in range(ids_NT.shape[0]):
+            ids_1T = ids_NT[n : n + 1]
+            ours_1TV = model(ids_1T).logits.float()
+            theirs_1TV = hf(ids_1T).logits.float()
+            worst = max(worst, (ours_1TV - theirs_1TV).abs().max().item())
+    return worst
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """What a round-trip check compared and found."""
+
+    sequences: int
+    tokens_per_sequence: int
+    atol: float
+    max_abs_diff: float
+
+
+def export_pretrained(
+    model: TrinityModel,
+    tok: Tokenizer,
+    out_dir: str | Path,
+    *,
+    chat: bool,
+    dtype: ExportDtype = "float32",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    sequences: int = 4,
+    atol: float = 1e-4,
+    seed: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export `model` and `tok` to `out_dir` (absent, or an empty folder) and check the round trip.
+
+    Everything is written to a sibling temporary folder, loaded back with transformers and
+    compared (`check_round_trip`); only if the largest logit difference is within `atol` is the
+    folder renamed to `out_dir`. Otherwise it is removed and NodeFailure names the difference.
+    `model` is rounded in place to `dtype`. Returns what was exported and the measured difference.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NodeFailure(f"{out} exists and is not an empty folder; export into a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        torch_dtype = DTYPES[dtype]
+        round_to(model, torch_dtype)
+        save_pretrained(model, tmp, torch_dtype, shard_bytes)
+        generation = write_tokenizer_files(tok, tmp, chat)
+        ids_NT = check_sequences(model.spec, sequences, seed)
+        diff = check_round_trip(model, tmp, ids_NT)
+        check = ExportCheck(sequences, int(ids_NT.shape[1]), atol, diff)
+        if not diff <= atol:  # NaN fails too
+            raise NodeFailure(
+                f"the exported model does not reproduce trinity's: max |logit difference| {diff:.3g} > {atol:g} "
+                f"on {sequences} sequences of {ids_NT.shape[1]} tokens; nothing was exported"
+            )
+        files = sorted(p.name for p in tmp.iterdir())
+        os.replace(tmp, out)  # an empty `out` is replaced: the folder appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "format": "hf",
+        "dtype": dtype,
+        "shards": sum(f.endswith(".safetensors") for f in files),
+        "bytes": sum((out / f).stat().st_size for f in files),
+        "files": files,
+        "check": asdict(check),
+        "generation": generation,
+        **(extra or {}),
+    }
 
 
 def load_pretrained(model_dir: str | Path) -> tuple[TrinityModel, ModelSpec]:

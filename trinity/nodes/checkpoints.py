@@ -1,7 +1,8 @@
 """Training checkpoints of a node: what goes in, where they live, and which one a node resumes from.
 
 The storage itself is `trinity.store.checkpoint` (Zarr: save, load) and
-`trinity.store.checkpoint_commit` (atomic commit, keep-last-K, which one is newest). A training
+`trinity.store.checkpoint_commit` (atomic commit, retention, which one is newest); asynchronous saves
+(`execution.checkpoint.async`) go through `trinity.store.checkpoint_async`. A training
 checkpoint holds the model (expert bias and momentum are buffers in its state dict), the
 optimizer, the loader position, every RNG state, the step and the tokens seen, and the node
 identity it belongs to: a node resumes only from checkpoints of its own identity.
@@ -18,13 +19,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trinity.distributed import step as collective
 from trinity.errors import CheckpointError
+from trinity.graph.init_sources import init_of
 from trinity.run.layout import NodeDir, atomic_write_json, read_json
+from trinity.spec.execution import CheckpointSpec
 from trinity.store.checkpoint import load_checkpoint, save_checkpoint
+from trinity.store.checkpoint_async import AsyncCheckpointer, checkpoint_path
 from trinity.store.checkpoint_commit import latest_committed, list_checkpoints, set_aside
+
+if TYPE_CHECKING:
+    from trinity.nodes.context import NodeContext
+    from trinity.spec.experiment import ExperimentSpec
 
 FINAL = "final.json"
 
@@ -35,8 +43,25 @@ def last_committed_step(node_dir: NodeDir) -> int | None:
     return None if latest is None else latest.step
 
 
-def save_training_state(node_dir: NodeDir, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    return save_checkpoint(node_dir.checkpoints, step, state, keep_last=keep_last)
+def save_training_state(
+    node_dir: NodeDir,
+    step: int,
+    state: dict[str, Any],
+    policy: CheckpointSpec,
+    *,
+    protected: frozenset[int] = frozenset(),
+    saver: AsyncCheckpointer | None = None,
+) -> Path:
+    """Commit `state` as the node's checkpoint `step` and prune by `policy` (keep the last
+    `policy.keep_last`, every multiple of `policy.keep_every`, and the `protected` steps that downstream
+    nodes reference). With `saver` the save is asynchronous: this returns once the state is copied to
+    host memory, with the path the checkpoint will be committed at (`saver.wait()` commits it)."""
+    args = (node_dir.checkpoints, step, state, policy.keep_last)
+    kwargs: dict[str, Any] = dict(keep_every=policy.keep_every, protected=protected, compression=policy.compression)
+    if saver is None:
+        return save_checkpoint(*args, **kwargs)
+    saver.submit(*args, **kwargs)
+    return checkpoint_path(node_dir.checkpoints, step)
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,25 @@ def resume_state(
             f"{node_dir.checkpoints} aside to start the node over"
         )
     return None
+
+
+def referenced_steps(ctx: NodeContext) -> frozenset[int]:
+    """Steps of this node that other nodes of the run start from (`init: {from: NODE@STEP}` of their
+    stage, in any sweep branch): retention keeps them however old they are (the final one is kept anyway)."""
+    base = ctx.node_id.split("[", 1)[0]
+    specs: dict[str, ExperimentSpec] = {}
+    steps: set[int] = set()
+    for node in ctx.graph.nodes.values():
+        if ctx.node_id not in node.deps:
+            continue
+        if node.spec_file not in specs:
+            specs[node.spec_file] = ctx.graph.spec(node)
+        init = init_of(specs[node.spec_file], node.id.split("[", 1)[0])
+        if init is not None and init.from_node == base:
+            step = init.from_step if init.from_step is not None else init.step
+            if step is not None:
+                steps.add(step)
+    return frozenset(steps)
 
 
 def write_final(node_dir: NodeDir, checkpoint: Path, step: int, tokens: int, metrics: dict[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """The context-extension node (PAPER.md 6): continue pretraining at a longer sequence length.
 
 Starts from the last pretraining phase's final checkpoint (model, optimizer state, expert bias and
-momentum) and trains `stages.extend.tokens` tokens at `stages.extend.seq_len` on the prepare/extend
-store, whose documents are drawn with a length bias (`trinity.data.length_biased`) from the seed
-stream `loader/extend`, by `data.streams` streams of which this rank builds only its own
-(trinity.distributed.data).
+momentum), or from `stages.extend.init` (trinity.nodes.init_source), and trains `stages.extend.tokens`
+tokens at `stages.extend.seq_len` on the prepare/extend store, whose documents are drawn with a length
+bias (`trinity.data.length_biased`) from the seed stream `loader/extend`, by `data.streams` streams of
+which this rank builds only its own (trinity.distributed.data).
 
 "Only the global layers are treated as changed": global layers use no positional encoding, so a
 longer context needs no change to them beyond training; local layers keep their RoPE theta and
@@ -27,6 +27,7 @@ from trinity.data.store import open_store
 from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
 from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.init_source import load_init
 from trinity.nodes.loop import verify_training_node
 from trinity.nodes.prepare import store_paths
 from trinity.nodes.seeds import stream_seed
@@ -86,6 +87,10 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
     def from_pretraining() -> None:
         training.load_upstream(ctx.dep_dir("pretrain"))
 
+    def from_init() -> None:  # counting starts at 0 as from pretraining
+        assert ext.init is not None
+        load_init(ctx, ext.init, training, training.template())
+
     plan = TrainPlan(
         phase=PHASE,
         first_step=0,
@@ -96,4 +101,4 @@ def run_extend_node(ctx: NodeContext) -> dict[str, Any]:
         batch_sequences=lambda tokens: ext.global_batch_sequences,
         lr_factor=extend_lr_factor(ext, total),
     )
-    return train_to_final(ctx, training, plan, fresh=from_pretraining)
+    return train_to_final(ctx, training, plan, fresh=from_init if ext.init is not None else from_pretraining)

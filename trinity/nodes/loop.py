@@ -11,7 +11,7 @@
     begin     the kind's hook before the first step (RL: the held-out check at step 0)
     steps     one `optimizer_step` after another, each numbered from 1; after each: telemetry rows,
               progress in status.json, then the ranks agree whether to stop (the stop flag, polled
-              only here, between optimizer steps); a checkpoint every `execution.checkpoint_every`
+              only here, between optimizer steps); a checkpoint every `execution.checkpoint.every`
               steps, at the last step and on a stop request (then StopRequested)
     final     a checkpoint at the final step unless one was just committed, the kind's `end` hook
               (its final metrics), telemetry closed, then outputs/final.json (rank 0) and a barrier
@@ -19,6 +19,17 @@
 A checkpoint is `checkpoint_state()` (model, optimizer and batch position, whatever the kind
 holds) plus the process RNG states, step, tokens seen, node identity and phase. Telemetry is
 flushed before each one, so the rows of every committed step are on disk when it commits.
+Retention follows `execution.checkpoint` (keep_last, keep_every).
+
+Asynchronous checkpoints (`execution.checkpoint.async`; by default on a GPU, not on the CPU): the
+state is copied to host memory at the step boundary and a background thread writes and commits it
+while the next steps run (trinity.store.checkpoint_async); at most one is in flight, so a checkpoint
+due while the previous one is still being written waits for it. Each asynchronous checkpoint records
+an `events` row of kind "checkpoint_async" with data {waited_s: seconds the step waited for the
+previous save, snapshot_s: seconds the host copy took} (together: how long training was blocked). The
+loop waits for the save in flight before final.json is written, before StopRequested is raised and
+before an error leaves `run` (a save that failed is raised there, or logged if another error is
+already on its way out).
 
 A node kind subclasses TrainingLoop and supplies only its own pieces: `optimizer_step` (one step
 of its training, returning at least `loss` and `tokens`), `log_step` (its telemetry rows),
@@ -31,6 +42,7 @@ process, goes through the same code as the distributed language-model trainers.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -41,10 +53,18 @@ import torch
 
 from trinity.distributed import step as collective
 from trinity.errors import NodeFailure, StopRequested
-from trinity.nodes.checkpoints import Damaged, final_state, resume_state, save_training_state, write_final
+from trinity.nodes.checkpoints import (
+    Damaged,
+    final_state,
+    referenced_steps,
+    resume_state,
+    save_training_state,
+    write_final,
+)
 from trinity.nodes.context import NodeContext
 from trinity.nodes.seeds import capture_rng_state, restore_rng_state
 from trinity.run.status import AttemptRecord
+from trinity.store.checkpoint_async import AsyncCheckpointer
 from trinity.store.telemetry import TelemetryWriter
 
 PROGRESS_EVERY_S = 0.5
@@ -80,6 +100,7 @@ class TrainingLoop(ABC, Generic[R]):
         self._checkpoint_step: int | None = None
         self._last_progress = 0.0
         self._damaged: list[Damaged] = []  # checkpoints the resume set aside: events once telemetry opens
+        self._saver: AsyncCheckpointer | None = None  # the asynchronous writer, made by the first async save
 
     # -- what a node kind supplies --------------------------------------------------------------
     @abstractmethod
@@ -153,6 +174,10 @@ class TrainingLoop(ABC, Generic[R]):
             if self._checkpoint_step != self.step:
                 self.checkpoint()
             metrics = self.end(last)
+            self.wait_for_checkpoint()
+        except BaseException:
+            self._wait_quietly()
+            raise
         finally:
             if own_writer and self.telemetry is not None:
                 self.telemetry.close()
@@ -177,9 +202,10 @@ class TrainingLoop(ABC, Generic[R]):
             last = result
             done = self.step >= self.last_step
             stop = collective.any_rank(self.ctx.stop_event.is_set())  # all ranks stop at the same step
-            if done or stop or self.step % self.ctx.spec.execution.checkpoint_every == 0:
+            if done or stop or self.step % self.ctx.spec.execution.checkpoint.every == 0:
                 self.checkpoint()
             if stop and not done:
+                self.wait_for_checkpoint()  # StopRequested promises a committed checkpoint at this step
                 raise StopRequested()
         return last
 
@@ -195,10 +221,31 @@ class TrainingLoop(ABC, Generic[R]):
             "identity": self.ctx.node.identity,
             "phase": self.phase,
         }
-        keep = self.ctx.spec.execution.keep_last
-        self.last_checkpoint = save_training_state(self.ctx.dir, self.step, state, keep)
+        policy = self.ctx.spec.execution.checkpoint
+        if self._saver is None and (torch.cuda.is_available() if policy.async_ is None else policy.async_):
+            self._saver = AsyncCheckpointer()
+        protected = referenced_steps(self.ctx)  # steps downstream nodes start from (kept by the pruning)
+        self.last_checkpoint = save_training_state(
+            self.ctx.dir, self.step, state, policy, protected=protected, saver=self._saver
+        )
         self._checkpoint_step = self.step
+        if self._saver is not None and self.telemetry is not None:
+            waited, copied = round(self._saver.waited_s, 6), round(self._saver.snapshot_s, 6)
+            self.telemetry.log_event(self.step, "checkpoint_async", "", waited_s=waited, snapshot_s=copied)
         return self.last_checkpoint
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the asynchronous save in flight (if any) is committed; raise its error if it failed."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    def _wait_quietly(self) -> None:
+        """On an error path: let the save in flight finish (it may commit the newest checkpoint); its own
+        failure is printed, not raised, so that the error on its way out is the one reported."""
+        try:
+            self.wait_for_checkpoint()
+        except Exception as exc:
+            print(f"trinity: {self.ctx.node_id}: the asynchronous checkpoint also failed: {exc}", file=sys.stderr)
 
     def _progress(self, result: R, seconds: float) -> None:
         now = time.monotonic()

@@ -23,6 +23,7 @@ BODIES: dict[NodeKind, tuple[str, str, str]] = {
     "sft": ("trinity.nodes.sft", "run_sft_node", "verify_training_node"),
     "rl": ("trinity.nodes.rl", "run_rl_node", "verify_training_node"),
     "eval": ("trinity.nodes.evals", "run_eval_node", "verify_eval_node"),
+    "export": ("trinity.nodes.export", "run_export_node", "verify_export_node"),
 }
 """Module, body and verifier of each kind (a test checks every kind of `NODE_KINDS` has one)."""
 

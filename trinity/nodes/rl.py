@@ -18,7 +18,7 @@ an `events` row of kind "rl" with reward, pass_rate (exact answers), format_rate
 response_length, kl, clip_fraction, ratio_mean, zero_advantage_groups, updated (0 when no group had
 a reward spread: the step is skipped, see `grpo_update`) (query with
 `(data->>'reward')::double`). Resume, checkpoints (model, optimizer, RNG, step) every
-`execution.checkpoint_every` steps, at the end and on a stop request, and final.json are the
+`execution.checkpoint.every` steps, at the end and on a stop request, and final.json are the
 training skeleton's (trinity.nodes.loop), as for every training node; problems and the sampling
 generator depend only on (seed, step), so a resumed run is exact.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.model import TrinityModel
 from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.init_source import load_init
 from trinity.nodes.loop import TrainingLoop, verify_training_node
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
@@ -196,7 +198,15 @@ def run_rl_node(ctx: NodeContext) -> dict[str, Any]:
         raise NodeFailure("the graph has no stages.rl")
     set_threads(ctx)
     tok = upstream_tokenizer(ctx)
-    reference, _ = load_final_model(ctx.dep_dir("sft"), ctx.spec.model)
+    init = ctx.spec.stages.rl.init
+    if init is None:
+        reference, _ = load_final_model(ctx.dep_dir("sft"), ctx.spec.model)
+    else:  # the policy and the KL reference start from the source (every attempt: the reference is not saved)
+        if init.optimizer:
+            raise NodeFailure("stages.rl.init.optimizer: RL builds its own optimizer (constant lr); set it to false")
+        reference = TrinityModel(ctx.spec.model)
+        load_init(ctx, init, SimpleNamespace(model=reference, optimizer=None), None)
+        reference.eval()
     reference = reference.to(training_device())
     policy = copy.deepcopy(reference)  # SFT's weights, without initialising a model only to overwrite it
     reference.requires_grad_(False)

@@ -1,7 +1,8 @@
 """The SFT node (PAPER.md 7): chat data packed to the sequence length, loss on assistant tokens only.
 
-Starts from the model of the stage before (extension, or the last pretraining phase) with a fresh
-optimizer state; trains ceil(tokens / (global_batch_sequences x seq_len)) optimizer steps with the
+Starts from the model of the stage before (extension, or the last pretraining phase), or of
+`stages.sft.init` (trinity.nodes.init_source), with a fresh optimizer state (unless
+`init.optimizer`); trains ceil(tokens / (global_batch_sequences x seq_len)) optimizer steps with the
 pretraining loop (`Trainer`), fed by `SftBatches` (chat template, packing and loss mask in
 `trinity.data.chat`; packing order from the seed stream `loader/sft`; the conversations are shared
 out over `data.streams` streams, of which this rank builds only its own: trinity.distributed.data).
@@ -22,6 +23,7 @@ from trinity.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
 from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.init_source import load_init
 from trinity.nodes.loop import verify_training_node
 from trinity.nodes.seeds import stream_seed
 from trinity.nodes.trainer import TrainPlan, build_training, train_to_final
@@ -75,7 +77,10 @@ def run_sft_node(ctx: NodeContext) -> dict[str, Any]:
     total = sft.optimizer_steps
 
     def from_upstream_model() -> None:  # a fresh optimizer state
-        training.load_upstream(upstream_training_dir(ctx), optimizer=False)
+        if sft.init is not None:  # counting starts at 0 either way
+            load_init(ctx, sft.init, training, training.template())
+        else:
+            training.load_upstream(upstream_training_dir(ctx), optimizer=False)
 
     plan = TrainPlan(
         phase=PHASE,

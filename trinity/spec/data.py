@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel
+from trinity.spec.init import InitSpec
 from trinity.spec.names import Name
 from trinity.spec.rules import Rules
 
@@ -90,6 +91,18 @@ class SequentialLoader(SpecModel):
 Loader = Annotated[RsdbLoader | SequentialLoader, Field(discriminator="kind")]
 
 
+class ContinueLR(SpecModel):
+    """Decay from one fraction of the peak to another over the stage's steps (Large: cosine 0.1 -> 0.05)."""
+
+    kind: Literal["continue"] = "continue"
+    from_fraction: PositiveFloat = 0.1
+    """Starting lr as a fraction of the pretraining peak."""
+    to_fraction: float = Field(0.05, ge=0.0)
+    """Final lr as a fraction of the pretraining peak."""
+    decay: Literal["linear", "cosine"] = "cosine"
+    """Shape of the decay."""
+
+
 class MixSpec(SpecModel):
     """A token budget drawn from weighted sources at one sequence length."""
 
@@ -108,6 +121,13 @@ class PhaseSpec(MixSpec):
 
     name: Name
     """Phase name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
+    init: InitSpec | None = None
+    """Start from this checkpoint instead of the previous phase's final one (or, for the first phase, a
+    fresh initialisation) (trinity.spec.init). Steps and tokens continue from the source's, so the
+    token-based batch schedule continues; a Hugging Face source starts at step 0."""
+    lr: ContinueLR | None = None
+    """The phase's own learning-rate rule, from `from_fraction` to `to_fraction` of each group's peak over
+    the phase's steps (a decay branch that starts from `init`); None: optim.schedule over all phases."""
 
 
 class DataSpec(SpecModel):

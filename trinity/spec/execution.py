@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from trinity.spec.base import SpecModel
+from trinity.spec.base import SpecModel, integral_to_int
 
 # Upper bounds: far beyond any real cluster or run, low enough that a typo (an extra 000) is caught.
 Minutes = Annotated[int, Field(gt=0, le=525_600)]  # one year
@@ -54,6 +54,34 @@ class LocalSpec(SpecModel):
     """torch threads per process (None: torch's default for one process; CPU cores / ranks under torchrun)."""
 
 
+class CheckpointSpec(SpecModel):
+    """When training nodes commit checkpoints, which ones they keep, and how they write them.
+
+    Written `execution.checkpoint: {every, keep_last, keep_every, async, compression}`. The older spelling
+    `execution.checkpoint_every` / `execution.keep_last` (in the spec.yaml of earlier run directories)
+    still reads as `every` / `keep_last`; giving a setting under both names is an error."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    every: Steps = 1000
+    """Commit a checkpoint every this many optimizer steps (and at the last step, and on a stop request)."""
+    keep_last: int = Field(2, gt=0, le=10_000)
+    """The newest this many committed checkpoints of a node are kept (the newest committed one always)."""
+    keep_every: Steps | None = None
+    """Also keep, forever, every checkpoint whose step is a multiple of this (None: only the last ones)."""
+    async_: bool | None = Field(None, alias="async")
+    """Write checkpoints in a background thread while training continues (written `async` in YAML): the
+    state is copied to host memory at the step boundary, at most one save is in flight. None: asynchronous
+    when training on a GPU, synchronous on CPU (where the copy and the writer compete with training for
+    the same cores); true/false force it."""
+    compression: Literal["none", "zstd", "lz4"] = "none"
+    """Compression of the checkpoint's arrays (none: the fastest to write and read)."""
+
+
+# The older spelling of `execution.checkpoint`'s fields, still read (see CheckpointSpec).
+_RENAMED = {"checkpoint_every": "every", "keep_last": "keep_last"}
+
+
 class ExecutionSpec(SpecModel):
     """Executor, cadences and paths. Changing any of it re-runs nothing."""
 
@@ -61,10 +89,8 @@ class ExecutionSpec(SpecModel):
     """Run nodes as local subprocesses or as Slurm jobs through submitit."""
     run_root: str = "runs"
     """Where run directories are created (relative to the working directory)."""
-    checkpoint_every: Steps = 1000
-    """Commit a checkpoint every this many optimizer steps (and at the end)."""
-    keep_last: int = Field(2, gt=0, le=10_000)
-    """Committed checkpoints kept per node (the last committed one is never deleted)."""
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    """Checkpoint cadence, retention, asynchronous writing and compression."""
     log_every: Steps = 1
     """Write telemetry every this many steps."""
     expert_load_every: Steps = 10
@@ -79,3 +105,35 @@ class ExecutionSpec(SpecModel):
     """Slurm settings."""
     local: LocalSpec = LocalSpec()
     """Local executor settings."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_checkpoint_fields(cls, data: Any) -> Any:
+        """`checkpoint_every` / `keep_last` of older specs -> `checkpoint.every` / `checkpoint.keep_last`."""
+        if not isinstance(data, dict) or not any(old in data for old in _RENAMED):
+            return data
+        data = dict(data)
+        section = data.get("checkpoint", {})
+        section = dict(section) if isinstance(section, dict) else section
+        for old, new in _RENAMED.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if isinstance(section, dict) and new in section:
+                raise ValueError(
+                    f"execution.{old} and execution.checkpoint.{new} are both given; "
+                    f"{old} is the older name of checkpoint.{new}: keep only checkpoint.{new}"
+                )
+            annotation = CheckpointSpec.model_fields[new].annotation
+            metadata = CheckpointSpec.model_fields[new].metadata
+            try:
+                TypeAdapter(Annotated[annotation, *metadata]).validate_python(integral_to_int(value), strict=True)
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"]
+                raise ValueError(
+                    f"execution.{old} = {value!r} (the older name of checkpoint.{new}): {reason}"
+                ) from None
+            if isinstance(section, dict):
+                section[new] = value
+        data["checkpoint"] = section
+        return data

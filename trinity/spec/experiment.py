@@ -179,9 +179,24 @@ class ExperimentSpec(SpecModel):
                     ("stages", "evals", i, "after"),
                     f"names stage {ref!r}, which this graph does not have (allowed: {', '.join(allowed)})",
                 )
+        exports: dict[str, str] = {}
+        for i, ex in enumerate(self.stages.exports):
+            rules.check(
+                ex.after in allowed,
+                ("stages", "exports", i, "after"),
+                f"names stage {ex.after!r}, which this graph does not have (allowed: {', '.join(allowed)})",
+            )
+            node_id = f"export/{ex.label}@{ex.after}"
+            rules.check(
+                node_id.casefold() not in exports,
+                ("stages", "exports", i, "name"),
+                f"makes node {node_id}, as another export does ({exports.get(node_id.casefold())}): "
+                "give one of them another `name`",
+            )
+            exports.setdefault(node_id.casefold(), node_id)
 
     def stage_references(self) -> tuple[str, ...]:
-        """Names an eval may refer to: 'pretrain', 'pretrain:PHASE' for each phase, and present stages."""
+        """Names an eval or export may refer to: 'pretrain', 'pretrain:PHASE' for each phase, and present stages."""
         refs = ["pretrain", *(f"pretrain:{p.name}" for p in self.data.phases)]
         refs += [s for s in ("extend", "sft", "rl") if getattr(self.stages, s) is not None]
         return tuple(refs)

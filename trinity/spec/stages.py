@@ -1,7 +1,8 @@
 """The `stages` section: what follows pretraining, and the evaluations (PAPER.md 6-7).
 
 Pretraining phases live in `data.phases`; each stage here continues from the one before it:
-pretraining -> extend -> sft -> rl. Evals name the stage whose checkpoints they evaluate.
+pretraining -> extend -> sft -> rl. Evals name the stage whose checkpoints they evaluate, exports the
+stage whose final checkpoint they convert.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from trinity.spec.base import SpecModel, execution_only
-from trinity.spec.data import MAX_COUNT, MAX_SEQ_LEN, MAX_TOKENS, MixSpec
+from trinity.spec.data import MAX_COUNT, MAX_SEQ_LEN, MAX_TOKENS, ContinueLR, MixSpec
+from trinity.spec.init import InitSpec
 from trinity.spec.names import Name
 from trinity.spec.optim import MAX_BATCH_SEQUENCES, MAX_STEPS, whole_steps
 from trinity.spec.parallel import MAX_RANKS
@@ -25,18 +27,6 @@ class RewarmLR(SpecModel):
     """Peak lr as a fraction of the pretraining peak (of each optimizer group)."""
     warmup_steps: NonNegativeInt = Field(100, le=MAX_STEPS)
     """Linear warm-up steps."""
-
-
-class ContinueLR(SpecModel):
-    """Continue the pretraining decay from one fraction of the peak to another (Large: cosine 0.1 -> 0.05)."""
-
-    kind: Literal["continue"] = "continue"
-    from_fraction: PositiveFloat = 0.1
-    """Starting lr as a fraction of the pretraining peak."""
-    to_fraction: float = Field(0.05, ge=0.0)
-    """Final lr as a fraction of the pretraining peak."""
-    decay: Literal["linear", "cosine"] = "cosine"
-    """Shape of the decay."""
 
 
 ExtendLR = Annotated[RewarmLR | ContinueLR, Field(discriminator="kind")]
@@ -57,6 +47,8 @@ class ExtendSpec(MixSpec):
     """Context-parallel degree during extension (None: parallel.cp)."""
     changed_layers: Literal["global"] = "global"
     """Only the global (NoPE) layers are treated as changed: local RoPE theta and window stay."""
+    init: InitSpec | None = None
+    """Start from this checkpoint instead of the last pretraining phase's final one (trinity.spec.init)."""
 
     @property
     def optimizer_steps(self) -> int:
@@ -88,6 +80,8 @@ class SFTSpec(SpecModel):
     """Peak lr as a fraction of the pretraining peak of each group."""
     warmup_steps: NonNegativeInt = Field(50, le=MAX_STEPS)
     """Linear warm-up steps, then linear decay to 0."""
+    init: InitSpec | None = None
+    """Start from this checkpoint instead of the final one of extension or pretraining (trinity.spec.init)."""
 
     @property
     def optimizer_steps(self) -> int:
@@ -120,6 +114,9 @@ class RLSpec(SpecModel):
     """Learning rate (both groups; constant)."""
     format_reward: float = Field(0.1, ge=0.0)
     """Reward for a well-formed answer, added to the exact-answer reward of 1."""
+    init: InitSpec | None = None
+    """Start the policy (and the KL reference) from this checkpoint instead of SFT's final one
+    (trinity.spec.init)."""
 
 
 class HeldoutLossEval(SpecModel):
@@ -164,6 +161,41 @@ class ArithmeticEval(SpecModel):
 
 Eval = Annotated[HeldoutLossEval | NiahEval | ArithmeticEval, Field(discriminator="kind")]
 
+MAX_SHARD_BYTES = 2**50
+"""Largest safetensors shard an export may ask for (1 PiB: no real limit, but a bounded field)."""
+
+
+class ExportSpec(SpecModel):
+    """Export a stage's final checkpoint as a transformers `AfmoeForCausalLM` directory (node `export/NAME@STAGE`).
+
+    The node succeeds only if transformers loads the directory and its logits on `check_sequences`
+    seeded random sequences agree with trinity's model of the same checkpoint within `check_atol`.
+    """
+
+    after: str
+    """The stage whose final checkpoint is exported: 'pretrain', 'pretrain:PHASE', 'extend', 'sft', 'rl'."""
+    format: Literal["hf"] = "hf"
+    """Hugging Face transformers (afmoe): config.json, safetensors shards, tokenizer files."""
+    name: Name | None = None
+    """Export name in the node id `export/NAME@STAGE` (default: the format); set it when two exports of
+    one stage must coexist (e.g. a float32 and a bfloat16 one)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the exported weights. float32 by default: trinity's weights are float32 masters, so the
+    export is lossless; bfloat16 halves the size and rounds every weight (the check then compares with
+    trinity's model holding the same rounded weights)."""
+    shard_bytes: PositiveInt = Field(5_000_000_000, le=MAX_SHARD_BYTES)
+    """Largest safetensors shard, in bytes (5 GB: huggingface_hub's default, transformers 4's); a single
+    `model.safetensors` when everything fits, else `model-0000i-of-0000N.safetensors` and an index."""
+    check_sequences: PositiveInt = Field(4, le=1024)
+    """Sequences (seeded random token ids) on which trinity's and transformers' logits are compared."""
+    check_atol: PositiveFloat = Field(1e-4, le=1.0)
+    """Largest |logit difference| the round trip may show (float32 math on both sides)."""
+
+    @property
+    def label(self) -> str:
+        """The NAME part of the node id."""
+        return self.name or self.format
+
 
 class StagesSpec(SpecModel):
     """The stages after pretraining, each optional, and the evals."""
@@ -176,3 +208,5 @@ class StagesSpec(SpecModel):
     """RL with verifiable rewards (after SFT)."""
     evals: tuple[Eval, ...] = Field((), max_length=1024)
     """Evaluations of stage checkpoints."""
+    exports: tuple[ExportSpec, ...] = Field((), max_length=1024)
+    """Exports of stage checkpoints to other formats (Hugging Face transformers)."""
