@@ -23,6 +23,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from functools import cache
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,27 @@ def iter_math(seed: int) -> Iterator[str]:
         n = int(rng.geometric(1 / 8))
         problems = [mathgen.generate(rng) for _ in range(n)]
         yield "\n\n".join(f"Problem: {p.prompt}\nSolution: {p.solution}" for p in problems) + "\n"
+
+
+def demo_items(corpus: str, seed: int, start: int = 0) -> Iterator[str | None]:
+    """Each item of a demo corpus from item `start` on: its document, or None where it makes none.
+
+    An item is a stdlib file (in seed order; a file with no document is None) or a math worksheet, so
+    item k of a stdlib corpus is reached at once, without reading the files before it (the address of a
+    demo document in `trinity.data.sources`); math items are generated from the first (skipping costs
+    generating them).
+    """
+    if corpus == "math":
+        yield from islice(iter_math(seed), start, None)
+        return
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown demo corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+    for path in _shuffled_files(seed)[start:]:
+        if corpus == "stdlib_code":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            yield text if text.strip() else None
+        else:
+            yield module_documentation(path)
 
 
 def iter_demo(corpus: str, seed: int = 0, max_documents: int | None = None) -> Iterator[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from trinity.spec.base import SpecModel
 from trinity.spec.init import InitSpec
@@ -25,32 +25,69 @@ MAX_STREAMS = 2**20
 """Data streams of a job (Trinity Large reads 2048, one per GPU)."""
 
 
+MAX_FILES = 1_000_000
+"""Files one source may match (its patterns together); more is an error, not a silent truncation."""
+
+
 class JsonlSource(SpecModel):
-    """Documents from JSON Lines files: one JSON object per line."""
+    """Documents from JSON Lines files: one JSON object per line, plain or compressed (`.gz`, `.zst`,
+    inferred from each file's name)."""
 
     kind: Literal["jsonl"] = "jsonl"
-    paths: tuple[str, ...]
-    """Files or glob patterns (relative paths are relative to the graph file)."""
+    paths: tuple[str, ...] = Field(min_length=1)
+    """Files, glob patterns (`**` allowed) or fsspec URLs (`file://`, `s3://`, `gs://`: the scheme's fsspec
+    package must be installed); relative plain paths are relative to the graph file."""
     text_field: str = "text"
     """The field holding each document's text."""
 
 
+FilterScalar = StrictBool | StrictInt | StrictFloat | StrictStr
+"""A value a Parquet filter compares a column with."""
+
+
+class ParquetFilter(SpecModel):
+    """One term of a Parquet row filter, `column op value`, evaluated by pyarrow
+    (`pq.filters_to_expression`): a comparison with a null value drops the row."""
+
+    column: str
+    """The column the term tests."""
+    op: Literal["==", "!=", "<", "<=", ">", ">=", "in", "not in"]
+    """The comparison; `in` and `not in` test membership in a list."""
+    value: FilterScalar | tuple[FilterScalar, ...]
+    """What the column is compared with: a scalar, or a list for `in` / `not in`."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> ParquetFilter:
+        rules = Rules()
+        is_list = isinstance(self.value, tuple)
+        if self.op in ("in", "not in"):
+            rules.check(is_list, "value", f"must be a list for op {self.op!r} (got {self.value!r})")
+        else:
+            rules.check(not is_list, "value", f"must be a single value for op {self.op!r} (a list needs 'in')")
+        rules.raise_if_any()
+        return self
+
+
 class ParquetSource(SpecModel):
-    """Documents from Parquet files."""
+    """Documents from Parquet files: one per row of a string column, optionally filtered."""
 
     kind: Literal["parquet"] = "parquet"
-    paths: tuple[str, ...]
-    """Files or glob patterns (relative paths are relative to the graph file)."""
+    paths: tuple[str, ...] = Field(min_length=1)
+    """Files, glob patterns (`**` allowed) or fsspec URLs (`file://`, `s3://`, `gs://`: the scheme's fsspec
+    package must be installed); relative plain paths are relative to the graph file."""
     text_column: str = "text"
-    """The column holding each document's text."""
+    """The column holding each document's text (a string column)."""
+    filter: tuple[ParquetFilter, ...] = ()
+    """Terms a row must all pass to be a document (ANDed), e.g. `{column: lang, op: '==', value: en}`."""
 
 
 class FilesSource(SpecModel):
     """Each matching file is one document (source code, plain text)."""
 
     kind: Literal["files"] = "files"
-    paths: tuple[str, ...]
-    """Glob patterns, `**` allowed (relative paths are relative to the graph file)."""
+    paths: tuple[str, ...] = Field(min_length=1)
+    """Files, glob patterns (`**` allowed) or fsspec URLs; relative plain paths are relative to the graph
+    file."""
     max_bytes: PositiveInt = Field(1_000_000, le=MAX_COUNT)
     """Files larger than this are skipped."""
 
