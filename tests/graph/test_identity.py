@@ -58,7 +58,20 @@ def test_phase_mix_changes_only_its_prepare_and_what_follows() -> None:
     after = identities(TINY, ["data.phases.phase2.mix.math=0.5"])
     changed = {n for n in before if before[n] != after[n]}
     assert "prepare/phase2" in changed and "pretrain/phase2" in changed
-    assert not {"tokenizer", "prepare/phase1", "prepare/phase3", "pretrain/phase1"} & changed
+    assert not {"tokenizer", "prepare/phase1", "pretrain/phase1"} & changed
+    # Phase 3 and the extension continue each source's stream where phase 2 stops: they follow it.
+    assert {"prepare/phase3", "prepare/extend"} <= changed
+
+
+def test_prepare_nodes_continue_the_previous_phase() -> None:
+    graph = compile_graph(load_experiment(TINY))
+    deps = {n: sorted(graph.predecessors(n)) for n in graph.nodes if n.startswith("prepare/")}
+    assert deps == {
+        "prepare/phase1": ["tokenizer"],
+        "prepare/phase2": ["prepare/phase1", "tokenizer"],
+        "prepare/phase3": ["prepare/phase2", "tokenizer"],
+        "prepare/extend": ["prepare/phase3", "tokenizer"],
+    }
 
 
 def test_loader_change_does_not_reprepare() -> None:

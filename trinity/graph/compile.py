@@ -1,6 +1,7 @@
 """Compile an experiment spec into a networkx DAG of typed nodes.
 
     tokenizer -> prepare/PHASE -> pretrain/PHASE1 -> pretrain/PHASE2 -> ... -> extend -> sft -> rl
+                 prepare/PHASE1 -> prepare/PHASE2 -> ... -> prepare/extend (each continues the stream)
                                                        eval/NAME@STAGE hang off the checkpoints they read,
                                                        export/NAME@STAGE off the final checkpoints they convert
 
@@ -154,13 +155,16 @@ def _mix_sources(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
 
 
 def _prepare_payload(spec: ExperimentSpec, mix: MixSpec) -> dict[str, Any]:
-    """Prepare nodes tokenize a mix into a flat store: loader and sequence length don't matter to them."""
+    """Prepare nodes tokenize a mix into a store: loader and sequence length don't matter to them. Each
+    continues every source's stream where the previous phase's prepare stopped (its dependency), so its
+    identity holds that one's; `stream` marks stores that record where they stopped (older ones did not)."""
     return {
         "tokens": mix.tokens,
         "mix": dict(mix.mix),
         "sources": _mix_sources(spec, mix),
         "holdout_documents": spec.data.holdout_documents,
         "seed": spec.seed,
+        "stream": "continued",
     }
 
 
@@ -189,10 +193,18 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
     }
     horizon = [{"name": p.name, "tokens": p.tokens, "seq_len": p.seq_len} for p in spec.data.phases]
     previous = ""
+    previous_prepare: list[str] = []  # the prepare node whose stream positions the next one continues from
     for index, phase in enumerate(spec.data.phases):
         drafts.append(
-            _Draft(f"prepare/{phase.name}", "prepare", _prepare_payload(spec, phase), ["tokenizer"], phase.name)
+            _Draft(
+                f"prepare/{phase.name}",
+                "prepare",
+                _prepare_payload(spec, phase),
+                ["tokenizer", *previous_prepare],
+                phase.name,
+            )
         )
+        previous_prepare = [f"prepare/{phase.name}"]
         payload = {**training, "phase": identity_payload(phase), "index": index, "horizon": horizon}
         deps = [f"prepare/{phase.name}", *([previous] if previous else [])]
         drafts.append(_Draft(f"pretrain/{phase.name}", "pretrain", payload, deps, phase.name))
@@ -202,7 +214,8 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
         **{f"pretrain:{p.name}": f"pretrain/{p.name}" for p in spec.data.phases},
     }
     if (ext := spec.stages.extend) is not None:
-        drafts.append(_Draft("prepare/extend", "prepare", _prepare_payload(spec, ext), ["tokenizer"], "extend"))
+        deps = ["tokenizer", *previous_prepare]
+        drafts.append(_Draft("prepare/extend", "prepare", _prepare_payload(spec, ext), deps, "extend"))
         payload = {**training, "extend": identity_payload(ext)}
         drafts.append(_Draft("extend", "extend", payload, ["prepare/extend", previous], "extend"))
         previous = stage_node["extend"] = "extend"

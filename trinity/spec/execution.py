@@ -78,6 +78,24 @@ class CheckpointSpec(SpecModel):
     """Compression of the checkpoint's arrays (none: the fastest to write and read)."""
 
 
+class PrepareSpec(SpecModel):
+    """How a phase's prepare node tokenizes: in shards of pieces, by worker processes or a Slurm job array.
+
+    The documents a phase needs are cut into pieces of about `piece_mb` (by file and byte range; a compressed
+    file or a Parquet row group is never cut), the pieces are dealt to `shards` shards in order, and each
+    piece is committed as its own store the moment it is tokenized, so a killed prepare resumes at the first
+    piece not committed. None of it changes the token stream (the same documents in the same order)."""
+
+    shards: int = Field(8, gt=0, le=100_000)
+    """Shards a phase's pieces are dealt to: a Slurm job array of this many tasks (at most
+    `execution.slurm.array_parallelism` at once); locally, `workers` processes take them in turn."""
+    workers: CPUs | None = None
+    """Local worker processes tokenizing shards at once (None: the machine's CPU cores, at most `shards`);
+    each gets an equal share of the cores for the tokenizer's threads."""
+    piece_mb: int = Field(256, gt=0, le=1_048_576)
+    """Text per piece, in MB (the unit of work and of resume)."""
+
+
 # The older spelling of `execution.checkpoint`'s fields, still read (see CheckpointSpec).
 _RENAMED = {"checkpoint_every": "every", "keep_last": "keep_last"}
 
@@ -91,6 +109,12 @@ class ExecutionSpec(SpecModel):
     """Where run directories are created (relative to the working directory)."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Checkpoint cadence, retention, asynchronous writing and compression."""
+    prepare: PrepareSpec = PrepareSpec()
+    """Shards, worker processes and piece size of the prepare nodes (trinity.nodes.prepare)."""
+    store: str | None = Field(None, min_length=1, max_length=4096)
+    """A directory shared by runs that holds node outputs addressed by node identity (None: no sharing).
+    A node whose identity already has a committed output there reuses it (linked, nothing copied)
+    instead of running; a node that runs publishes its output there. Relative to the working directory."""
     log_every: Steps = 1
     """Write telemetry every this many steps."""
     expert_load_every: Steps = 10
