@@ -16,6 +16,14 @@ A node never outlives the local scheduler that launched it: the scheduler passes
 time in TRINITY_SCHEDULER_PID / TRINITY_SCHEDULER_START, and `SchedulerWatch` turns its end (even
 by SIGKILL) into the same SIGTERM, so the node stops at a committed checkpoint and says why. Nodes
 of `trinity run --detach` and of Slurm jobs get no such variables and watch nothing.
+
+With `execution.store` set (trinity.run.shared_store), a single-process attempt first claims its
+identity in the shared store, under its own heartbeat lease, before the body runs: a committed entry
+is reused (linked, SUCCEEDED without running the body), another live run producing it is waited for
+(then its entry is reused), a stale producer's lease is taken over. Every attempt that SUCCEEDED
+publishes its outputs there (rank 0, after verify); a failure to publish is a warning and an event,
+never a failed node. Known gap: a multi-rank attempt does not claim (torch.distributed would have to
+agree on it): two runs may both train one identity at once; the second publish is dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -43,6 +52,7 @@ from trinity.nodes.registry import node_body
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
 from trinity.run.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
+from trinity.run.shared_store import Claim, LeaseOwner, SharedStore, StoreLease, claim, link_entry
 from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus, ProcessRef, process_alive
 
 EXIT_FAILED = 1
@@ -96,6 +106,8 @@ class SchedulerWatch:
         return f"stopped: its scheduler (pid {self.scheduler.pid}) is gone"
 
     def start(self) -> None:
+        if self._thread.is_alive():
+            return  # started already (before a wait for the shared store)
         if self._child and sys.platform == "linux":
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -161,12 +173,116 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             from trinity.execute.slurm_job import preemption_signal
 
             signal.signal(preemption_signal(), on_term)
+        store = _store(run) if ctx.is_primary else None
+        lease: StoreLease | None = None
         try:
+            if store is not None and ctx.world_size == 1 and node_world_size(ctx.kind, ctx.spec) == 1:
+                claimed = _claim(ctx, store, run, watch)
+                if claimed.entry is not None and _reuse(ctx, claimed):
+                    return 0
+                if claimed.stopped:
+                    signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop_event.set())
+                    _fail(ctx, f"stopped while waiting for {claimed.waited_for} to publish it", "STOPPED")
+                    return EXIT_STOPPED
+                lease = claimed.lease
+            _unshare_outputs(ctx)
             outcome = _run_body(ctx, watch)
             signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop_event.set())  # the end is being written
-            return _report(ctx, outcome)
+            return _report(ctx, outcome, store, run.root)
         finally:
+            if lease is not None:
+                lease.release()  # after the publish (or the failure): a waiting run reuses or takes over
             destroy_distributed()  # after the report: a peer that sees us leave finds our reason on disk
+
+
+def _store(run: RunDir) -> SharedStore | None:
+    from trinity.execute.run import run_store  # here: it loads the graph compiler
+
+    return run_store(run)
+
+
+def _claim(ctx: NodeContext, store: SharedStore, run: RunDir, watch: SchedulerWatch | None) -> Claim:
+    """Claim the node's identity in the shared store (see the module docstring); a stop ends a wait."""
+    if watch is not None:
+        watch.start()  # a scheduler gone while we wait stops the wait too
+
+    def waiting(message: str) -> None:
+        print(f"trinity: {ctx.node_id}: {message}", flush=True)
+        status = NodeStatus.read(ctx.dir)
+        status.message = message
+        status.write(ctx.dir)
+
+    def problem(message: str) -> None:
+        print(f"trinity: {ctx.node_id}: {message}", file=sys.stderr, flush=True)
+
+    owner = LeaseOwner.me(run.root, ctx.node_id, ctx.spec.execution.heartbeat_s)
+    try:
+        return claim(
+            store,
+            ctx.node.identity,
+            owner,
+            stop=ctx.stop_event.is_set,
+            on_wait=waiting,
+            poll_s=min(1.0, ctx.spec.execution.heartbeat_s),
+            on_problem=problem,
+        )
+    except StopRequested:
+        return Claim(stopped=True, waited_for="another run")
+
+
+def _reuse(ctx: NodeContext, claimed: Claim) -> bool:
+    """Take the claimed entry's outputs instead of running the body; False (the body runs) if they cannot be linked."""
+    from trinity.execute.run import record_reuse
+
+    assert claimed.entry is not None
+    try:
+        placed = link_entry(claimed.entry, ctx.dir)
+    except (OSError, ValueError, KeyError, TrinityError) as exc:
+        print(
+            f"trinity: {ctx.node_id}: the store entry {claimed.entry} could not be linked ({exc}); running it",
+            file=sys.stderr,
+        )
+        return False
+    record = AttemptRecord.read(ctx.dir, ctx.attempt)
+    message = record_reuse(ctx.dir, ctx.node_id, ctx.run_id, record, placed, claimed.waited_for or "")
+    print(f"trinity: {ctx.node_id} attempt {ctx.attempt}: {message}", flush=True)
+    return True
+
+
+def _unshare_outputs(ctx: NodeContext) -> None:
+    """Before the body writes outputs/: drop files shared (hard-linked) with the store, so that nothing written in
+    place reaches the store's copy (a node reused once and now run again)."""
+    outputs = ctx.dir.outputs
+    if ctx.is_primary and outputs.is_dir() and any(p.is_file() and p.stat().st_nlink > 1 for p in outputs.rglob("*")):
+        shutil.rmtree(outputs)
+
+
+def _publish(ctx: NodeContext, store: SharedStore, run_root: Path) -> None:
+    """Publish a SUCCEEDED node's outputs in the shared store; any failure is a warning and an event only."""
+    from trinity.execute.run import store_event
+
+    try:
+        placed = store.publish(
+            ctx.dir,
+            identity=ctx.node.identity,
+            kind=ctx.kind,
+            node_id=ctx.node_id,
+            run_root=run_root,
+            run_id=ctx.run_id,
+        )
+    except Exception as exc:  # never fails the node
+        message = f"warning: publishing to the store {store.root} failed ({type(exc).__name__}: {exc})"
+        print(f"trinity: {ctx.node_id}: {message}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            store_event(ctx.dir, ctx.node_id, ctx.run_id, ctx.attempt, "publish_failed", message)
+        return
+    if placed.dropped:
+        message = f"not published: {placed.path} was committed by another run first"
+    else:
+        message = f"published to {placed.path}{placed.note}"
+    print(f"trinity: {ctx.node_id}: {message}", flush=True)
+    with contextlib.suppress(Exception):
+        store_event(ctx.dir, ctx.node_id, ctx.run_id, ctx.attempt, "published", message, entry=str(placed.path))
 
 
 def _run_body(ctx: NodeContext, watch: SchedulerWatch | None = None) -> Outcome:
@@ -216,7 +332,7 @@ def _world_size_mismatch(ctx: NodeContext, expected: int) -> str:
     )
 
 
-def _report(ctx: NodeContext, outcome: Outcome) -> int:
+def _report(ctx: NodeContext, outcome: Outcome, store: SharedStore | None = None, run_root: Path | None = None) -> int:
     """Record how this rank ended; on rank 0, end the attempt (the deciding rank's state and message)."""
     if ctx.world_size > 1:
         write_rank_end(
@@ -239,6 +355,8 @@ def _report(ctx: NodeContext, outcome: Outcome) -> int:
         status = NodeStatus.read(ctx.dir)
         status.state, status.message = "SUCCEEDED", ""
         status.write(ctx.dir)
+        if store is not None and run_root is not None:
+            _publish(ctx, store, run_root)
         return 0
     _fail(ctx, outcome.message, outcome.state)
     return outcome.exit_code

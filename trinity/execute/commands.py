@@ -20,7 +20,7 @@ from rich.console import Console
 from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import STOP_GRACE_S, LocalExecutor
-from trinity.execute.run import Decision, RunLock, decide, default_run_dir, write_run
+from trinity.execute.run import Decision, RunLock, decide, default_run_dir, reuse_from_store, write_run
 from trinity.execute.scheduler import execute
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
@@ -59,10 +59,14 @@ def run_loaded(
         busy = [d for d in decisions.values() if d.action == "busy"]
         if busy:
             raise RunError("; ".join(f"{d.node}: {d.reason}" for d in busy) + " — stop it before re-running")
+        decisions = reuse_from_store(run, graph, decisions)  # before any executor: none runs or submits them
         reused = {n for n, d in decisions.items() if d.action == "reuse"}
         to_run = [n for n, d in decisions.items() if d.action == "run"]
         console.print(f"run directory: {run.root}", highlight=False)
         console.print(f"{len(to_run)} node(s) to run, {len(reused)} reused", highlight=False)
+        for d in decisions.values():
+            if d.entry is not None:
+                console.print(f"{d.node}: reused from {d.entry}", highlight=False, markup=False)
         order = [n for n in nx.lexicographical_topological_sort(graph)]
         slurm = loaded.spec.execution.executor == "slurm"
         with RunDisplay(run, order, reused, console) as display:

@@ -1,6 +1,10 @@
 """Create or reuse a run directory, and decide for every node whether it runs or is reused.
 
-A node is reused when it SUCCEEDED with the identity it has now and nothing upstream runs.
+A node is reused when it SUCCEEDED with the identity it has now and nothing upstream runs, or, with
+`execution.store` set, when it would run but the shared store holds a committed entry of its identity
+(trinity.run.shared_store): `reuse_from_store` then links the entry's outputs into its folder (hard
+links, nothing copied), with an attempt record of executor "store" and `reused_from`, before any
+executor starts (so the local and Slurm executors alike run nothing and submit nothing for it).
 Otherwise it runs, and `explain` says why: never ran, failed, died (its lease is not live, and
 why), identity changed (and which parts of its spec), or an upstream node runs. A RUNNING node whose
 lease is live is busy; one whose scheduler is gone is stopping (it commits a checkpoint and exits by
@@ -31,7 +35,8 @@ from trinity.graph.diff import flatten
 from trinity.graph.identity import canonical_json
 from trinity.run.graph import GraphNode
 from trinity.run.layout import NodeDir, RunDir, atomic_write_json, atomic_write_text, read_json
-from trinity.run.status import NodeStatus, lease_liveness, list_attempts, now_iso
+from trinity.run.shared_store import Placed, SharedStore, link_entry
+from trinity.run.status import AttemptRecord, NodeStatus, lease_liveness, list_attempts, next_attempt, now_iso
 from trinity.spec.experiment import ExperimentSpec
 from trinity.spec.loading import LoadedSpec
 from trinity.spec.yaml_source import dump_yaml
@@ -44,6 +49,8 @@ class Decision:
     node: str
     action: Action
     reason: str
+    entry: str | None = None
+    """A "reuse" from the shared store: the committed entry whose outputs the node takes."""
 
 
 def default_run_dir(spec: ExperimentSpec) -> Path:
@@ -78,6 +85,11 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
     if loaded.path.resolve() != run.spec_yaml.resolve():  # a resume re-reads spec.yaml: keep the origin
         meta["graph_file"] = str(loaded.path.resolve())
     meta.update(base_dir=str(loaded.base_dir), updated=now_iso())
+    store = SharedStore.of(loaded.spec.execution.store)  # relative to the working directory, like run_root
+    if store is not None:
+        meta["store"] = str(store.root)
+    else:
+        meta.pop("store", None)
     atomic_write_json(run.run_json, meta)
     atomic_write_text(run.spec_yaml, dump_yaml(loaded.spec.model_dump(mode="json", by_alias=True)))
     spec_files: dict[str, str] = {}
@@ -116,11 +128,36 @@ def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:
     """For each node, in topological order: reuse, run, busy (running in another live process) or stopping
     (live, but its scheduler is gone: it stops at a checkpoint by itself)."""
     decisions: dict[str, Decision] = {}
+    store = run_store(run)
     for node in nodes_in_order(graph):
         status = NodeStatus.read(run.node(node.id))
         upstream = [d for d in node.deps if decisions[d].action != "reuse"]
-        decisions[node.id] = _decide_one(run, node, status, upstream)
+        decision = _decide_one(run, node, status, upstream)
+        if decision.action == "run" and store is not None:
+            decision = _from_store(store, node, decision)
+        decisions[node.id] = decision
     return decisions
+
+
+def run_store(run: RunDir) -> SharedStore | None:
+    """The run's shared store: `execution.store` as resolved when the run was written (run.json's `store`)."""
+    if not run.run_json.is_file():
+        return None
+    path = read_json(run.run_json).get("store")
+    return SharedStore(Path(path)) if path else None
+
+
+def _from_store(store: SharedStore, node: Node, decision: Decision) -> Decision:
+    """A node that would run is reused from the store when it holds a whole entry of its identity."""
+    found = store.find(node.identity)
+    if found.usable:
+        reason = f"reused from {found.path} (the shared store; otherwise it would run: {decision.reason})"
+        return Decision(node.id, "reuse", reason, entry=str(found.path))
+    if found.problem is not None:
+        return Decision(
+            node.id, "run", f"{decision.reason}; the store's entry {found.path} is not reused: {found.problem}"
+        )
+    return decision
 
 
 def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]) -> Decision:
@@ -138,6 +175,10 @@ def _decide_one(run: RunDir, node: Node, status: NodeStatus, upstream: list[str]
     if upstream:
         return Decision(node.id, "run", f"upstream {', '.join(upstream)} will run")
     if status.state == "SUCCEEDED":
+        attempts = list_attempts(node_dir)
+        if attempts and attempts[-1].reused_from:
+            how = f"reused from {attempts[-1].reused_from} in attempt {attempts[-1].attempt}"
+            return Decision(node.id, "reuse", f"{how}, with identity {node.identity[:12]}, unchanged")
         return Decision(
             node.id, "reuse", f"SUCCEEDED in attempt {status.attempt} with identity {node.identity[:12]}, unchanged"
         )
@@ -196,6 +237,53 @@ def mark_pending(run: RunDir, node: Node) -> None:
         progress=old.progress,
     ).write(node_dir)
     atomic_write_json(node_dir.root / "payload_digests.json", payload_digests(node))
+
+
+def reuse_from_store(run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decision]) -> dict[str, Decision]:
+    """Give every node decided "reuse" from the shared store its entry's outputs (before any executor starts:
+    local and Slurm alike run nothing for it). A node whose entry can no longer be linked runs instead."""
+    out = dict(decisions)
+    meta = read_json(run.run_json)
+    for node in nodes_in_order(graph):
+        decision = decisions[node.id]
+        if decision.entry is None:
+            continue
+        supersede(run, node)
+        mark_pending(run, node)
+        node_dir = run.node(node.id)
+        record = AttemptRecord(attempt=next_attempt(node_dir), executor="store", identity=node.identity)
+        try:
+            placed = link_entry(Path(decision.entry), node_dir)
+        except (OSError, ValueError, KeyError, RunError) as exc:
+            out[node.id] = Decision(node.id, "run", f"its store entry {decision.entry} could not be linked ({exc})")
+            continue
+        record_reuse(node_dir, node.id, str(meta["run_id"]), record, placed, "")
+    return out
+
+
+def record_reuse(
+    node_dir: NodeDir, node_id: str, run_id: str, record: AttemptRecord, placed: Placed, waited_for: str
+) -> str:
+    """Write a node reused from the store as SUCCEEDED: the attempt record (reused_from), status.json and a
+    `reused` event; returns the status message."""
+    message = f"reused from {placed.path}{placed.note}" + (f" (after waiting for {waited_for})" if waited_for else "")
+    record.reused_from = str(placed.path)
+    record.finish(node_dir, "SUCCEEDED", 0, None, message)
+    status = NodeStatus.read(node_dir)
+    status.state, status.attempt, status.message = "SUCCEEDED", record.attempt, message
+    status.write(node_dir)
+    store_event(node_dir, node_id, run_id, record.attempt, "reused", message, entry=str(placed.path))
+    return message
+
+
+def store_event(
+    node_dir: NodeDir, node_id: str, run_id: str, attempt: int, kind: str, message: str, **data: str
+) -> None:
+    """One row of the `events` table (trinity sql) for what the shared store did with this node attempt."""
+    from trinity.store.telemetry import TelemetryWriter  # here: it loads pyarrow
+
+    with TelemetryWriter(node_dir, node_id, attempt, run_id, tensorboard=False) as writer:
+        writer.log_event(0, kind, message, **data)
 
 
 class RunLock:

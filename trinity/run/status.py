@@ -86,6 +86,8 @@ class AttemptRecord:
     exit_code: int | None = None
     signal: int | None = None
     resumed_from_step: int | None = None
+    reused_from: str | None = None
+    """The shared store's entry (execution.store) whose outputs this attempt took instead of running the body."""
     message: str = ""
 
     def write(self, node_dir: NodeDir) -> None:
