@@ -140,6 +140,10 @@ def plan(
 
     loaded = _load(graph, set_)
     result = build_plan(loaded)
+    _mark_store_hits(result, loaded.spec.execution.store)
+    from trinity.data.stream_estimate import stream_estimates
+
+    result["data_streams"] = stream_estimates(loaded.spec, loaded.base_dir)
     report = None
     if trace:
         from trinity.distributed.trace import trace_plan
@@ -157,6 +161,22 @@ def plan(
         from trinity.distributed.trace import check_fits
 
         check_fits(report, loaded.spec)
+
+
+def _mark_store_hits(plan: dict[str, Any], store_setting: str | None) -> None:
+    """Each node the shared store (execution.store) holds a whole entry of gets `reused_from` (a damaged one:
+    `store_problem`): a run would link it instead of running the node."""
+    from trinity.run.shared_store import SharedStore
+
+    store = SharedStore.of(store_setting)
+    if store is None:
+        return
+    for node in plan["nodes"]:
+        found = store.find(node["identity"])
+        if found.usable:
+            node["reused_from"] = str(found.path)
+        elif found.problem is not None:
+            node["store_problem"] = f"{found.path}: {found.problem}"
 
 
 @app.command("graph")

@@ -65,6 +65,13 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
             f"{n['gpu_hours']:,.1f}" if "gpu_hours" in n else "",
         )
     console.print(nodes)
+    for n in plan["nodes"]:  # the shared store (execution.store): what a run takes instead of running
+        if "reused_from" in n:
+            console.print(plain(f"{n['id']}: reused from {n['reused_from']}"), soft_wrap=True)
+        elif "store_problem" in n:
+            console.print(plain(f"{n['id']}: will run; the store's entry {n['store_problem']}"), soft_wrap=True)
+    if plan.get("data_streams"):
+        print_data_streams(console, plan["data_streams"])
     summary = Table(title="estimates", title_justify="left", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
@@ -94,6 +101,28 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
     console.print(summary)
     if "trace" in plan:
         print_trace(console, plan["trace"])
+
+
+def print_data_streams(console: Console, streams: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Per prepare node and source: tokens taken, tokens earlier phases took, and the passes read (estimated)."""
+    table = Table(title="data streams: each phase continues where the previous stopped", title_justify="left")
+    for col in ("prepare node", "source", "tokens", "after", "pass", "how known"):
+        table.add_column(col, justify="right" if col in ("tokens", "after") else "left")
+    for node, sources in streams.items():
+        for name, row in sources.items():
+            first, last = row["first_pass"], row["last_pass"]
+            passes = "?" if first is None else (f"{first}" if first == last else f"{first}-{last}")
+            if first is not None and last is not None and last > 1:
+                passes += " (repeats)" if first == last else " (wraps)"
+            table.add_row(
+                plain(node),
+                plain(name),
+                human_count(row["tokens"]),
+                human_count(row["tokens_before"]),
+                plain(passes),
+                plain(row["note"]),
+            )
+    console.print(table)
 
 
 def print_trace(console: Console, trace: dict[str, Any]) -> None:
@@ -150,6 +179,8 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
                 how += f" (exit {last['exit_code']})"
             if last.get("resumed_from_step") is not None:
                 how += f", resumed at step {last['resumed_from_step']}"
+            if last.get("reused_from"):
+                how += ", reused from the store"
         p = n["progress"]
         progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
         state = n["state"]
