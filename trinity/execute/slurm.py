@@ -15,6 +15,8 @@
   and a watcher that hears nothing for UNANSWERED_LIMIT_S gives up with the jobs left queued. A job
   pending for a reason that never clears (PartitionConfig, BadConstraints, ...) fails its node with
   that reason and is cancelled; Slurm then cancels its dependants, which become DEP_FAILED.
+- A prepare node with `execution.prepare.shards` > 1 is a job array of its shards followed by its own
+  job (`afterany` on the array), see `slurm_shards`.
 - The job's sbatch script (submitit's `<job>_submission.sh`) and its Slurm logs stay in the node
   folder under `slurm/`.
 """
@@ -38,6 +40,7 @@ from trinity.execute.run import Decision, mark_pending, supersede
 from trinity.execute.slurm_cluster import Cluster, Partition, fit_resources
 from trinity.execute.slurm_job import NodeJob
 from trinity.execute.slurm_queue import JobState, explain_reason, never_starts, query_jobs, scancel_jobs
+from trinity.execute.slurm_shards import shard_arrays, shard_count, submit_shards
 from trinity.graph.compile import Node, nodes_in_order
 from trinity.run.layout import RunDir, read_json
 from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
@@ -154,9 +157,14 @@ def _spec(graph: nx.DiGraph, node_id: str) -> ExperimentSpec:
     return spec
 
 
-def _dependency(deps: list[str], jobs: dict[str, Any], correlated: list[str]) -> str | None:
+def _dependency(
+    deps: list[str], jobs: dict[str, Any], correlated: list[str], any_of: list[str] | None = None
+) -> str | None:
+    """afterok on upstream jobs, aftercorr on upstream arrays task by task, afterany on a node's own shard
+    arrays (the node's job runs even if a shard failed: it redoes what is missing, or fails saying why)."""
     parts = [f"afterok:{jobs[d].job_id}" for d in deps if d in jobs]
     parts += [f"aftercorr:{array_id}" for array_id in correlated]
+    parts += [f"afterany:{array_id}" for array_id in any_of or []]
     return ",".join(parts) or None
 
 
@@ -182,11 +190,18 @@ def submit_all(
         # Siblings become one array when only their name differs (the name gets the node id without the branch).
         params["job_name"] = f"trinity:{specs[0].name}:{base}"[:120]
         as_array = len(members) > 1 and all({**planned[m], "job_name": params["job_name"]} == params for m in members)
+        sharded = any(shard_count(graph.nodes[m]["node"].kind, s) for m, s in zip(members, specs, strict=True))
+        as_array = as_array and not sharded  # a node with shard tasks is submitted alone, after its array
         if not as_array:
             for m in members:
                 deps = [d for d in graph.predecessors(m)]
                 p = dict(planned[m])
-                if (dependency := _dependency(deps, jobs, [])) is not None:
+                shards: list[str] = []
+                if shard_count(graph.nodes[m]["node"].kind, _spec(graph, m)):  # its shards first, as one array
+                    shard_params = {**p, **({"dependency": d} if (d := _dependency(deps, jobs, [])) else {})}
+                    folder = run.node(m).root / "slurm"
+                    shards = [submit_shards(run, m, _spec(graph, m), shard_params, folder, max_requeues)]
+                if (dependency := _dependency(deps, jobs, [], shards)) is not None:
                     p["dependency"] = dependency
                 ex = state.executor(m, p, max_requeues)
                 jobs[m] = ex.submit(NodeJob(str(run.root), m, p.get("dependency")))
@@ -382,6 +397,8 @@ def cancel(run: RunDir, node_id: str | None = None) -> list[str]:
     if node_id and node_id not in jobs:
         raise RunError(f"{run.root}: node {node_id!r} has no Slurm job (nodes with jobs: {', '.join(jobs)})")
     ids = [j for n, j in chosen.items() if NodeStatus.read(run.node(n)).state not in ("SUCCEEDED",)]
+    arrays = shard_arrays(run)  # a prepare node's shard tasks go with it
+    ids += [arrays[n] for n in chosen if n in arrays and NodeStatus.read(run.node(n)).state != "SUCCEEDED"]
     if (problem := scancel_jobs(ids, timeout_s=60)) is not None:
         raise RunError(f"{run.root}: {problem}")
     return ids
