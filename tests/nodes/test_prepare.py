@@ -23,7 +23,7 @@ from trinity.data.store import COMMIT_MARKER, open_store
 from trinity.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from trinity.errors import SourceError, StoreError
 from trinity.nodes.prepare import prepare_phase, prepare_shard, store_paths
-from trinity.spec.data import DemoSource, JsonlSource, MixSpec, Source
+from trinity.spec.data import DemoSource, JsonlSource, MixSpec, ParquetFilter, ParquetSource, Source
 from trinity.spec.tokenizer import TokenizerSpec
 
 
@@ -235,3 +235,41 @@ def test_killed_prepare_resumes_keeping_committed_pieces(data: tuple[dict[str, S
         np.testing.assert_array_equal(sa.tokens, sb.tokens)
         np.testing.assert_array_equal(sa.doc_offsets, sb.doc_offsets)
         assert sa.attrs == sb.attrs
+
+
+def test_zstd_and_filtered_parquet_sources_prepare_like_a_reference_read(
+    data: tuple[dict[str, Source], Path], tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    _, tok_dir = data
+    tok = load_tokenizer(tok_dir)
+    texts = list(islice(iter_documents(DemoSource(corpus="stdlib_docs", seed=3)), 80))
+    for i in range(2):  # two .zst files, matched by a glob
+        lines = "".join(json.dumps({"body": t}) + "\n" for t in texts[i * 20 : (i + 1) * 20])
+        (tmp_path / f"web-{i}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    table = pa.table({"text": texts[40:], "lang": ["en", "fr"] * 20, "score": [i / 40 for i in range(40)]})
+    pq.write_table(table, tmp_path / "wiki.parquet", row_group_size=7)
+    sources: dict[str, Source] = {
+        "web": JsonlSource(paths=(str(tmp_path / "web-*.jsonl.zst"),), text_field="body"),
+        "wiki": ParquetSource(
+            paths=(str(tmp_path / "wiki.parquet"),),
+            filter=(
+                ParquetFilter(column="lang", op="==", value="en"),
+                ParquetFilter(column="score", op=">=", value=0.2),
+            ),
+        ),
+    }
+    mix = MixSpec(tokens=12_000, mix={"web": 1.0, "wiki": 1.0})
+    m = prepare_phase(
+        mix, sources, tok_dir, ".", tmp_path / "p", holdout_documents=1, piece_bytes=3000, workers=2, shards=3
+    )
+    # The reference applies the filter itself: English rows with score >= 0.2, in file order.
+    kept = [t for i, t in enumerate(texts[40:]) if i % 2 == 0 and i / 40 >= 0.2]
+    assert [d for d in iter_documents(sources["wiki"])] == kept
+    for name in ("web", "wiki"):
+        (want,) = reference(tok, sources[name], 1, [m["sources"][name]["quota"]])
+        got = documents(tmp_path / "p", name)
+        assert [d.tolist() for d in got] == [d.tolist() for d in want], name
