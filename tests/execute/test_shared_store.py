@@ -92,6 +92,25 @@ def test_a_second_run_reuses_tokenizer_and_prepare_by_hard_links(
 
 
 @pytest.mark.slow
+def test_a_run_made_before_the_store_was_set_shares_what_it_holds(
+    first: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    graph, run1, _ = first
+    store = tmp_path / "store"  # empty: run1's nodes SUCCEEDED before this store existed
+    result = trinity("run", str(graph), "--run-dir", str(run1), "--nodes", PREPARE, "--set", f"execution.store={store}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for node in ("tokenizer", PREPARE):
+        entry = _entry(store, run1, node)
+        assert f"{node}: published to {entry}" in result.stdout.replace("\n", "")
+        assert entry_problem(entry, entry.name) is None
+        produced = sorted(p for p in RunDir(run1).node(node).outputs.rglob("*") if p.is_file())
+        for p in produced:  # hard links of run1's own files
+            assert (entry / "outputs" / p.relative_to(RunDir(run1).node(node).outputs)).stat().st_ino == p.stat().st_ino
+        (attempt,) = list_attempts(RunDir(run1).node(node))  # nothing ran again in run1
+        assert attempt.executor == "local"
+
+
+@pytest.mark.slow
 def test_a_damaged_entry_is_not_reused_and_is_set_aside(first: tuple[Path, Path, Path], tmp_path: Path) -> None:
     graph, run1, _ = first
     store = tmp_path / "store"  # a copy of the first run's store, to damage

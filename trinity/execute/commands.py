@@ -20,7 +20,15 @@ from rich.console import Console
 from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import STOP_GRACE_S, LocalExecutor
-from trinity.execute.run import Decision, RunLock, decide, default_run_dir, reuse_from_store, write_run
+from trinity.execute.run import (
+    Decision,
+    RunLock,
+    decide,
+    default_run_dir,
+    publish_held,
+    reuse_from_store,
+    write_run,
+)
 from trinity.execute.scheduler import execute
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
@@ -60,6 +68,8 @@ def run_loaded(
         if busy:
             raise RunError("; ".join(f"{d.node}: {d.reason}" for d in busy) + " — stop it before re-running")
         decisions = reuse_from_store(run, graph, decisions)  # before any executor: none runs or submits them
+        for line in publish_held(run, graph, decisions):  # what this run already holds, shared too
+            console.print(line, highlight=False, markup=False)
         reused = {n for n, d in decisions.items() if d.action == "reuse"}
         to_run = [n for n, d in decisions.items() if d.action == "run"]
         console.print(f"run directory: {run.root}", highlight=False)

@@ -261,6 +261,40 @@ def reuse_from_store(run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decisi
     return out
 
 
+def publish_held(run: RunDir, graph: nx.DiGraph, decisions: dict[str, Decision]) -> list[str]:
+    """Publish to the shared store the nodes this run reuses from its own folder (SUCCEEDED here, before the
+    store was set or while it lacked them) whose identity the store does not hold whole: a run directory
+    made before `execution.store` was added shares what it already has. Returns what it said; a failure
+    is said, never raised."""
+    store = run_store(run)
+    if store is None:
+        return []
+    meta = read_json(run.run_json)
+    said: list[str] = []
+    for node in nodes_in_order(graph):
+        decision = decisions[node.id]
+        node_dir = run.node(node.id)
+        if decision.action != "reuse" or decision.entry is not None or store.find(node.identity).usable:
+            continue
+        if NodeStatus.read(node_dir).state != "SUCCEEDED":
+            continue
+        try:
+            placed = store.publish(
+                node_dir,
+                identity=node.identity,
+                kind=node.kind,
+                node_id=node.id,
+                run_root=run.root,
+                run_id=str(meta["run_id"]),
+            )
+        except (OSError, RunError) as exc:
+            said.append(f"{node.id}: warning: publishing to the store {store.root} failed ({exc})")
+            continue
+        if not placed.dropped:
+            said.append(f"{node.id}: published to {placed.path}{placed.note}")
+    return said
+
+
 def record_reuse(
     node_dir: NodeDir, node_id: str, run_id: str, record: AttemptRecord, placed: Placed, waited_for: str
 ) -> str:
