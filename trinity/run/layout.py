@@ -1,4 +1,5 @@
-"""The run directory: one per run, and nothing outside it is written.
+"""The run directory: one per run, and nothing outside it is written (but the shared store that
+`execution.store` names, when set: trinity.run.shared_store).
 
     RUN/
       run.json                      run id, name, creation time, trinity version
