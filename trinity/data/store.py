@@ -42,7 +42,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from trinity.errors import RunError, StoreError
-from trinity.run.layout import path_inside
+from trinity.run.layout import fsync_path, path_inside
 
 COMMIT_MARKER = "COMMITTED"
 FORMAT = "trinity-token-store/1"
@@ -328,8 +328,4 @@ def commit_dir(tmp: Path | str, final: Path | str, stores: Iterable[str] = (".",
     for rel in stores:
         marker = f / rel / COMMIT_MARKER
         marker.write_text("")
-        fd = os.open(marker, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(marker)

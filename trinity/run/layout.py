@@ -55,6 +55,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that the names just created or renamed in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 

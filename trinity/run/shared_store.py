@@ -51,7 +51,7 @@ from typing import Any
 
 import trinity
 from trinity.errors import RunError
-from trinity.run.layout import NodeDir, atomic_write_json, path_inside, read_json
+from trinity.run.layout import NodeDir, atomic_write_json, fsync_path, path_inside, read_json
 from trinity.run.status import STALE_PERIODS, now_iso, process_alive, process_start
 
 ENTRY = "entry.json"
@@ -161,7 +161,7 @@ class SharedStore:
                 },
             )
             atomic_write_json(tmp / MARKER, {"identity": identity, "time": now_iso(), "files": len(files)})
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             found = self.find(identity)
             if found.path is not None and found.problem is not None:
                 final.rename(final.with_name(f"{identity}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -171,7 +171,7 @@ class SharedStore:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not self.find(identity).usable:
                     raise
                 return Placed(final, dropped=True)
-            _fsync_dir(self.nodes)
+            fsync_path(self.nodes)
             return Placed(final, copied)
         finally:
             if tmp.exists():
@@ -257,14 +257,6 @@ def _place_all(pairs: list[tuple[Path, Path]]) -> str | None:
                 copied = f"hard links failed: {exc.strerror} ({src.parent} -> {dst.parent})"
         shutil.copy2(src, dst)
     return copied
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the lease of an identity being produced ------------------------------------------------------

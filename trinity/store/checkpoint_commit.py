@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trinity.errors import CheckpointError
+from trinity.run.layout import fsync_path
 
 MARKER = "COMMITTED"
 WRITER_ATTR = "trinity_writer"
@@ -97,14 +98,6 @@ def claimed(folder: Path) -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------
 # Durable writes, the marker, the commit
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(folder: Path) -> None:

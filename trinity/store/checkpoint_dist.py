@@ -61,12 +61,12 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from trinity.errors import CollectiveSaveError
+from trinity.run.layout import fsync_path
 from trinity.store import shards
 from trinity.store.checkpoint_commit import (
     checkpoint_name,
     claimed,
     commit,
-    fsync_path,
     marker_summary,
     prune_checkpoints,
     temporary_name,

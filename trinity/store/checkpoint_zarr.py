@@ -55,7 +55,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.storage import LocalStore, MemoryStore
 
 from trinity.errors import CheckpointError
-from trinity.store.checkpoint_commit import MARKER, WRITER_ATTR, fsync_path, writer_record
+from trinity.run.layout import fsync_path
+from trinity.store.checkpoint_commit import MARKER, WRITER_ATTR, writer_record
 from trinity.store.checkpoint_encoding import PackedBytes, StoredArray
 
 ATTR = "trinity_checkpoint"
