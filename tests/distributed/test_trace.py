@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from tests.conftest import ROOT
-from trinity.distributed.trace import TraceReport, check_fits, trace_plan, trace_stage
+from trinity.distributed.trace import StageTrace, TraceReport, check_fits, trace_stage
 from trinity.errors import TrinityError
 from trinity.graph.estimates import count_params, estimate, memory_per_gpu
 from trinity.spec.experiment import ExperimentSpec
@@ -39,9 +39,26 @@ def tiny_on_8(*extra: str) -> ExperimentSpec:
 
 
 @pytest.fixture(scope="module")
-def report() -> TraceReport:
-    """Pretraining (T = 256) and SFT (T = 512) traced; extension (cp = 2) cannot be. Traced once: ~10 s each."""
-    return trace_plan(tiny_on_8("stages.extend.cp=2"))
+def plan_trace() -> subprocess.CompletedProcess[str]:
+    """`trinity plan --trace --json` of the tiny model on 8 fake ranks with 0.01 GiB of memory: pretraining
+    (T = 256) and SFT (T = 512) traced, extension (cp = 2) cannot be. Traced once (~10 s a stage) for
+    the CLI's test and, read back from its JSON, for the figures' tests."""
+    sets = [a for s in [*LAYOUT, "stages.extend.cp=2", "parallel.accelerator.memory_gib=0.01"] for a in ("--set", s)]
+    return subprocess.run(
+        [sys.executable, "-m", "trinity.cli", "plan", "graphs/tiny.yaml", "--trace", "--json", *sets],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def report(plan_trace: subprocess.CompletedProcess[str]) -> TraceReport:
+    """The traced stages as the CLI printed them (TraceReport.to_json's "stages", every field of each)."""
+    assert plan_trace.stdout, plan_trace.stderr
+    trace = json.loads(plan_trace.stdout)["trace"]
+    return TraceReport([StageTrace(**s) for s in trace["stages"]], tuple(trace["assumptions"]))
 
 
 def test_sharded_state_bytes_are_the_closed_forms(report: TraceReport) -> None:
@@ -99,15 +116,8 @@ def test_over_memory_is_an_error_naming_stage_fields_and_bytes(report: TraceRepo
 
 
 @pytest.mark.slow
-def test_plan_trace_cli_exits_2_over_memory() -> None:
-    sets = [a for s in [*LAYOUT, "parallel.accelerator.memory_gib=0.01"] for a in ("--set", s)]
-    out = subprocess.run(
-        [sys.executable, "-m", "trinity.cli", "plan", "graphs/tiny.yaml", "--trace", "--json", *sets],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+def test_plan_trace_cli_exits_2_over_memory(plan_trace: subprocess.CompletedProcess[str]) -> None:
+    out = plan_trace
     assert out.returncode == 2, out.stderr
     trace = json.loads(out.stdout)["trace"]
     assert trace["world_size"] == 8 and trace["peak_bytes"] > 0.01 * 1024**3

@@ -179,46 +179,21 @@ def rows_per_step(run: Path) -> dict[int, int]:
     return {r["step"]: r["n"] for r in json.loads(result.stdout)}
 
 
-def test_slurm_runs_a_two_rank_node_as_one_job_of_two_tasks(
-    prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
-) -> None:
-    _, prepared_run = prepared
-    run = tmp_path / "run"
-    shutil.copytree(prepared_run, run)
-    result = trinity("run", str(two_rank_graph), "--run-dir", str(run), "--nodes", NODE, *SLURM)
-    assert result.returncode == 0, result.stdout + result.stderr
-    node_dir = RunDir(run).node(NODE)
-    [attempt] = list_attempts(node_dir)  # one attempt, written by task 0
-    assert attempt.state == "SUCCEEDED" and attempt.executor == "slurm" and attempt.job_id
-    ends = read_rank_ends(node_dir, 1)
-    assert sorted(ends) == [0, 1] and ends[0].pid != ends[1].pid
-    steps = subprocess.run(
-        ["sacct", "-j", attempt.job_id, "-n", "-P", "-o", "JobID,NTasks,State"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.split()
-    rows = [line.split("|") for line in steps]
-    assert {r[0].split(".")[0] for r in rows} == {attempt.job_id}  # one job
-    assert [r[1:] for r in rows if r[0] == f"{attempt.job_id}.0"] == [["2", "COMPLETED"]]  # its step: 2 tasks
-    log = node_dir.log_file(1).read_text()
-    assert "rank 0 of 2" in log and "rank 1 of 2" in log
-    counts = trinity(
-        "sql",
-        str(run),
-        f"SELECT step, count(*) AS n FROM steps WHERE node = '{NODE}' GROUP BY step",
-        "--format",
-        "json",
-    )
-    assert {r["n"] for r in json.loads(counts.stdout)} == {1}
-    assert losses(run) == losses(two_rank_run)  # Slurm's rendezvous trains what torchrun's does
+def sacct(job_id: str) -> dict[str, list[str]]:
+    """JobID -> [NTasks, State] of a job and its steps, as sacct reports its last run."""
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-n", "-P", "-o", "JobID,NTasks,State"], capture_output=True, text=True, timeout=60
+    ).stdout
+    return {row[0]: row[1:] for row in (line.split("|") for line in out.split())}
 
 
 def test_slurm_preemption_signal_stops_every_task_and_the_requeued_job_resumes_exactly(
     prepared: tuple[Path, Path], two_rank_graph: Path, two_rank_run: Path, tmp_path: Path
 ) -> None:
-    """SIGUSR2 (what Slurm sends before a time limit) reaches both tasks: the ranks stop at one checkpoint,
-    task 0 requeues the job, and the requeued job's two tasks agree on the next attempt and resume."""
+    """A 2-rank node is one job of 2 tasks that trains what torchrun's 2 ranks do; SIGUSR2 (what Slurm sends
+    before a time limit) reaches both tasks: the ranks stop at one checkpoint, task 0 requeues the job, and
+    the requeued job's two tasks agree on the next attempt and resume. (One run for both subjects: the
+    requeued job is the whole job's second and last run, so its step of 2 tasks completing is sacct's.)"""
     _, prepared_run = prepared
     run = tmp_path / "run"
     shutil.copytree(prepared_run, run)
@@ -236,11 +211,21 @@ def test_slurm_preemption_signal_stops_every_task_and_the_requeued_job_resumes_e
     while not (NodeStatus.read(node_dir).state == "SUCCEEDED" and len(list_attempts(node_dir)) == 2):
         assert time.monotonic() < deadline, "timed out waiting for the requeued job to finish"
         time.sleep(1)
-    first, second = list_attempts(node_dir)
+    first, second = list_attempts(node_dir)  # one record per attempt, written by task 0
     assert first.job_id == second.job_id == job_id  # the same job, requeued
+    assert first.executor == second.executor == "slurm"
     assert first.state == "STOPPED" and second.state == "SUCCEEDED"
-    assert {r: e.state for r, e in read_rank_ends(node_dir, 1).items()} == {0: "STOPPED", 1: "STOPPED"}
+    ends = read_rank_ends(node_dir, 1)
+    assert {r: e.state for r, e in ends.items()} == {0: "STOPPED", 1: "STOPPED"}
+    assert ends[0].pid != ends[1].pid  # two tasks, two processes
+    log = node_dir.log_file(1).read_text()
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log
     assert sorted(read_rank_ends(node_dir, 2)) == [0, 1]  # both tasks of the requeued job ran attempt 2
+    # The node is SUCCEEDED before its job step ends: wait for Slurm's account of the job's (last) run.
+    wait_for(lambda: sacct(job_id).get(job_id) == ["", "COMPLETED"], 120, "the requeued job to end")
+    rows = sacct(job_id)
+    assert {r.split(".")[0] for r in rows} == {job_id}  # one job
+    assert rows[f"{job_id}.0"] == ["2", "COMPLETED"]  # its step: 2 tasks
     assert second.resumed_from_step is not None and second.resumed_from_step >= 10
     assert set(rows_per_step(run).values()) == {1}
-    assert losses(run) == losses(two_rank_run)
+    assert losses(run) == losses(two_rank_run)  # Slurm's rendezvous trains what torchrun's does, resumed exactly

@@ -26,13 +26,16 @@ def trinity(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "trinity.cli", *args], capture_output=True, text=True, timeout=900)
 
 
-PRETRAINED = ["prepare/*", "pretrain/*", "tokenizer", "extend"]
+PRETRAINED = ["prepare/*", "pretrain/*", "tokenizer"]
 CKPT = ["--set", "execution.checkpoint.every=3"]
-"""A checkpoint every 3 steps in the post-training nodes (8 SFT steps, 6 RL steps): a kill lands after one."""
+"""A checkpoint every 3 steps in the post-training nodes (16 extension steps, 8 SFT, 6 RL): a kill lands after one."""
 
-# Runs shared by the tests (module-scoped, each made once and copied by the tests that change it):
-#   pretrained   tokenizer .. pretraining .. extension (their checkpoint cadence is not tested here)
-#   with_sft     pretrained + SFT: the uninterrupted SFT run the killed one must reproduce
+# Runs shared by the tests (module-scoped, each made once and copied by the tests that change them):
+#   pretrained   tokenizer .. pretraining: the session's uninterrupted micro run (tests/conftest.py:
+#                straight_run; the post-training stages leave those nodes' identities as they are, so
+#                tokenizer, prepare/phase1 and pretrain/phase1 are reused) and phase 2
+#   extended     pretrained + extension: the uninterrupted extension run the killed one must reproduce
+#   with_sft     extended + SFT: the uninterrupted SFT run
 #   everything   with_sft + every other node (RL, evals): the uninterrupted RL run, and what the
 #                every-node test checks
 
@@ -42,32 +45,38 @@ def run_ok(graph: Path, run: Path, *args: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("post")
-    graph = root / "micro.yaml"
-    graph.write_text(POST_GRAPH)
-    run = root / "pretrained"
-    run_ok(graph, run, *[x for n in PRETRAINED for x in ("--nodes", n)])
-    return graph, run
-
-
-@pytest.fixture(scope="module")
-def with_sft(pretrained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    graph, base = pretrained
-    run = tmp_path_factory.mktemp("post") / "with_sft"
+def copy_and_run(base: Path, name: str, graph: Path, factory: pytest.TempPathFactory, *args: str) -> Path:
+    """A copy of run `base` in which `trinity run GRAPH *args` succeeded."""
+    run = factory.mktemp("post") / name
     shutil.copytree(base, run)
-    run_ok(graph, run, "--nodes", "sft", *CKPT)
+    run_ok(graph, run, *args)
     return run
+
+
+@pytest.fixture(scope="module")
+def pretrained(straight_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    graph = tmp_path_factory.mktemp("post") / "micro.yaml"
+    graph.write_text(POST_GRAPH)
+    nodes = [x for n in PRETRAINED for x in ("--nodes", n)]
+    return graph, copy_and_run(straight_run, "pretrained", graph, tmp_path_factory, *nodes)
+
+
+@pytest.fixture(scope="module")
+def extended(pretrained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    graph, base = pretrained
+    return copy_and_run(base, "extended", graph, tmp_path_factory, "--nodes", "extend", *CKPT)
+
+
+@pytest.fixture(scope="module")
+def with_sft(pretrained: tuple[Path, Path], extended: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    graph, _ = pretrained
+    return copy_and_run(extended, "with_sft", graph, tmp_path_factory, "--nodes", "sft", *CKPT)
 
 
 @pytest.fixture(scope="module")
 def everything(pretrained: tuple[Path, Path], with_sft: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     graph, _ = pretrained
-    run = tmp_path_factory.mktemp("post") / "everything"
-    shutil.copytree(with_sft, run)
-    run_ok(graph, run, *CKPT)
-    return run
+    return copy_and_run(with_sft, "everything", graph, tmp_path_factory, *CKPT)
 
 
 def node_losses(run: Path, node: str) -> dict[int, float]:
@@ -107,7 +116,7 @@ def test_every_post_training_node_succeeds(everything: Path) -> None:
         generate_cli(run, "eval/mk_niah@extend", "x", 2, 0.0, 1.0, 0)
 
 
-def kill_then_resume(graph: Path, killed: Path, node: str, kill_at: int, *sets: str) -> list[AttemptRecord]:
+def kill_then_resume(graph: Path, killed: Path, node: str, kill_at: int) -> list[AttemptRecord]:
     """`trinity run --nodes NODE` in `killed`, NODE's process SIGKILLed once it reports step `kill_at`, then
     `trinity resume --nodes NODE`; returns NODE's attempts."""
     proc = subprocess.Popen(
@@ -122,7 +131,6 @@ def kill_then_resume(graph: Path, killed: Path, node: str, kill_at: int, *sets: 
             "--nodes",
             node,
             *CKPT,
-            *sets,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -144,31 +152,29 @@ def kill_then_resume(graph: Path, killed: Path, node: str, kill_at: int, *sets: 
 
 
 def test_sft_sigkill_then_resume_is_bit_identical(
-    pretrained: tuple[Path, Path], with_sft: Path, tmp_path: Path
+    pretrained: tuple[Path, Path], extended: Path, with_sft: Path, tmp_path: Path
 ) -> None:
-    graph, base = pretrained
+    graph, _ = pretrained
     expected = node_losses(with_sft, "sft")  # the uninterrupted run, from the same extension checkpoint
     assert sorted(expected) == list(range(1, 9))
     killed = tmp_path / "killed"
-    shutil.copytree(base, killed)
+    shutil.copytree(extended, killed)
     attempts = kill_then_resume(graph, killed, "sft", 4)
     assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
     assert attempts[1].resumed_from_step in (3, 6)
     assert node_losses(killed, "sft") == expected
 
 
-def test_extend_sigkill_then_resume_is_bit_identical(pretrained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_extend_sigkill_then_resume_is_bit_identical(
+    pretrained: tuple[Path, Path], extended: Path, tmp_path: Path
+) -> None:
     graph, base = pretrained
-    # extension already ran in the fixture: a changed warmup gives it a new identity in both copies
-    sets = ["--set", "stages.extend.lr.warmup_steps=3"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    for run in (straight, killed):
-        shutil.copytree(base, run)
-    run_ok(graph, straight, "--nodes", "extend", *CKPT, *sets)
-    expected = node_losses(straight, "extend")
+    expected = node_losses(extended, "extend")  # the uninterrupted run, from the same pretraining checkpoint
     assert len(expected) > 7
-    attempts = kill_then_resume(graph, killed, "extend", 7, *sets)
-    assert attempts[-2].state == "FAILED" and attempts[-1].state == "SUCCEEDED"
+    killed = tmp_path / "killed"
+    shutil.copytree(base, killed)
+    attempts = kill_then_resume(graph, killed, "extend", 7)
+    assert [a.state for a in attempts] == ["FAILED", "SUCCEEDED"]
     assert attempts[-1].resumed_from_step is not None and attempts[-1].resumed_from_step >= 3
     assert node_losses(killed, "extend") == expected
 
