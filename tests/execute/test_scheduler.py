@@ -30,8 +30,9 @@ def test_failure_marks_downstream_dep_failed_and_resume_reruns_exactly_those(tmp
     assert first.returncode == 1, first.stdout + first.stderr
     s = states(run)
     assert s["tokenizer"] == "SUCCEEDED"
-    assert s["prepare/phase1"] == "SUCCEEDED"
     assert s["prepare/phase0"] == "FAILED"
+    # The later phases' prepares continue phase0's streams: they wait on it, as its pretraining does.
+    assert s["prepare/phase1"] == s["prepare/phase2"] == "DEP_FAILED"
     status = NodeStatus.read(RunDir(run).node("prepare/phase0"))
     assert "extra.jsonl" in status.message
     attempts = list_attempts(RunDir(run).node("prepare/phase0"))
@@ -40,13 +41,15 @@ def test_failure_marks_downstream_dep_failed_and_resume_reruns_exactly_those(tmp
 
     explained = trinity("explain", str(run), "prepare/phase0").stdout
     assert "will run: FAILED in attempt 1" in explained
-    assert "will be reused" in trinity("explain", str(run), "prepare/phase1").stdout
+    assert "will be reused" in trinity("explain", str(run), "tokenizer").stdout
+    assert "will run: upstream prepare/phase0 will run" in trinity("explain", str(run), "prepare/phase1").stdout
 
     (tmp_path / "extra.jsonl").write_text(
         "".join(json.dumps({"text": f"extra document {i} " * 20}) + "\n" for i in range(50))
     )
     second = trinity("resume", str(run), "--nodes", "prepare/*")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "1 node(s) to run, 3 reused" in second.stdout  # the tokenizer and 2 other prepares are reused
+    assert "3 node(s) to run, 1 reused" in second.stdout  # the tokenizer is reused; the three prepares run
     assert [a.state for a in list_attempts(RunDir(run).node("prepare/phase0"))] == ["FAILED", "SUCCEEDED"]
-    assert len(list_attempts(RunDir(run).node("prepare/phase1"))) == 1
+    assert [a.state for a in list_attempts(RunDir(run).node("prepare/phase1"))] == ["SUCCEEDED"]  # its only run
+    assert len(list_attempts(RunDir(run).node("tokenizer"))) == 1

@@ -74,18 +74,21 @@ def test_the_sbatch_script_of_a_two_rank_training_node_is_the_golden_one(fake_sl
     graph = compose(tmp_path / "micro.yaml", "micro.yaml", parallel=TWO_RANKS, execution=SLURM)
     run, dag = write_run(load_experiment(graph), tmp_path / "run")
     state = submit_all(run, dag, ["tokenizer", "prepare/phase1", NODE])
+    # Job 2 is prepare/phase1's shard array (execution.prepare.shards tasks), job 3 the node's own job after it.
     assert {n: str(s.job.job_id) for n, s in state.submissions.items()} == {
         "tokenizer": "1",
-        "prepare/phase1": "2",
-        NODE: "3",
+        "prepare/phase1": "3",
+        NODE: "4",
     }
-    kept = run.node(NODE).root / "slurm" / "3_submission.sh"
+    prepare_script = (run.node("prepare/phase1").root / "slurm" / "3_submission.sh").read_text()
+    assert "afterok:1,afterany:2" in prepare_script
+    kept = run.node(NODE).root / "slurm" / "4_submission.sh"
     assert kept.is_file(), "the sbatch script is kept in the node folder"
     text = kept.read_text()
     for path in {str(run.root.resolve()), str(run.root)}:
         text = text.replace(path, "<RUN>")
     text = text.replace(shlex.quote(sys.executable), "<PYTHON>")
-    assert "afterok:2" in text  # prepare/phase1's job; the tokenizer is not a direct dependency
+    assert "afterok:3" in text  # prepare/phase1's job; the tokenizer is not a direct dependency
 
     if not GOLDEN.is_file():
         if os.environ.get(RECORD) != "1":
