@@ -73,5 +73,11 @@ class StopRequested(Exception):
     """The executor asked the node to stop (Ctrl-C, preemption, time limit)."""
 
 
+class RestartRequested(Exception):
+    """The node asks to end this attempt and be started again at once as a new attempt that resumes from its
+    last committed checkpoint (a loss-spike rollback). Executors relaunch it (trinity.execute.attempt's
+    EXIT_RESTART); the message says why."""
+
+
 class Interrupted(KeyboardInterrupt):
     """The scheduler was interrupted (Ctrl-C, SIGTERM or SIGHUP); running nodes were stopped at a checkpoint."""

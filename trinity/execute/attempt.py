@@ -57,6 +57,8 @@ from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus, ProcessRef,
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+EXIT_RESTART = 4
+"""The attempt ended asking to be started again at once from its last committed checkpoint (RestartRequested)."""
 SCHEDULER_PID_ENV = "TRINITY_SCHEDULER_PID"
 SCHEDULER_START_ENV = "TRINITY_SCHEDULER_START"
 WATCH_PERIOD_S = 1.0

@@ -2,8 +2,10 @@
 
 Execution-only fields (marked with `execution_only()` in the spec models: the whole `execution`
 section, the GPU layout) are left out, so moving a run to another partition or cluster re-runs
-nothing. Hashing refuses what it cannot hash reproducibly: objects, NaN, infinities. Floats are
-written as their shortest round-trip repr, so 1e-3, 0.001 and 1.0e-3 hash the same.
+nothing. Fields added after runs existed (`added_field()`) are left out while at their default, so
+a new version of trinity keeps the identities of specs that do not use them. Hashing refuses what
+it cannot hash reproducibly: objects, NaN, infinities. Floats are written as their shortest
+round-trip repr, so 1e-3, 0.001 and 1.0e-3 hash the same.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trinity.spec.base import is_execution_only
+from trinity.spec.base import is_execution_only, omits_default
 
 
 class UnhashableValue(TypeError):
@@ -29,6 +31,9 @@ def identity_payload(model: BaseModel) -> dict[str, Any]:
     for name, info in type(model).model_fields.items():
         if is_execution_only(type(model), name):
             continue
+        value = getattr(model, name)
+        if omits_default(type(model), name) and value == info.get_default(call_default_factory=True):
+            continue  # a field newer than the identities already computed: absent unless it is used
         out[info.alias or name] = _payload_value(getattr(model, name))
     return out
 

@@ -10,7 +10,10 @@ bool. Everything else keeps pydantic's lax mode, so paths, enums, literals and t
 from YAML strings and lists.
 
 A field marked with `execution_only()` never enters a node's identity: changing it (a Slurm
-partition, a log cadence, a path) never causes a finished node to re-run.
+partition, a log cadence, a path) never causes a finished node to re-run. A field marked with
+`added_field()` (one added to a spec section after runs already existed) enters the identity only
+when it differs from its default, so upgrading trinity re-runs no finished node whose spec does not
+use the new field.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler
 from pydantic_core import CoreSchema, core_schema
 
 IDENTITY_KEY = "trinity_identity"
+OMIT_DEFAULT = "omit_default"
+"""IDENTITY_KEY's value for a field that enters the identity only when it differs from its default."""
 
 
 def strict_numbers(schema: Any) -> Any:
@@ -80,3 +85,17 @@ def is_execution_only(model: type[BaseModel], name: str) -> bool:
     """Whether field `name` of `model` is marked execution-only."""
     extra = model.model_fields[name].json_schema_extra
     return isinstance(extra, dict) and extra.get(IDENTITY_KEY) is False
+
+
+def added_field(default: Any = ..., **kwargs: Any) -> Any:
+    """A field added after runs existed: it enters node identities only when it differs from `default`
+    (so the identities of specs that leave it at its default are the ones older trinity computed)."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra[IDENTITY_KEY] = OMIT_DEFAULT
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def omits_default(model: type[BaseModel], name: str) -> bool:
+    """Whether field `name` of `model` is marked with `added_field` (left out of identities at its default)."""
+    extra = model.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get(IDENTITY_KEY) == OMIT_DEFAULT

@@ -128,8 +128,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 """Arrow schema of every telemetry table; the Parquet parts hold exactly these columns."""
 
 TABLES = tuple(SCHEMAS)
-PART_RE = re.compile(r"^(?P<table>[a-z_]+)-(?P<seq>\d{6})\.parquet$")
-"""Committed part names; temporary parts start with '.' and never match."""
+PART_RE = re.compile(r"^(?P<table>[a-z_]+)-(?:(?P<writer>[a-z]+)-)?(?P<seq>\d{6})\.parquet$")
+"""Committed part names, `<table>-<seq>.parquet` from the node's own writer and `<table>-<writer>-<seq>.parquet`
+from another writer of the same attempt (e.g. "watchdog": the executor records a stall of a node that
+cannot log it itself); each writer numbers its own parts. Temporary parts start with '.' and never match."""
+WRITER_RE = re.compile(r"^[a-z]+$")
 
 ArrayLike = npt.ArrayLike | Any  # numpy, sequences, or a torch tensor (anything with .detach())
 
@@ -175,6 +178,8 @@ class TelemetryWriter:
     steps that are multiples of this, because it is the largest table by far.
     tensorboard: also write the step and MoE scalars as TensorBoard events under
     NodeDir.tensorboard(attempt).
+    writer: None for the node's own writer; a name (lowercase letters) for another process that adds
+    rows to the same attempt (see PART_RE): its parts are numbered apart, so neither overwrites the other.
     """
 
     def __init__(
@@ -188,16 +193,20 @@ class TelemetryWriter:
         flush_seconds: float = 60.0,
         expert_load_every: int = 10,
         tensorboard: bool = True,
+        writer: str | None = None,
     ) -> None:
         if attempt < 1:
             raise ValueError(f"attempt numbers start at 1, got {attempt}")
+        if writer is not None and not WRITER_RE.match(writer):
+            raise ValueError(f"a telemetry writer's name is lowercase letters, got {writer!r}")
+        self.writer = writer
         self.folder = node_dir.telemetry(attempt)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.node_id, self.attempt, self.run_id = node_id, attempt, run_id
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.expert_load_every = expert_load_every
         # A writer re-created within the same attempt continues the part numbering, never overwrites.
-        seqs = [int(m["seq"]) for p in self.folder.iterdir() if (m := PART_RE.match(p.name))]
+        seqs = [int(m["seq"]) for p in self.folder.iterdir() if (m := PART_RE.match(p.name)) and m["writer"] == writer]
         self._seq = max(seqs, default=-1) + 1
         self._cols: dict[str, dict[str, list[Any]]] = {t: {f.name: [] for f in SCHEMAS[t]} for t in TABLES}
         self._last_step: dict[str, int] = {}
@@ -463,7 +472,8 @@ class TelemetryWriter:
         return pa.table(columns, schema=schema)
 
     def _write_part(self, table: str, arrow: pa.Table) -> Path:
-        path = self.folder / f"{table}-{self._seq:06d}.parquet"
+        tag = "" if self.writer is None else f"{self.writer}-"
+        path = self.folder / f"{table}-{tag}{self._seq:06d}.parquet"
         self._seq += 1
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
         try:

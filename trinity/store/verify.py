@@ -64,16 +64,16 @@ def check_part(path: Path, table: str) -> str | None:
 def check_attempt_telemetry(folder: Path) -> tuple[int, list[str]]:
     """(parts checked, problems) of one attempt's telemetry folder: each part, and gaps in their numbers."""
     problems: list[str] = []
-    seqs: dict[int, Path] = {}
+    by_writer: dict[str | None, dict[int, Path]] = {}  # each writer numbers its own parts (PART_RE)
     for p in sorted(folder.iterdir()):
         m = PART_RE.match(p.name)
         if m is None or m["table"] not in SCHEMAS:
             continue
-        seqs[int(m["seq"])] = p
+        by_writer.setdefault(m["writer"], {})[int(m["seq"])] = p
         problem = check_part(p, m["table"])
         if problem is not None:
             problems.append(f"{p}: {problem}")
-    if seqs:
+    for seqs in by_writer.values():
         have = sorted(seqs)
         for seq in range(have[-1] + 1):
             if seq not in seqs:
@@ -84,7 +84,7 @@ def check_attempt_telemetry(folder: Path) -> tuple[int, list[str]]:
                     f"{folder}: telemetry part {seq:06d} is missing ({around}before {seqs[before].name}): "
                     f"its rows are lost"
                 )
-    return len(seqs), problems
+    return sum(len(seqs) for seqs in by_writer.values()), problems
 
 
 def verify_node(node_dir: NodeDir) -> tuple[int, int, list[str], list[str]]:
