@@ -29,6 +29,7 @@ from trinity.data.packing import Batch
 from trinity.distributed import expert_parallel
 from trinity.distributed.testing import run_workers
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training
+from trinity.spec.execution import ExecutionSpec
 from trinity.spec.model import ModelSpec
 from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import ParallelSpec
@@ -71,6 +72,7 @@ def _steps(rank: int, world: int, fsdp_group: int, ep: int, args: dict[str, Any]
         ),
         stability=StabilitySpec(),
         optim=OptimSpec(),
+        execution=ExecutionSpec(),
     )
     ctx = SimpleNamespace(spec=spec)
     training = build_training(ctx, RandomBatches(model.vocab_size, args["micro"], args["seq"]))  # type: ignore[arg-type]

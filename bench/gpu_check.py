@@ -87,7 +87,12 @@ def train_losses(device: torch.device, precision: str, steps: int, small: bool) 
     seq, micro, batch = (64, 2, 4) if small else (spec.data.max_seq_len, spec.parallel.micro_batch, 16)
     stability = spec.stability.model_copy(update={"precision": precision})
     run_spec = SimpleNamespace(
-        seed=spec.seed, model=model_spec, parallel=spec.parallel, stability=stability, optim=spec.optim
+        seed=spec.seed,
+        model=model_spec,
+        parallel=spec.parallel,
+        stability=stability,
+        optim=spec.optim,
+        execution=spec.execution,
     )
     torch.manual_seed(spec.seed)
     model = TrinityModel(model_spec).to(device)  # initialised on the CPU: the same weights on every device

@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "execute": 7,
     "cli": 8,
     "cli_render": 8,
+    "cli_watch": 8,
 }
 """Each top-level module or package of trinity and its floor."""
 
@@ -42,6 +43,8 @@ SIDEWAYS: frozenset[tuple[str, str]] = frozenset(
         ("distributed", "optim"),  # sharded Muon is the optimizer's distributed form
         ("evals", "rl"),  # the arithmetic eval scores with the RL rollout's sampler
         ("cli", "cli_render"),  # the command line and how it draws tables
+        ("cli", "cli_watch"),  # the command line and its live view
+        ("cli_watch", "cli_render"),  # the live view draws values as the tables do
     }
 )
 """Imports between neighbours on one floor, in the one direction allowed."""

@@ -358,15 +358,35 @@ def status(
 
 @app.command()
 @handles_errors
+def watch(
+    run_dir: RunDirArg,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit (scripts, tests).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Live view of a run: each running node's step, tokens/s, ETA, loss sparkline, grad norm, MaxVio, last
+    events and stalls. Exits when the run has ended: 0, or 1 if a node failed; Ctrl-C stops watching only."""
+    from trinity.cli_watch import watch as watch_run
+
+    raise typer.Exit(watch_run(run_dir, out, interval, once))
+
+
+@app.command()
+@handles_errors
 def explain(
     run_dir: RunDirArg, node: Annotated[str, typer.Argument(help="Node id.")], debug: DebugOption = False
 ) -> None:
-    """Say why a node will run or be reused on `trinity resume`."""
+    """Say why a node will run or be reused on `trinity resume`, and which code its attempts ran (provenance)."""
     from trinity.execute.commands import explain as explain_node
+    from trinity.execute.provenance import explain_lines
+    from trinity.run.layout import RunDir
+    from trinity.run.status import list_attempts
 
     decision = explain_node(run_dir, node)
     verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy", "stopping": "is stopping"}[decision.action]
     out.print(f"{shown(node)} {verb}: {shown(decision.reason)}", highlight=False, soft_wrap=True, emoji=False)
+    for line in explain_lines(node, list_attempts(RunDir(run_dir.resolve()).node(node))):
+        out.print(shown(line), highlight=False, soft_wrap=True, emoji=False)
 
 
 @app.command()
@@ -418,6 +438,46 @@ def verify(
         err.print(f"[bold red]error[/]: {n} problem{'s' if n != 1 else ''} in {what}", highlight=False, emoji=False)
         raise typer.Exit(2)
     out.print(f"ok: {what} intact", highlight=False)
+
+
+@app.command()
+@handles_errors
+def compact(
+    run_dir: RunDirArg,
+    node: Annotated[str | None, typer.Argument(help="Only this node (e.g. pretrain/phase1).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Merge the telemetry parts of every finished attempt into one part per table (queries see the same rows,
+    faster). Running attempts are left alone. Prints parts, rows and bytes before -> after."""
+    from trinity.cli_render import human_bytes
+    from trinity.store.compaction import compact_run
+
+    def line(what: object, parts: tuple[int, int], rows: int, size: tuple[int, int]) -> str:
+        before, after = human_bytes(size[0]), human_bytes(size[1])
+        return f"{what}: {parts[0]} -> {parts[1]} parts, {rows} rows, {before} -> {after}"
+
+    report = compact_run(
+        run_dir,
+        node,
+        on_attempt=lambda a: out.print(
+            shown(line(a.folder, (a.parts_before, a.parts_after), a.rows, (a.bytes_before, a.bytes_after))),
+            highlight=False,
+            soft_wrap=True,
+            emoji=False,
+        ),
+    )
+    for note in report.skipped:
+        err.print(f"note: {shown(note)}: left as it is", highlight=False, soft_wrap=True, emoji=False)
+    for problem in report.problems:
+        err.print(f"[yellow]warning[/]: {shown(problem)}", highlight=False, soft_wrap=True, emoji=False)
+    n = len(report.attempts)
+    total = line(
+        f"compacted {n} attempt{'s' if n != 1 else ''}",
+        (report.parts_before, report.parts_after),
+        report.rows,
+        (report.bytes_before, report.bytes_after),
+    )
+    out.print(shown(total) if n else "nothing to compact", highlight=False, soft_wrap=True, emoji=False)
 
 
 @app.command()

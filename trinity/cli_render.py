@@ -183,16 +183,21 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
                 how += ", reused from the store"
         p = n["progress"]
         progress = f"step {p['step']}/{p['total_steps']}, loss {p['loss']}" if "step" in p else ""
+        progress += "".join(f", {p[k]} {k}" for k in ("spikes", "alarms") if p.get(k))  # loss spikes, MoE alarms
         state = n["state"]
         if n.get("live") is False:
             state = f"{state} (dead: {n.get('why', '')})"
+        elif n.get("stalled"):
+            state = f"{state} (STALLED: {n['stalled']})"
         elif n.get("stopping"):
             state = f"{state} (stopping)"
         row = list(map(plain, (n["id"], state, len(attempts), how, progress, n["message"])))
-        if n.get("live") is False:
+        if n.get("live") is False or n.get("stalled"):
             row[1].stylize("red")
         table.add_row(*row)
     console.print(table)
+    for change in report.get("code_changed", []):  # provenance: a resumed node that ran other code
+        console.print(Text(printable(f"code changed: {change['message']}"), style="yellow"), soft_wrap=True)
 
 
 def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:

@@ -24,6 +24,7 @@ from trinity.model import TrinityModel
 from trinity.nodes.trainer import Trainer, TrainPlan
 from trinity.optim.groups import build_optimizer
 from trinity.run.layout import NodeDir
+from trinity.spec.execution import ExecutionSpec
 from trinity.spec.model import ModelSpec
 from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import AcceleratorSpec, ParallelSpec
@@ -126,6 +127,7 @@ def test_trainer_logs_mfu_and_peak_memory(tmp_path: Path) -> None:
         parallel=ParallelSpec(micro_batch=MICRO, accelerator=AcceleratorSpec(peak_bf16_tflops=PEAK_TFLOPS)),
         stability=StabilitySpec(precision="bf16"),
         optim=OptimSpec(),
+        execution=ExecutionSpec(),
     )
     torch.manual_seed(0)
     model = TrinityModel(model_spec)

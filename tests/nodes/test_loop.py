@@ -27,7 +27,7 @@ from trinity.nodes.checkpoints import final_state, last_committed_step
 from trinity.nodes.context import StopFlag
 from trinity.nodes.loop import TrainingLoop
 from trinity.run.layout import NodeDir, RunDir, read_json
-from trinity.run.status import AttemptRecord, list_attempts
+from trinity.run.status import AttemptRecord, StepProgress, list_attempts
 from trinity.spec.execution import CheckpointSpec
 from trinity.store.checkpoint import load_checkpoint
 
@@ -87,6 +87,7 @@ def context(root: Path, attempt: int, identity: str = IDENTITY, policy: Checkpoi
     node_dir = NodeDir(root)
     AttemptRecord(attempt=attempt, executor="test", identity=identity).write(node_dir)
     progress: list[dict[str, Any]] = []
+    steps = StepProgress()  # the heartbeat's view of the steps (NodeContext.steps)
     return SimpleNamespace(
         spec=SimpleNamespace(execution=SimpleNamespace(checkpoint=policy, expert_load_every=10)),
         dir=node_dir,
@@ -99,6 +100,9 @@ def context(root: Path, attempt: int, identity: str = IDENTITY, policy: Checkpoi
         checks_stop=False,
         progress=lambda **values: progress.append(values),
         progress_calls=progress,
+        steps=steps,
+        step_done=steps.step_done,
+        before_step=lambda step: None,
     )
 
 
@@ -126,6 +130,7 @@ def test_cadence_final_checkpoint_and_final_json(tmp_path: Path) -> None:
         "loss": round(toy.logged[7], 4),
         "tokens_per_s": calls[-1]["tokens_per_s"],
         "tokens": 70,
+        "loss_history": [round(toy.logged[s], 4) for s in range(1, STEPS + 1)],
     }
     assert list(toy.ctx.dir.telemetry(1).glob("steps-*.parquet"))  # the writer was flushed and closed
     assert toy.telemetry is None

@@ -17,7 +17,16 @@ from typing import Any
 import pytest
 
 from trinity.run.layout import NodeDir, atomic_write_json
-from trinity.run.status import Heartbeat, lease_is_stale, lease_liveness, process_start
+from trinity.run.status import (
+    Heartbeat,
+    Lease,
+    StepProgress,
+    lease_is_stale,
+    lease_liveness,
+    lease_stall,
+    process_start,
+)
+from trinity.spec.execution import WatchdogSpec
 
 
 def lease(**fields: Any) -> dict[str, Any]:
@@ -116,3 +125,62 @@ def test_a_node_whose_scheduler_is_gone_is_live_and_orphaned(node: NodeDir) -> N
     assert live.live and live.orphaned and f"its scheduler (pid {gone.pid}) is gone" in live.why
     atomic_write_json(node.lease, lease(scheduler={"pid": os.getpid(), "start": process_start(os.getpid())}))
     assert not lease_liveness(node).orphaned
+
+
+# -- the stall rule (execution.watchdog) --------------------------------------------------------------
+
+
+def test_lease_stall_counts_from_the_last_step_to_now_on_this_host() -> None:
+    now = 1_000_000.0
+    beat = Lease.model_validate(lease(time=now - 1, step=37, step_time=now - 412, stall_after_s=60.0))
+    assert lease_stall(beat, now) == "no step for 412 s since step 37 (allowed 60 s)"
+    assert lease_stall(beat, now - 412 + 60) is None  # exactly the allowance: not yet
+    assert lease_stall(beat, now - 412 + 61) is not None
+    first = Lease.model_validate(lease(time=now, step=None, step_time=now - 1900, stall_after_s=1800.0))
+    assert lease_stall(first, now) == "no step for 1900 s since the attempt began (allowed 1800 s)"
+    # A node that does not step (tokenize, prepare, eval) reports no step time: never stalled.
+    assert lease_stall(Lease.model_validate(lease(time=now - 5000)), now) is None
+
+
+def test_lease_stall_on_another_host_measures_to_its_last_heartbeat() -> None:
+    """Another host's clock may be off: the idle time is the node host's, last step to last heartbeat."""
+    remote = lease(host="elsewhere", time=500.0, step=3, step_time=100.0, stall_after_s=300.0)
+    assert lease_stall(Lease.model_validate(remote), now=1e9) == "no step for 400 s since step 3 (allowed 300 s)"
+    assert lease_stall(Lease.model_validate({**remote, "time": 399.0}), now=1e9) is None
+
+
+def test_an_old_lease_without_step_fields_parses_and_is_never_stalled(node: NodeDir) -> None:
+    """lease.json as written before the watchdog existed (no step, step_time, stall_after_s)."""
+    atomic_write_json(node.lease, lease(attempt=1))
+    live = lease_liveness(node, 1)
+    assert live.live and live.lease is not None
+    assert (live.lease.step, live.lease.step_time, live.lease.stall_after_s) == (None, None, None)
+    assert lease_stall(live.lease) is None
+
+
+def test_step_progress_allowance_is_first_step_s_then_the_median_step_time_times_the_factor() -> None:
+    progress = StepProgress(WatchdogSpec(min_stall_s=60, stall_factor=10, first_step_s=1800))
+    assert progress.snapshot() == (None, None, None)  # not stepping yet: no stall rule
+    progress.begin()
+    step, began, allowed = progress.snapshot()
+    assert step is None and began is not None and allowed == 1800
+    for n, seconds in enumerate([2.0, 30.0, 3.0], start=1):  # median 3 s: 10 x 3 = 30 s < 60 s
+        progress.step_done(n, seconds)
+    assert progress.snapshot()[0] == 3 and progress.allowance() == 60
+    for n, seconds in enumerate([9.0, 8.0, 7.0, 8.5], start=4):  # median of 7 steps: 8 s -> 80 s
+        progress.step_done(n, seconds)
+    assert progress.allowance() == 80
+    given = StepProgress(WatchdogSpec(stall_after_s=5, first_step_s=100))
+    assert given.allowance() == 100  # the first step's warm-up
+    given.step_done(1, 50.0)
+    assert given.allowance() == 5  # then as given, whatever the step time
+
+
+def test_the_heartbeat_carries_the_steps_into_the_lease(node: NodeDir) -> None:
+    progress = StepProgress(WatchdogSpec(stall_after_s=7))
+    progress.begin()
+    progress.step_done(12, 0.5)
+    with Heartbeat(node, attempt=1, period_s=30, progress=progress):
+        written = Lease.model_validate_json(node.lease.read_text())
+    assert (written.step, written.stall_after_s) == (12, 7)
+    assert written.step_time is not None and abs(written.step_time - time.time()) < 5

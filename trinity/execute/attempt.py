@@ -3,7 +3,9 @@
 This is what every executor launches. It marks the node RUNNING, keeps a heartbeat lease, runs
 the node's body, verifies its outputs and only then writes SUCCEEDED. A failure is written as
 FAILED with one readable message (the traceback goes to the attempt's log). SIGTERM asks the
-body to stop: training nodes commit a checkpoint at the next optimizer step and exit.
+body to stop: training nodes commit a checkpoint at the next optimizer step and exit. A body that
+raises RestartRequested (a loss-spike rollback) ends the attempt as RESTART with exit status
+EXIT_RESTART, and its executor starts a new attempt at once, which resumes from the last checkpoint.
 
 A training node with several ranks (parallel.nodes x parallel.gpus_per_node) is this module run
 once per rank, by torchrun locally or by one Slurm task per rank; the rendezvous comes from the
@@ -45,7 +47,8 @@ from pathlib import Path
 from types import FrameType
 
 from trinity.distributed.env import destroy_distributed, dist_env, init_distributed
-from trinity.errors import NodeFailure, StopRequested, TrinityError
+from trinity.errors import NodeFailure, RestartRequested, StopRequested, TrinityError
+from trinity.execute.provenance import collect, gather_hosts
 from trinity.graph.kinds import node_world_size
 from trinity.nodes.context import NodeContext
 from trinity.nodes.registry import node_body
@@ -69,7 +72,7 @@ PR_SET_PDEATHSIG = 1
 @dataclass(frozen=True)
 class Outcome:
     state: str
-    """SUCCEEDED, FAILED or STOPPED."""
+    """SUCCEEDED, FAILED, STOPPED or RESTART."""
     message: str
     exit_code: int
     time: float = field(default_factory=time.time)
@@ -153,7 +156,8 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             AttemptRecord.read(ctx.dir, attempt).finish(ctx.dir, "STOPPED", EXIT_STOPPED, None, message)
         return EXIT_STOPPED
     # The lease first: whoever reads RUNNING finds a lease (of this attempt) to judge it by.
-    heartbeat = Heartbeat(ctx.dir, attempt, ctx.spec.execution.heartbeat_s, watch.scheduler if watch else None)
+    scheduler = watch.scheduler if watch else None
+    heartbeat = Heartbeat(ctx.dir, attempt, ctx.spec.execution.heartbeat_s, scheduler, progress=ctx.steps)
     with heartbeat if ctx.is_primary else contextlib.nullcontext():
         if ctx.is_primary:
             _start_attempt_record(ctx)
@@ -297,6 +301,7 @@ def _run_body(ctx: NodeContext, watch: SchedulerWatch | None = None) -> Outcome:
             raise NodeFailure(_world_size_mismatch(ctx, expected))
         if expected > 1:
             init_distributed()
+        _record_provenance(ctx)
         kind = node_body(ctx.node.kind)
         kind.run(ctx)
         if ctx.stop_event.is_set() and ctx.checks_stop and not _finished(ctx):
@@ -313,6 +318,8 @@ def _run_body(ctx: NodeContext, watch: SchedulerWatch | None = None) -> Outcome:
         gone = watch is not None and watch.gone()
         reason = ctx.stop_event.reason or (watch.reason if gone and watch is not None else "stopped on request")
         return Outcome("STOPPED", reason + _checkpoint_note(ctx), EXIT_STOPPED)
+    except RestartRequested as exc:  # every rank raises it together (a loss-spike rollback is decided globally)
+        return Outcome("RESTART", str(exc), EXIT_RESTART)
     except NodeFailure as exc:
         return Outcome("FAILED", str(exc), EXIT_FAILED)
     except Exception as exc:
@@ -350,7 +357,7 @@ def _report(ctx: NodeContext, outcome: Outcome, store: SharedStore | None = None
         own = RankEnd(0, outcome.state, outcome.exit_code, outcome.message, outcome.time)
         ends = [own, *(e for r, e in read_rank_ends(ctx.dir, ctx.attempt).items() if r != 0)]
         cause = deciding_end(ends)
-        if cause is not None and cause.rank != 0 and not (cause.state == own.state == "STOPPED"):
+        if cause is not None and cause.rank != 0 and not (cause.state == own.state in ("STOPPED", "RESTART")):
             outcome = Outcome(cause.state, f"rank {cause.rank}: {cause.message}", cause.exit_code, cause.time)
     if outcome.state == "SUCCEEDED":
         AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, "SUCCEEDED", 0, None, "")
@@ -378,6 +385,16 @@ def _start_attempt_record(ctx: NodeContext) -> None:
     record.write(ctx.dir)
 
 
+def _record_provenance(ctx: NodeContext) -> None:
+    """Every rank gives its host name; rank 0 writes the code, libraries and hosts of this attempt into its record
+    (trinity.execute.provenance) before the body runs, so that even an attempt that fails early says what it ran."""
+    hosts = gather_hosts(ctx.world_size)
+    if ctx.is_primary:
+        record = AttemptRecord.read(ctx.dir, ctx.attempt)
+        record.provenance = collect(hosts=hosts)
+        record.write(ctx.dir)
+
+
 def _checkpoint_note(ctx: NodeContext) -> str:
     from trinity.nodes.checkpoints import last_committed_step
 
@@ -390,7 +407,7 @@ def _fail(ctx: NodeContext, message: str, state: str) -> None:
     # The body may have updated the record (resumed_from_step): finish what is on disk.
     AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, state, None, None, message)
     status = NodeStatus.read(ctx.dir)
-    status.state, status.message = "FAILED", message
+    status.state, status.message = ("PENDING" if state == "RESTART" else "FAILED"), message  # RESTART: relaunched
     status.write(ctx.dir)
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import STOP_GRACE_S, LocalExecutor
+from trinity.execute.provenance import code_changes
 from trinity.execute.run import (
     Decision,
     RunLock,
@@ -32,7 +33,7 @@ from trinity.execute.run import (
 from trinity.execute.scheduler import execute
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
-from trinity.run.status import NodeStatus, lease_liveness, list_attempts
+from trinity.run.status import Liveness, NodeStatus, lease_liveness, lease_stall, list_attempts
 from trinity.spec.loading import LoadedSpec, load_experiment
 
 
@@ -67,6 +68,12 @@ def run_loaded(
         busy = [d for d in decisions.values() if d.action == "busy"]
         if busy:
             raise RunError("; ".join(f"{d.node}: {d.reason}" for d in busy) + " — stop it before re-running")
+        from trinity.store.compaction import compact_run  # finished attempts' parts: one per table
+
+        compacted = compact_run(run.root)
+        if compacted.attempts:
+            n, parts = len(compacted.attempts), f"{compacted.parts_before} -> {compacted.parts_after}"
+            console.print(f"telemetry of {n} finished attempt(s) compacted: {parts} parts", highlight=False)
         decisions = reuse_from_store(run, graph, decisions)  # before any executor: none runs or submits them
         for line in publish_held(run, graph, decisions):  # what this run already holds, shared too
             console.print(line, highlight=False, markup=False)
@@ -202,9 +209,18 @@ def explain(run_dir: Path, node_id: str) -> Decision:
     return decide(run, graph.subgraph(nx.ancestors(graph, node_id) | {node_id}))[node_id]
 
 
+def _stalled(liveness: Liveness | None) -> str | None:
+    """Why a live RUNNING node's steps stopped advancing (execution.watchdog; lease_stall), or None."""
+    if liveness is None or not liveness.live or liveness.lease is None:
+        return None
+    return lease_stall(liveness.lease)
+
+
 def status_report(run_dir: Path) -> dict[str, Any]:
     """Every node's state, attempts and progress; a RUNNING node's `live` (its process lives, by the lease
-    rule), `why`, and `stopping` (live, but its scheduler is gone). `live` is None for other states."""
+    rule), `why`, `stopping` (live, but its scheduler is gone) and `stalled` (live, but its steps stopped
+    advancing: why, else None). `live` is None for other states.
+    `code_changed`: each node whose latest attempt ran other code than earlier ones (provenance.CodeChange)."""
     run = RunDir(run_dir.resolve())
     graph = RunGraph.load(run)
     if (run.root / "slurm_jobs.json").is_file():  # jobs may have ended while nobody watched
@@ -212,10 +228,13 @@ def status_report(run_dir: Path) -> dict[str, Any]:
         from trinity.graph.compile import compile_graph
 
         reconcile(run, compile_graph(load_run_spec(run)))
-    nodes = []
+    nodes, code_changed = [], []
     for node_id, entry in graph.nodes.items():
         node_dir = run.node(node_id)
         status = NodeStatus.read(node_dir)
+        attempts = list_attempts(node_dir)
+        if (change := code_changes(node_id, attempts)) is not None:
+            code_changed.append(change.as_json())
         liveness = lease_liveness(node_dir, status.attempt) if status.state == "RUNNING" else None
         nodes.append(
             {
@@ -225,10 +244,11 @@ def status_report(run_dir: Path) -> dict[str, Any]:
                 "live": None if liveness is None else liveness.live,
                 "why": "" if liveness is None else liveness.why,
                 "stopping": liveness is not None and liveness.orphaned,
+                "stalled": _stalled(liveness),
                 "identity": entry.identity,
                 "message": status.message,
                 "progress": status.progress,
-                "attempts": [asdict(a) for a in list_attempts(node_dir)],
+                "attempts": [asdict(a) for a in attempts],
             }
         )
-    return {"run": read_json(run.run_json), "root": str(run.root), "nodes": nodes}
+    return {"run": read_json(run.run_json), "root": str(run.root), "nodes": nodes, "code_changed": code_changed}

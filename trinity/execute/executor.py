@@ -29,6 +29,10 @@ class Handle(Protocol):
         """Ask it to stop (commit a checkpoint and exit); escalate if it does not."""
         ...
 
+    def kill(self) -> None:
+        """End it at once, every process of it (a hung attempt, which cannot act on a stop request)."""
+        ...
+
 
 class Executor(Protocol):
     name: str

@@ -74,6 +74,12 @@ class LocalHandle:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.stop_sent = time.monotonic()
 
+    def kill(self) -> None:
+        """SIGKILL the attempt's whole process tree now (the stall watchdog: a hung node gets no grace)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                self._kill()
+
     def _kill(self) -> None:
         # torchrun starts each rank in its own session: kill the ranks' groups, then torchrun's.
         for child in _children(self.process.pid):

@@ -118,6 +118,7 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
                 spec_file=spec_files[label],
                 flat_spec=flat,
                 payload_digests=payload_digests(node),
+                after_checkpoint=node.after_checkpoint,
             ).to_json()
         )
     atomic_write_json(run.graph_json, {"name": loaded.spec.name, "nodes": nodes})
@@ -131,12 +132,19 @@ def decide(run: RunDir, graph: nx.DiGraph) -> dict[str, Decision]:
     store = run_store(run)
     for node in nodes_in_order(graph):
         status = NodeStatus.read(run.node(node.id))
-        upstream = [d for d in node.deps if decisions[d].action != "reuse"]
+        upstream = [d for d in node.deps if decisions[d].action != "reuse" and not _reads_fixed_checkpoint(node, d)]
         decision = _decide_one(run, node, status, upstream)
         if decision.action == "run" and store is not None:
             decision = _from_store(store, node, decision)
         decisions[node.id] = decision
     return decisions
+
+
+def _reads_fixed_checkpoint(node: Node, dep: str) -> bool:
+    """Whether `node` reads only the committed checkpoint at one step of `dep` (an eval during training), which
+    a re-run of `dep` with the same identity reproduces bit for bit (resume is exact) and never changes: then
+    `dep` running again is no reason to evaluate that checkpoint again."""
+    return node.after_checkpoint is not None and node.after_checkpoint.node == dep
 
 
 def run_store(run: RunDir) -> SharedStore | None:

@@ -26,8 +26,11 @@ from types import FrameType, TracebackType
 import networkx as nx
 
 from trinity.errors import Interrupted
+from trinity.execute import during
+from trinity.execute.attempt import EXIT_RESTART
 from trinity.execute.executor import Executor, Finished, Handle
 from trinity.execute.run import Decision, mark_pending, supersede
+from trinity.execute.watchdog import Stall, Watchdog, end_stalled
 from trinity.graph.compile import nodes_in_order
 from trinity.run.layout import RunDir
 from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
@@ -118,19 +121,36 @@ def _loop(
     signals: _StopSignals,
 ) -> None:
     """Launch and settle nodes until none is pending or running, or a stop signal arrived."""
+    watchdog, killed = Watchdog(run), dict[str, Stall]()
     while (pending or running) and signals.received is None:
         for node_id, handle in list(running.items()):
             finished = handle.poll()
-            if finished is not None:
-                del running[node_id]
-                if not _settle(run, graph, node_id, handle.attempt, finished):
-                    pending[:] = _fail_downstream(run, graph, node_id, pending)
+            if finished is None:
+                stall = watchdog.check(node_id, handle.attempt)
+                if stall is not None and stall.action != "warn":  # hung: no stop request, it could not act on it
+                    killed[node_id] = stall
+                    handle.kill()
+                continue
+            del running[node_id]
+            stall = killed.pop(node_id, None)
+            if stall is not None and _end_stall(run, node_id, handle.attempt, finished, stall):
+                running[node_id] = _launch(run, graph, executor, node_id)
+            elif stall is None and finished.exit_code == EXIT_RESTART:  # it asked to start again from its checkpoint
+                _end_restart(run, node_id, handle.attempt, finished)
+                running[node_id] = _launch(run, graph, executor, node_id)
+            elif stall is not None or not _settle(run, graph, node_id, handle.attempt, finished):
+                pending[:] = _fail_downstream(run, graph, node_id, pending)
         for node_id in list(pending):
             if signals.received is not None:
                 break
             used = sum(executor.slots(n) for n in running)
+            if during.after_checkpoint(graph, node_id) is not None:  # an eval during training: its own rules
+                if during.has_room(graph, node_id, running, used, jobs) and during.ready(run, graph, node_id):
+                    pending.remove(node_id)
+                    running[node_id] = _launch(run, graph, executor, node_id)
+                continue
             if used >= jobs:
-                break
+                continue  # full; an eval during training further on may still start
             if used + executor.slots(node_id) > jobs and running:
                 continue  # wait for room; a smaller ready node may still fit
             if all(NodeStatus.read(run.node(d)).state == "SUCCEEDED" for d in graph.predecessors(node_id)):
@@ -178,6 +198,42 @@ def _launch(run: RunDir, graph: nx.DiGraph, executor: Executor, node_id: str) ->
     return executor.launch(node_id, attempt)
 
 
+def _end_stall(run: RunDir, node_id: str, attempt: int, finished: Finished, stall: Stall) -> bool:
+    """An attempt the watchdog killed: its record ends STALLED; True if a new attempt is to start (the node is
+    PENDING again), False if the node FAILED (no stall restart left)."""
+    node_dir = run.node(node_id)
+    message = end_stalled(node_dir, attempt, stall.why, finished.exit_code, finished.signal)
+    status = NodeStatus.read(node_dir)
+    if stall.action == "restart":
+        status.state, status.message = "PENDING", f"restarting after attempt {attempt} {message}"
+        status.write(node_dir)
+        return True
+    limit = "execution.watchdog.max_restarts"
+    status.state = "FAILED"
+    status.message = (
+        f"{message}, with no stall restart left ({limit} reached); its log {node_dir.log_file(attempt)} shows "
+        f"where it stopped; fix the hang, or raise {limit} or execution.watchdog.stall_after_s, then "
+        f"`trinity resume {run.root}`"
+    )
+    status.write(node_dir)
+    return False
+
+
+def _end_restart(run: RunDir, node_id: str, attempt: int, finished: Finished) -> None:
+    """An attempt that exited EXIT_RESTART (RestartRequested): its record ends as RESTART (kept if the node
+    wrote it), and a new attempt starts at once: not a failure, nothing downstream is touched."""
+    node_dir = run.node(node_id)
+    record = AttemptRecord.read(node_dir, attempt)
+    if record.end is None or record.state == "RUNNING":
+        record.finish(node_dir, "RESTART", finished.exit_code, None, finished.message or "restart requested")
+    elif record.exit_code is None:
+        record.exit_code = finished.exit_code
+        record.write(node_dir)
+    status = NodeStatus.read(node_dir)
+    status.state, status.message = "PENDING", f"restarting after attempt {attempt}: {record.message}"
+    status.write(node_dir)
+
+
 def _settle(run: RunDir, graph: nx.DiGraph, node_id: str, attempt: int, finished: Finished) -> bool:
     """Record how an attempt ended; True if the node SUCCEEDED."""
     node_dir = run.node(node_id)
@@ -201,7 +257,7 @@ def _settle(run: RunDir, graph: nx.DiGraph, node_id: str, attempt: int, finished
 
 
 def _fail_downstream(run: RunDir, graph: nx.DiGraph, node_id: str, pending: list[str]) -> list[str]:
-    blocked = nx.descendants(graph, node_id)
+    blocked = nx.descendants(graph, node_id) - during.still_readable(run, graph, node_id)
     for other in pending:
         if other in blocked:
             _set_state(run, other, "DEP_FAILED", f"dependency {node_id} failed")

@@ -19,6 +19,12 @@
   job (`afterany` on the array), see `slurm_shards`.
 - The job's sbatch script (submitit's `<job>_submission.sh`) and its Slurm logs stay in the node
   folder under `slurm/`.
+- An eval of an intermediate checkpoint (trinity.graph.during) reads a checkpoint of a training job that is
+  still running, which no Slurm dependency can express (afterok waits for the job's end). The watcher
+  submits it once the checkpoint is committed (`trinity.execute.during.ready`), with `afterok` on its other
+  dependencies that are still queued; it is DEP_FAILED if its training job ends without that checkpoint.
+  Without `--wait` nobody watches: it is queued at once with `afterok` on the training job, so it scores the
+  checkpoint after training ends (retention keeps the checkpoint until its eval succeeded).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import networkx as nx
 import submitit
 
 from trinity.errors import RunError, SpecError
+from trinity.execute import during
 from trinity.execute.run import Decision, mark_pending, supersede
 from trinity.execute.slurm_cluster import Cluster, Partition, fit_resources
 from trinity.execute.slurm_job import NodeJob
@@ -141,6 +148,10 @@ class SlurmRun:
     run: RunDir
     graph: nx.DiGraph
     submissions: dict[str, Submission] = field(default_factory=dict)
+    deferred: list[str] = field(default_factory=list)
+    """Evals of intermediate checkpoints the watcher submits once their checkpoint is committed."""
+    planned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """sbatch parameters of the deferred nodes."""
 
     def executor(self, node_id: str, params: dict[str, Any], max_requeues: int) -> submitit.SlurmExecutor:
         folder = (
@@ -314,7 +325,12 @@ def watch(state: SlurmRun, on_tick: Callable[[], None], clock: Callable[[], floa
     pending = {node_id: str(sub.job.job_id) for node_id, sub in state.submissions.items()}
     never_since: dict[str, float] = {}
     answered = clock()
-    while pending:
+    while pending or state.deferred:
+        pending.update({n: str(state.submissions[n].job.job_id) for n in submit_deferred(state)})
+        if not pending:
+            on_tick()
+            time.sleep(POLL_S)
+            continue
         states = query_jobs(pending.values())
         now = clock()
         if states is None:
@@ -329,8 +345,9 @@ def watch(state: SlurmRun, on_tick: Callable[[], None], clock: Callable[[], floa
             for node_id, job_id in list(pending.items()):
                 if _settled(state, node_id, job_id, states.get(job_id), now, never_since):
                     del pending[node_id]
+                    state.submissions[node_id].finished = True
         on_tick()
-        if pending:
+        if pending or state.deferred:
             time.sleep(POLL_S)
     on_tick()
     return {n: NodeStatus.read(state.run.node(n)).state for n in state.graph.nodes}
@@ -370,11 +387,57 @@ def execute_slurm(
     for node in order:
         supersede(run, node)
         mark_pending(run, node)
-    state = submit_all(run, graph, [n.id for n in order], planned)
+    ids = {n.id for n in order}
+    later = [n.id for n in order if wait and n.after_checkpoint is not None and n.after_checkpoint.node in ids]
+    state = submit_all(run, graph, [n.id for n in order if n.id not in later], planned)
+    state.deferred, state.planned = later, {n: planned[n] for n in later}
     _write_jobs(run, state)
     if not wait:
         return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
     return watch(state, on_tick)
+
+
+def submit_deferred(state: SlurmRun) -> list[str]:
+    """Submit the deferred evals whose checkpoint is now committed (afterok on their other dependencies still
+    queued); a deferred eval whose training node ended without that checkpoint becomes DEP_FAILED. Returns the
+    nodes submitted."""
+    submitted: list[str] = []
+    for node_id in list(state.deferred):
+        after = during.after_checkpoint(state.graph, node_id)
+        assert after is not None
+        if not during.ready(state.run, state.graph, node_id):
+            failed = [
+                d
+                for d in state.graph.predecessors(node_id)
+                if NodeStatus.read(state.run.node(d)).state in ("FAILED", "DEP_FAILED")
+                and not (d == after.node and during.committed(state.run, after))
+            ]
+            if failed:  # it can never start
+                status = NodeStatus.read(state.run.node(node_id))
+                status.state, status.message = (
+                    "DEP_FAILED",
+                    f"dependency {failed[0]} failed (before checkpoint {after.step})",
+                )
+                status.write(state.run.node(node_id))
+                state.deferred.remove(node_id)
+            continue
+        params = dict(state.planned[node_id])
+        queued = {
+            d: state.submissions[d].job
+            for d in state.graph.predecessors(node_id)
+            if d != after.node and d in state.submissions and not state.submissions[d].finished
+        }
+        if (dependency := _dependency(list(queued), queued, [])) is not None:
+            params["dependency"] = dependency
+        ex = state.executor(node_id, params, _spec(state.graph, node_id).execution.slurm.max_requeues)
+        job = ex.submit(NodeJob(str(state.run.root), node_id, params.get("dependency")))
+        state.submissions[node_id] = Submission(node_id, job)
+        _keep_script(state.run, node_id, job)
+        state.deferred.remove(node_id)
+        submitted.append(node_id)
+    if submitted:
+        _write_jobs(state.run, state)
+    return submitted
 
 
 def _write_jobs(run: RunDir, state: SlurmRun) -> None:

@@ -34,11 +34,16 @@ from typing import Any
 import submitit
 
 from trinity.distributed.env import dist_env
+from trinity.execute.watchdog import Stall, end_stalled, record_stall, stalled
 from trinity.run.graph import RunGraph
 from trinity.run.layout import NodeDir, RunDir, atomic_write_json, read_json
-from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
+from trinity.run.status import AttemptRecord, NodeStatus, list_attempts, next_attempt
+from trinity.spec.execution import WatchdogSpec
 
 EXIT_STOPPED = 3  # trinity.execute.attempt's status for "stopped on request"
+EXIT_RESTART = 4  # trinity.execute.attempt's status for "start me again from my last committed checkpoint"
+WATCH_POLL_S = 1.0
+"""How often task 0 checks the node's lease for a stall while it waits for the node process."""
 STOP_WAIT_S = 240.0
 """How long a stopped child may take to commit its checkpoint (bounded by the signal delay in practice)."""
 AFTER_STOP_WAIT_S = 120.0
@@ -142,12 +147,17 @@ class NodeJob(submitit.helpers.Checkpointable):
             env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         with open(log, "ab") as out:
             self._child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-            code = self._child.wait()
-        if not place.is_primary:
-            return self._rank_ended(code, place.rank)
+            if not place.is_primary:
+                return self._rank_ended(self._child.wait(), place.rank)
+            code = self._supervise(run, node_dir, attempt, RunGraph.load(run).spec(node).execution.watchdog)
         status = NodeStatus.read(node_dir)
         if code == 0 and status.state == "SUCCEEDED":
             return "SUCCEEDED"
+        if code == EXIT_RESTART:  # the node asked to start again from its last committed checkpoint
+            record = AttemptRecord.read(node_dir, attempt)
+            if record.end is None or record.state == "RUNNING":
+                record.finish(node_dir, "RESTART", code, None, "restart requested")
+            self._requeue(node_dir, f"restarting after attempt {attempt}: {record.message}")
         record = AttemptRecord.read(node_dir, attempt)
         if record.exit_code is None and record.signal is None:
             record.exit_code, record.signal = (code, None) if code >= 0 else (None, -code)
@@ -158,6 +168,53 @@ class NodeJob(submitit.helpers.Checkpointable):
             # Stopped by a signal Slurm sent (requeue, cancel, preemption): let Slurm finish what it started.
             time.sleep(AFTER_STOP_WAIT_S)
         raise NodeFailed(status.message or f"node process ended with status {code}")
+
+    def _supervise(self, run: RunDir, node_dir: NodeDir, attempt: int, dog: WatchdogSpec) -> int:
+        """Task 0: wait for the node process while watching its lease for a stall (trinity.execute.watchdog);
+        returns its exit status. A stall is an event; with on_stall: restart the process is killed and the job
+        requeued (a new attempt resumes), or, with no restart left, the node fails."""
+        child = self._child
+        assert child is not None
+        seen = False
+        while True:
+            try:
+                return child.wait(timeout=WATCH_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            found = None if seen else stalled(node_dir, attempt)
+            if found is None:
+                continue
+            seen, (lease, why) = True, found
+            earlier = sum(a.state == "STALLED" for a in list_attempts(node_dir) if a.job_id == slurm_ids()[0])
+            action = dog.on_stall if dog.on_stall == "warn" or earlier < dog.max_restarts else "fail"
+            record_stall(
+                node_dir, str(read_json(run.run_json)["run_id"]), Stall(self.node_id, attempt, why, lease, action)
+            )
+            if action == "warn":
+                continue
+            child.kill()
+            child.wait()
+            message = end_stalled(node_dir, attempt, why, None, int(signal.SIGKILL))
+            if action == "restart":
+                self._requeue(node_dir, f"requeued after attempt {attempt} {message}")
+            limit = "execution.watchdog.max_restarts"
+            raise NodeFailed(f"{message}, with no stall restart left ({limit} = {dog.max_restarts} reached)")
+
+    def _requeue(self, node_dir: NodeDir, message: str) -> None:
+        """Task 0: requeue this job (`scontrol requeue`): Slurm ends it and runs it again, a new attempt that
+        resumes from the last committed checkpoint. Waits for Slurm to end it; raises if the requeue fails."""
+        job_id, _ = slurm_ids()
+        status = NodeStatus.read(node_dir)
+        status.state, status.message = "PENDING", message
+        status.write(node_dir)
+        done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            problem = f"{message}; but `scontrol requeue {job_id}` failed: {done.stderr.strip() or done.stdout.strip()}"
+            status.state, status.message = "FAILED", f"{problem}; run `trinity resume {self.run_root}`"
+            status.write(node_dir)
+            raise NodeFailed(status.message)
+        time.sleep(AFTER_STOP_WAIT_S)  # Slurm ends this job now; if it does not, the node fails
+        raise NodeFailed(f"{message}; but Slurm did not requeue job {job_id} within {AFTER_STOP_WAIT_S:.0f} s")
 
     def _rank_ended(self, code: int, rank: int) -> str:
         """A task other than 0: its rank's process ended (rank 0 records the attempt)."""

@@ -3,6 +3,7 @@
     tokenizer -> prepare/PHASE -> pretrain/PHASE1 -> pretrain/PHASE2 -> ... -> extend -> sft -> rl
                  prepare/PHASE1 -> prepare/PHASE2 -> ... -> prepare/extend (each continues the stream)
                                                        eval/NAME@STAGE hang off the checkpoints they read,
+                                                       eval/NAME@STAGE@stepS off intermediate ones (`every`),
                                                        export/NAME@STAGE off the final checkpoints they convert
 
 Each node carries its identity: a hash of the spec fields that change its result plus its
@@ -24,6 +25,7 @@ from typing import Any
 import networkx as nx
 
 from trinity.errors import SpecError
+from trinity.graph.during import MAX_DURING_NODES, AfterCheckpoint, during_id, eval_steps
 from trinity.graph.identity import identity_payload, node_identity
 from trinity.graph.init_sources import apply_init
 from trinity.graph.kinds import NODE_KINDS, NodeHeader, NodeKind
@@ -39,6 +41,8 @@ class Node(NodeHeader):
     """One unit of work in the DAG, with the spec fields that entered its identity."""
 
     payload: dict[str, Any] = field(default_factory=dict, repr=False)
+    after_checkpoint: AfterCheckpoint | None = None
+    """An eval of an intermediate checkpoint: it may start once that checkpoint is committed (trinity.graph.during)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class _Draft:
     deps: list[str]
     target: str
     identity: str = ""
+    after: tuple[str, int] | None = None
+    """(training node base id, step): the checkpoint an eval during training reads (AfterCheckpoint)."""
 
 
 def branches(loaded: LoadedSpec) -> list[Branch]:
@@ -190,6 +196,7 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
         "optim": identity_payload(spec.optim),
         "data_streams": spec.data.streams,  # which stream each micro-batch comes from
         "seed": spec.seed,
+        **({"inject": identity_payload(spec.execution.inject)} if spec.execution.inject else {}),  # tests' faults
     }
     horizon = [{"name": p.name, "tokens": p.tokens, "seq_len": p.seq_len} for p in spec.data.phases]
     previous = ""
@@ -232,13 +239,49 @@ def _drafts(spec: ExperimentSpec) -> list[_Draft]:
             deps = [stage_node[ref]]
             if ev.kind == "heldout_loss":
                 deps += [f"prepare/{p.name}" for p in spec.data.phases]
-            payload = {"eval": {k: v for k, v in identity_payload(ev).items() if k != "after"}, "stage": ref}
+            # `every` adds nodes (_during_drafts), it does not change what the final checkpoint scores
+            payload = {"eval": {k: v for k, v in identity_payload(ev).items() if k not in ("after", "every")}}
+            payload["stage"] = ref
             drafts.append(_Draft(f"eval/{ev.name}@{ref}", "eval", payload, deps, ref))
     for ex in spec.stages.exports:  # the stage's final checkpoint, and the tokenizer whose files it ships
         payload = {"export": identity_payload(ex), "model": training["model"], "seed": spec.seed}
         deps = [stage_node[ex.after], "tokenizer"]
         drafts.append(_Draft(f"export/{ex.label}@{ex.after}", "export", payload, deps, ex.after))
     return drafts
+
+
+def _during_drafts(spec: ExperimentSpec, drafts: list[_Draft], source: Located | None) -> list[str]:
+    """Append to `drafts` one node per intermediate checkpoint each eval with `every` scores (trinity.graph.during);
+    the problems found, located at the eval's `every`."""
+    by_id = {d.base_id: d for d in drafts}
+    phases = [f"pretrain/{p.name}" for p in spec.data.phases]
+    problems: list[str] = []
+    total = 0
+    for i, ev in enumerate(spec.stages.evals):
+        loc = source.location_of(("stages", "evals", i, "every")) if source is not None else None
+        where = f"{loc if loc is not None else '<spec>'}: stages.evals.{i}.every"
+        for ref in ev.after:
+            nodes = phases if ref == "pretrain" else [f"pretrain/{ref[9:]}"] if ref.startswith("pretrain:") else [ref]
+            found = eval_steps(spec, ev, ref, nodes)
+            if isinstance(found, str):
+                problems.append(f"{where} {found}")
+                continue
+            total += len(found)
+            final = by_id[f"eval/{ev.name}@{ref}"]
+            others = [d for d in final.deps if by_id[d].kind == "prepare"]  # what the final eval reads besides
+            for base, step in found:
+                payload = {**final.payload, "step": step}
+                draft = _Draft(
+                    during_id(final.base_id, step), "eval", payload, [base, *others], ref, after=(base, step)
+                )
+                drafts.append(draft)
+    if total > MAX_DURING_NODES and not problems:
+        loc = source.location_of(("stages", "evals")) if source is not None else None
+        problems.append(
+            f"{loc if loc is not None else '<spec>'}: stages.evals would evaluate {total} intermediate checkpoints "
+            f"(at most {MAX_DURING_NODES} eval nodes in all): evaluate less often (a larger `every`)"
+        )
+    return problems
 
 
 def _upstream_first(drafts: list[_Draft]) -> list[_Draft]:
@@ -258,7 +301,8 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
     problems: list[str] = []
     for branch in branches(loaded):
         drafts = _drafts(branch.spec)
-        found = apply_init(drafts, branch.spec, branch.source, loaded.base_dir)  # `init:` sources rewire deps
+        found = _during_drafts(branch.spec, drafts, branch.source)  # evals of intermediate checkpoints
+        found += apply_init(drafts, branch.spec, branch.source, loaded.base_dir)  # `init:` sources rewire deps
         problems += [f"{line} (in sweep branch {branch.label})" if branch.label else line for line in found]
         if found:
             continue
@@ -289,6 +333,7 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
                 payload=d.payload,
                 target=d.target,
                 branch=branch.label if node_id != d.base_id else "",
+                after_checkpoint=None if d.after is None else AfterCheckpoint(final[d.after[0]], d.after[1]),
             )
             graph.add_node(node_id, node=node, spec=branch.spec)
             for dep in node.deps:

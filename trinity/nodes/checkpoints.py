@@ -25,6 +25,7 @@ from trinity.distributed import step as collective
 from trinity.errors import CheckpointError
 from trinity.graph.init_sources import init_of
 from trinity.run.layout import NodeDir, atomic_write_json, read_json
+from trinity.run.status import NodeStatus
 from trinity.spec.execution import CheckpointSpec
 from trinity.store.checkpoint import load_checkpoint, save_checkpoint
 from trinity.store.checkpoint_async import AsyncCheckpointer, checkpoint_path
@@ -116,12 +117,18 @@ def resume_state(
 
 def referenced_steps(ctx: NodeContext) -> frozenset[int]:
     """Steps of this node that other nodes of the run start from (`init: {from: NODE@STEP}` of their
-    stage, in any sweep branch): retention keeps them however old they are (the final one is kept anyway)."""
+    stage, in any sweep branch), and those an eval during training has yet to score (until that eval
+    SUCCEEDED, trinity.graph.during): retention keeps them however old they are (the final one is kept anyway)."""
     base = ctx.node_id.split("[", 1)[0]
     specs: dict[str, ExperimentSpec] = {}
     steps: set[int] = set()
     for node in ctx.graph.nodes.values():
         if ctx.node_id not in node.deps:
+            continue
+        after = node.after_checkpoint
+        if after is not None and after.node == ctx.node_id:
+            if NodeStatus.read(ctx.run.node(node.id)).state != "SUCCEEDED":
+                steps.add(after.step)
             continue
         if node.spec_file not in specs:
             specs[node.spec_file] = ctx.graph.spec(node)

@@ -7,6 +7,7 @@ primary) writes the node's status, attempt record, heartbeat and progress.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from trinity.errors import NodeFailure
 from trinity.run.graph import GraphNode, RunGraph
 from trinity.run.layout import NodeDir, RunDir
-from trinity.run.status import NodeStatus
+from trinity.run.status import NodeStatus, StepProgress
 from trinity.spec.experiment import ExperimentSpec
 
 
@@ -61,6 +62,25 @@ class NodeContext:
     """This process's rank in the node's torch.distributed job (0 for a single process)."""
     world_size: int = 1
     """Processes running this attempt together (parallel.nodes x parallel.gpus_per_node for training)."""
+    steps: StepProgress = field(init=False)
+    """The optimizer steps this attempt completed, which rank 0's heartbeat lease carries (the stall rule)."""
+
+    def __post_init__(self) -> None:
+        self.steps = StepProgress(self.spec.execution.watchdog)
+
+    def step_done(self, step: int, seconds: float) -> None:
+        """Optimizer step `step` completed in `seconds` (the heartbeat lease tells the watchdog)."""
+        self.steps.step_done(step, seconds)
+
+    def before_step(self, step: int) -> None:
+        """Fault injection (execution.inject, tests only): in the node's attempt 1, rank `hang_rank` sleeps
+        `hang_s` right before optimizer step `hang_at_step`, as a hung rank would (its peers then wait in the
+        next collective). A stop request does not end the sleep; the watchdog's kill does."""
+        inject = self.spec.execution.inject
+        if inject is None or inject.hang_at_step != step or self.attempt != 1 or self.rank != inject.hang_rank:
+            return
+        print(f"trinity: {self.node_id}: rank {self.rank} hangs for {inject.hang_s:g} s (execution.inject)", flush=True)
+        time.sleep(inject.hang_s)  # a signal handler that returns does not end it (PEP 475)
 
     @property
     def is_primary(self) -> bool:

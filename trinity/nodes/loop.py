@@ -10,7 +10,8 @@
     open      this attempt's telemetry writer (rank 0; other ranks log nothing)
     begin     the kind's hook before the first step (RL: the held-out check at step 0)
     steps     one `optimizer_step` after another, each numbered from 1; after each: telemetry rows,
-              progress in status.json, then the ranks agree whether to stop (the stop flag, polled
+              progress in status.json, the kind's `after_step` (a loss-spike rollback raises
+              RestartRequested there), then the ranks agree whether to stop (the stop flag, polled
               only here, between optimizer steps); a checkpoint every `execution.checkpoint.every`
               steps, at the last step and on a stop request (then StopRequested)
     final     a checkpoint at the final step unless one was just committed, the kind's `end` hook
@@ -34,7 +35,9 @@ already on its way out).
 A node kind subclasses TrainingLoop and supplies only its own pieces: `optimizer_step` (one step
 of its training, returning at least `loss` and `tokens`), `log_step` (its telemetry rows),
 `checkpoint_state` / `load_checkpoint_state` (and `state_template` when its tensors are sharded),
-and optionally `progress_values`, `begin`, `around_steps` and `end`. The collectives
+and optionally `progress_values`, `begin`, `after_step`, `around_steps` and `end`. Progress always
+holds step, total_steps, loss, tokens, tokens_per_s and `loss_history` (the last LOSS_HISTORY
+losses, rounded to 4 digits, oldest first: the sparkline of `trinity watch`). The collectives
 (trinity.distributed.step) are plain local calls on a single process, so RL, which runs as one
 process, goes through the same code as the distributed language-model trainers.
 """
@@ -45,6 +48,7 @@ import contextlib
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -69,6 +73,8 @@ from trinity.store.telemetry import TelemetryWriter
 
 PROGRESS_EVERY_S = 0.5
 """Progress is written to status.json at most this often (and at the last step)."""
+LOSS_HISTORY = 48
+"""How many of the latest losses progress keeps (`loss_history`)."""
 
 
 class Report(Protocol):
@@ -101,6 +107,7 @@ class TrainingLoop(ABC, Generic[R]):
         self._last_progress = 0.0
         self._damaged: list[Damaged] = []  # checkpoints the resume set aside: events once telemetry opens
         self._saver: AsyncCheckpointer | None = None  # the asynchronous writer, made by the first async save
+        self._losses: deque[float] = deque(maxlen=LOSS_HISTORY)  # this attempt's latest losses, for progress
 
     # -- what a node kind supplies --------------------------------------------------------------
     @abstractmethod
@@ -129,6 +136,9 @@ class TrainingLoop(ABC, Generic[R]):
 
     def begin(self) -> None:
         """Before the first step of this attempt, with the telemetry writer open."""
+
+    def after_step(self, result: R) -> None:
+        """After a step's telemetry and progress, before its checkpoint (every rank; may raise RestartRequested)."""
 
     def around_steps(self) -> contextlib.AbstractContextManager[None]:
         """A context held while the steps run (activation capture)."""
@@ -190,7 +200,9 @@ class TrainingLoop(ABC, Generic[R]):
 
     def _steps(self) -> R | None:
         last: R | None = None
+        self.ctx.steps.begin()  # the stall clock (execution.watchdog) starts with the steps
         while self.step < self.last_step:
+            self.ctx.before_step(self.step + 1)  # fault injection (execution.inject: hang_at_step), tests only
             t0 = time.perf_counter()
             result = self.optimizer_step()
             self.step += 1
@@ -199,6 +211,8 @@ class TrainingLoop(ABC, Generic[R]):
             if self.telemetry is not None:
                 self.log_step(result, seconds)
             self._progress(result, seconds)
+            self.after_step(result)
+            self.ctx.step_done(self.step, seconds)  # the heartbeat lease carries it (stall detection)
             last = result
             done = self.step >= self.last_step
             stop = collective.any_rank(self.ctx.stop_event.is_set())  # all ranks stop at the same step
@@ -248,6 +262,7 @@ class TrainingLoop(ABC, Generic[R]):
             print(f"trinity: {self.ctx.node_id}: the asynchronous checkpoint also failed: {exc}", file=sys.stderr)
 
     def _progress(self, result: R, seconds: float) -> None:
+        self._losses.append(round(result.loss, 4))
         now = time.monotonic()
         if now - self._last_progress < self.progress_every_s and self.step != self.last_step:
             return
@@ -257,6 +272,7 @@ class TrainingLoop(ABC, Generic[R]):
             total_steps=self.last_step,
             loss=round(result.loss, 4),
             **self.progress_values(result),
+            loss_history=list(self._losses),
             tokens_per_s=round(result.tokens / seconds),
             tokens=self.tokens,
         )

@@ -8,9 +8,29 @@ One optimizer step:
   for each micro-batch: forward (intra-document masking from doc ids if the spec asks),
       loss = CE + z_w * z-loss + aux_w * aux-loss, backward(loss / micro-batches);
       expert counts summed, micro-batch CE kept for BatchHet;
+  the step's global mean loss (summed over ranks) and the loss-spike decision on it (below);
   clip the global grad norm; refuse a non-finite loss or gradient (nothing of that step is ever
   committed); set the lr from the schedule; optimizer step; expert-bias update once, from the
-  step's summed counts, which also gives the step's MaxVio per MoE layer for telemetry.
+  step's summed counts, which also gives the step's MaxVio per MoE layer for telemetry; the MoE
+  alarms on those (trinity.nodes.alarms: events only).
+
+Loss spikes (stability.spikes, trinity.optim.spikes): the decision is taken on the global mean loss
+before the optimizer step, so every rank takes the same one. `warn` writes a "loss_spike" event and
+trains on; `skip` also drops the step's update (gradients zeroed: no optimizer step, no expert-bias
+update; the batch is consumed, the step and its telemetry row counted, the lr schedule being a pure
+function of step and tokens has nothing to undo); `rollback` writes the event, then (every rank, in
+`after_step`) waits for the checkpoint in flight, records the rollback in rollbacks.json
+(trinity.nodes.rollbacks: the checkpoint step it returns to and the micro-batches to skip) and
+raises RestartRequested; the next attempt resumes there and, in `begin`, draws and discards the
+skipped window. More skip/rollback actions than stability.spikes.max_actions fail the node. The
+detector's window, the number of micro-batches drawn (the data position) and the alarm counters are
+part of the checkpoint (key "spikes"), so a resumed node decides exactly as an uninterrupted one.
+Only this kind acts on spikes; RL (trinity.nodes.rl) ignores stability.spikes.
+
+Fault injection for tests (execution.inject: spike_at_step, spike_factor): the micro-batches that
+step `spike_at_step` draws in the node's original schedule (a data position, computed from where the
+node started) get their loss multiplied by spike_factor: a real spike, gradients included. Keyed on
+the data position, it is gone once a rollback skipped that window.
 
 On several ranks (torch.distributed, see trinity.distributed): each rank runs its share of the
 step's micro-batches (StreamSet: its own data streams), FSDP2 averages the gradients, and the ranks agree once per step
@@ -42,17 +62,20 @@ from trinity.distributed.device import (
     to_device,
 )
 from trinity.distributed.training import Sharding, build_model, state_template
-from trinity.errors import NodeFailure
+from trinity.errors import NodeFailure, RestartRequested
 from trinity.graph.estimates import flops_per_token
 from trinity.model import TrinityModel
 from trinity.model.checkpointing import apply_activation_checkpointing
 from trinity.model.rope import positions_from_doc_ids
+from trinity.nodes.alarms import Alarm, MoEAlarms
 from trinity.nodes.checkpoints import final_state, last_committed_step
 from trinity.nodes.context import NodeContext
 from trinity.nodes.loop import TrainingLoop, resume_latest
+from trinity.nodes.rollbacks import Rollback, append_rollback, read_rollbacks, windows_to_skip
 from trinity.nodes.seeds import restore_rng_state, stream_seed
-from trinity.optim.balancing import combine_aux_loss, moe_modules, update_expert_biases
+from trinity.optim.balancing import combine_aux_loss, max_vio, moe_modules, update_expert_biases
 from trinity.optim.groups import TrinityOptimizer, build_optimizer
+from trinity.optim.spikes import Spike, SpikeDetector
 from trinity.store.activations import ActivationCapture
 from trinity.store.telemetry import TelemetryWriter
 
@@ -98,6 +121,12 @@ class StepResult:
     """MaxVio per MoE layer, from the expert-bias update (set by `optimizer_step`)."""
     peak_memory: PeakMemory | None = None
     """This rank's peak device memory during the step (set by `optimizer_step`)."""
+    spike: Spike | None = None
+    """The step's loss was a spike (stability.spikes); `action` says what was done."""
+    action: str | None = None
+    """warn, skip or rollback when `spike` is set."""
+    alarms: list[Alarm] | None = None
+    """MoE alarms this step fired (set by `optimizer_step`)."""
 
 
 class Trainer(TrainingLoop[StepResult]):
@@ -131,6 +160,18 @@ class Trainer(TrainingLoop[StepResult]):
         self.capture: ActivationCapture | None = None
         self.device = module_device(model)
         self.flops_per_token = flops_per_token(ctx.spec.model, plan.seq_len)
+        self.spikes = SpikeDetector(self.stability.spikes)
+        self.alarms = MoEAlarms(self.stability.alarms)
+        self.drawn = 0
+        """Global micro-batches drawn from the batch source by this node so far (its data position)."""
+        self.origin: tuple[int, int] | None = None
+        """(step, tokens) where the node's data began (drawn = 0): the original schedule counts from there."""
+        self.rollbacks = 0
+        """Rollbacks of this node so far (rollbacks.json, read when the attempt begins)."""
+        self._positions: dict[int, tuple[int, int]] = {}
+        """step -> (tokens, drawn) of the checkpoints a rollback may return to: this attempt's start and commits."""
+        self.inject = ctx.spec.execution.inject
+        """execution.inject (tests only): None, or a spike at step spike_at_step of the original schedule."""
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -144,6 +185,7 @@ class Trainer(TrainingLoop[StepResult]):
                 f"parallel.micro_batch = {plan.micro_batch}, which {world} ranks cannot share evenly"
             )
         n_micro = n_global // world
+        spiked = self._injected_window()
         micro_ce: list[float] = []
         totals = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z
         counts_LE: torch.Tensor | None = None
@@ -163,7 +205,11 @@ class Trainer(TrainingLoop[StepResult]):
             assert out.ce_loss is not None and out.z_loss_term is not None
             aux = combine_aux_loss(out.aux_loss_per_layer, stab.aux_loss_reduce)
             loss = out.ce_loss + stab.z_loss_weight * out.z_loss_term + stab.aux_loss_weight * aux
-            values_4 = torch.stack([t.detach().double() for t in (loss, out.ce_loss, aux, out.z_loss_term)])
+            ce = out.ce_loss
+            if spiked is not None and spiked[0] <= self.drawn + micro * world + collective.rank() < spiked[1]:
+                assert self.inject is not None
+                loss, ce = loss * self.inject.spike_factor, ce * self.inject.spike_factor
+            values_4 = torch.stack([t.detach().double() for t in (loss, ce, aux, out.z_loss_term)])
             (loss / n_micro).backward()  # FSDP averages over ranks: the mean over the global batch
             values_4 = values_4.cpu()  # one device-to-host copy per micro-batch, after the backward is queued
             if non_finite is None and not math.isfinite(float(values_4[0])):
@@ -175,15 +221,19 @@ class Trainer(TrainingLoop[StepResult]):
             self.sharding.finish_gradients(self.model)
         if collective.any_rank(non_finite is not None):  # every rank raises together: no rank waits alone
             raise self._non_finite(non_finite or "a non-finite loss on another rank")
+        mean = collective.sum_over_ranks(totals) / n_global  # the same on every rank: so is the decision
+        self.drawn += n_global
+        spike = self.spikes.check(self.step + 1, float(mean[0]))
+        action = self._spike_action(spike) if spike is not None else None
         clip = stab.grad_clip if stab.grad_clip is not None else float("inf")
         grad_norm = collective.clip_grad_norm(self.model.parameters(), clip)
         if not math.isfinite(grad_norm):
             raise self._non_finite(f"gradient norm is {grad_norm}")
-        self.optimizer.set_lr_factor(plan.lr_factor(self.step, self.tokens))
-        self.optimizer.step()
+        self.optimizer.set_lr_factor(plan.lr_factor(self.step, self.tokens))  # a pure function: nothing to undo
+        if action not in ("skip", "rollback"):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         assert counts_LE is not None
-        mean = collective.sum_over_ranks(totals) / n_global
         micro_ce = collective.gather_floats(micro_ce)  # BatchHet over every micro-batch of the global step
         ce_mean = sum(micro_ce) / len(micro_ce)
         return StepResult(
@@ -195,6 +245,96 @@ class Trainer(TrainingLoop[StepResult]):
             batch_het=max(micro_ce) - ce_mean,
             tokens=n_global * plan.micro_batch * plan.seq_len,
             counts_LE=collective.sum_over_ranks(counts_LE),
+            spike=spike,
+            action=action,
+        )
+
+    # -- loss spikes ------------------------------------------------------------------------------
+    def _spike_action(self, spike: Spike) -> str:
+        """The action on `spike` (stability.spikes.action); NodeFailure once max_actions are used up."""
+        spec = self.stability.spikes
+        if spec.action == "warn":
+            self.spikes.record(spike.step, "warn")
+            return "warn"
+        skipped = self.spikes.skipped
+        if len(skipped) + self.rollbacks >= spec.max_actions:
+            rolled = [r.spike_step for r in read_rollbacks(self.ctx.dir)]
+            raise NodeFailure(
+                f"step {spike.step}: the loss {spike.loss:.4g} is a spike ({spike.kind} {spike.score:.3g} > "
+                f"{spike.threshold}), and stability.spikes.max_actions = {spec.max_actions} actions were taken "
+                f"already (steps skipped: {skipped or 'none'}; rolled back at steps: {rolled or 'none'}); the run "
+                "is unstable, not unlucky. Lower the learning rate (optim.muon.lr, optim.adamw.lr) or tighten "
+                "stability.grad_clip (or raise stability.spikes.max_actions), then `trinity resume`."
+            )
+        if spec.action == "skip":
+            self.spikes.record(spike.step, "skip")
+        return spec.action
+
+    def _injected_window(self) -> tuple[int, int] | None:
+        """[first, end) of the global micro-batch positions execution.inject spikes (None: none, or no origin)."""
+        inject = self.inject
+        if inject is None or inject.spike_at_step is None or self.origin is None:
+            return None
+        step, tokens = self.origin
+        first = 0
+        while step + 1 < inject.spike_at_step:
+            n = self._micro_batches(tokens)
+            first, step, tokens = first + n, step + 1, tokens + n * self.plan.micro_batch * self.plan.seq_len
+        return first, first + self._micro_batches(tokens)
+
+    def _micro_batches(self, tokens: int) -> int:
+        """Global micro-batches of the step taken with `tokens` seen (as train_step computes it)."""
+        return max(1, self.plan.batch_sequences(tokens) // self.plan.micro_batch)
+
+    def begin(self) -> None:
+        """Where the data began (a fresh node), the rollbacks so far, and the windows they skip (see
+        trinity.nodes.rollbacks): drawn and discarded here, on every rank, before the first step."""
+        if self.origin is None and self.drawn == 0:
+            self.origin = (self.step, self.tokens)
+        rollbacks = read_rollbacks(self.ctx.dir)
+        self.rollbacks = len(rollbacks)
+        world = collective.world_size()
+        for r in windows_to_skip(rollbacks, self.step, self.drawn):
+            if r.skip % world:
+                raise NodeFailure(
+                    f"rollbacks.json: the window of {r.skip} micro-batches skipped after the spike at step "
+                    f"{r.spike_step} cannot be shared by {world} ranks; resume with the layout that rolled back"
+                )
+            for _ in range(r.skip // world):
+                self.loader.next_batch()
+            self.drawn += r.skip
+            if collective.rank() == 0:
+                print(
+                    f"trinity: {self.ctx.node_id}: skipping the {r.skip} micro-batches of steps "
+                    f"{r.to_step + 1}..{r.spike_step} (loss spike at step {r.spike_step}, rolled back)",
+                    flush=True,
+                )
+        self._positions[self.step] = (self.tokens, self.drawn)
+
+    def after_step(self, result: StepResult) -> None:
+        """A rollback (every rank): telemetry on disk, the save in flight committed, the rollback recorded, then
+        RestartRequested: the next attempt resumes from the last checkpoint and skips the spike's data."""
+        if result.action != "rollback" or result.spike is None:
+            return
+        if self.telemetry is not None:
+            self.telemetry.flush()
+        self.wait_for_checkpoint()
+        to_step = max(self._positions)
+        from_drawn = self._positions[to_step][1]
+        rollback = Rollback(
+            spike_step=result.spike.step,
+            loss=result.spike.loss,
+            to_step=to_step,
+            from_drawn=from_drawn,
+            skip=self.drawn - from_drawn,
+            attempt=self.ctx.attempt,
+        )
+        if collective.rank() == 0:
+            append_rollback(self.ctx.dir, rollback)
+        collective.barrier()
+        raise RestartRequested(
+            f"loss spike at step {rollback.spike_step} (loss {rollback.loss:.4g}): rolling back to the checkpoint at "
+            f"step {to_step}, skipping the {rollback.skip} micro-batches of steps {to_step + 1}..{rollback.spike_step}"
         )
 
     def _non_finite(self, what: str) -> NodeFailure:
@@ -215,7 +355,14 @@ class Trainer(TrainingLoop[StepResult]):
         result = self.train_step()
         if self.capture is not None:
             self.capture.end_step()
-        result.max_vio_L = update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
+        if result.action in ("skip", "rollback"):
+            result.max_vio_L = max_vio(result.counts_LE)  # measured, but the bias is not moved
+        else:
+            result.max_vio_L = update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
+        layers = moe_modules(self.model)
+        bias_LE = torch.stack([m.expert_bias.detach().float().cpu() for m in layers]) if layers else None
+        if layers:
+            result.alarms = self.alarms.observe(self.step + 1, result.counts_LE, result.max_vio_L, bias_LE)
         synchronize(self.device)  # the step's time (measured around this call) includes its queued kernels
         result.peak_memory = peak_memory(self.device)
         return result
@@ -251,12 +398,41 @@ class Trainer(TrainingLoop[StepResult]):
         if layers:
             bias_LE = torch.stack([m.expert_bias for m in layers]).float()
             self.telemetry.log_moe(self.step, r.counts_LE, bias_LE, max_vio_L=r.max_vio_L)
+        if r.spike is not None:
+            s = r.spike
+            message = f"loss {s.loss:.4g} is a spike ({s.kind} {s.score:.3g} > {s.threshold}): {r.action}"
+            self.telemetry.log_event(self.step, "loss_spike", message, action=r.action, **s.data())
+        for alarm in r.alarms or []:
+            self.telemetry.log_event(self.step, alarm.kind, alarm.message, **alarm.data)
+
+    def progress_values(self, result: StepResult) -> dict[str, Any]:
+        """Gradient norm, the worst layer's MaxVio, spikes flagged so far in the node, alarms of this attempt."""
+        worst = float(result.max_vio_L.max()) if result.max_vio_L is not None and result.max_vio_L.numel() else None
+        return {
+            "grad_norm": round(result.grad_norm, 4),
+            "max_vio": round(worst, 4) if worst is not None else None,
+            "spikes": len(self.spikes.flagged) + self.rollbacks,
+            "alarms": self.alarms.raised,
+        }
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return self.training.state()
+        self._positions[self.step] = (self.tokens, self.drawn)  # a checkpoint about to be committed here
+        spikes = {
+            **self.spikes.state_dict(),
+            "drawn": self.drawn,
+            "origin": list(self.origin) if self.origin is not None else None,
+            "alarms": self.alarms.state_dict(),
+        }
+        return {**self.training.state(), "spikes": spikes}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.training.load_state(state)
+        spikes = state.get("spikes") or {}  # a checkpoint from before spike detection: an empty window
+        self.spikes.load_state_dict(spikes)
+        self.alarms.load_state_dict(spikes.get("alarms"))
+        self.drawn = int(spikes.get("drawn", 0))
+        origin = spikes.get("origin")
+        self.origin = (int(origin[0]), int(origin[1])) if origin is not None else None
 
     def state_template(self) -> dict[str, Any] | None:
         return self.training.template()

@@ -16,6 +16,7 @@ import networkx as nx
 import yaml
 
 from trinity.errors import RunError
+from trinity.graph.during import AfterCheckpoint
 from trinity.graph.kinds import NODE_KINDS, NodeHeader
 from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.spec.experiment import ExperimentSpec
@@ -32,6 +33,9 @@ class GraphNode(NodeHeader):
     """Its spec flattened to dotted paths (the telemetry catalog's `spec` columns)."""
     payload_digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     """A short digest of each top-level part of its identity payload (`explain` names what changed)."""
+    after_checkpoint: AfterCheckpoint | None = None
+    """An eval of an intermediate checkpoint: it may start once that checkpoint is committed (trinity.graph.during);
+    absent from graph.json for every other node (and from files written before it existed)."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GraphNode:
@@ -52,14 +56,17 @@ class GraphNode(NodeHeader):
             spec_file=str(data.get("spec_file", "spec.yaml")),
             flat_spec=dict(data.get("flat_spec", {})),
             payload_digests=dict(data.get("payload_digests", {})),
+            after_checkpoint=AfterCheckpoint.from_json(data.get("after_checkpoint")),
         )
 
     def to_json(self) -> dict[str, Any]:
+        extra = {} if self.after_checkpoint is None else {"after_checkpoint": self.after_checkpoint.to_json()}
         return {
             **super().to_json(),
             "spec_file": self.spec_file,
             "flat_spec": self.flat_spec,
             "payload_digests": self.payload_digests,
+            **extra,
         }
 
 

@@ -15,6 +15,7 @@ executors (local, Slurm, torchrun) run on Linux. Without /proc only the pid's ex
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trinity.run.layout import NodeDir, atomic_write_json, read_json
+from trinity.spec.execution import WatchdogSpec
 
 State = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "DEP_FAILED"]
 STALE_PERIODS = 3
@@ -89,6 +91,8 @@ class AttemptRecord:
     reused_from: str | None = None
     """The shared store's entry (execution.store) whose outputs this attempt took instead of running the body."""
     message: str = ""
+    provenance: dict[str, Any] | None = None
+    """Code, libraries and hosts the attempt ran on (trinity.execute.provenance); None: it never reached its body."""
 
     def write(self, node_dir: NodeDir) -> None:
         atomic_write_json(node_dir.attempt_record(self.attempt), asdict(self))
@@ -161,22 +165,112 @@ class Lease(ProcessRef):
     attempt: int | None = None
     scheduler: ProcessRef | None = None
     """The local scheduler the node watches (it stops at a checkpoint once that is gone); None: detached."""
+    step: int | None = None
+    """The last optimizer step this attempt completed (None: none yet, or a node that does not step)."""
+    step_time: float | None = Field(None, allow_inf_nan=False)
+    """When that step completed (before the first: when the attempt began); None: the node does not step."""
+    stall_after_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Seconds without a completed step after which the node counts as stalled (execution.watchdog)."""
+
+
+def lease_stall(lease: Lease, now: float | None = None) -> str | None:
+    """Why the node holding `lease` is stalled (its steps stopped advancing), or None if it is not.
+
+    A node that does not report steps (step_time None) is never stalled. Times are the node host's clock,
+    as the lease's own `time` is: a stall is measured from the last step to the last heartbeat when the
+    lease is judged from another host, so clock skew between hosts does not count (on its own host, to now).
+    """
+    if lease.step_time is None or lease.stall_after_s is None:
+        return None
+    at = time.time() if now is None else now
+    if lease.host != socket.gethostname():
+        at = lease.time
+    idle = at - lease.step_time
+    if idle <= lease.stall_after_s:
+        return None
+    since = "since the attempt began" if lease.step is None else f"since step {lease.step}"
+    return f"no step for {idle:.0f} s {since} (allowed {lease.stall_after_s:.0f} s)"
 
 
 def own_process() -> ProcessRef:
     return ProcessRef(pid=os.getpid(), start=process_start(os.getpid()))
 
 
-class Heartbeat:
-    """Rewrites lease.json every `period_s` from a daemon thread while the node runs."""
+STEP_TIMES_KEPT = 1000
+"""The median step time (the default stall allowance) is over this many most recent steps."""
 
-    def __init__(self, node_dir: NodeDir, attempt: int, period_s: float, scheduler: ProcessRef | None = None) -> None:
+
+class StepProgress:
+    """The steps an attempt completed, for its heartbeat lease: written by the training loop after each
+    optimizer step (`step_done`), read by the heartbeat thread (`snapshot`); thread-safe.
+
+    `begin()` says the node steps (a training loop is being built): from then on the lease carries
+    step_time and the stall allowance: first_step_s until the first step completes (its warm-up), then the
+    watchdog's `stall_after_s` when given, else max(min_stall_s, stall_factor x the median step time so far).
+    """
+
+    def __init__(self, watchdog: WatchdogSpec | None = None) -> None:
+        self.watchdog = watchdog if watchdog is not None else WatchdogSpec()
+        self._lock = threading.Lock()
+        self._began: float | None = None
+        self._step: int | None = None
+        self._step_time: float | None = None
+        self._seconds: collections.deque[float] = collections.deque(maxlen=STEP_TIMES_KEPT)
+
+    def begin(self) -> None:
+        """The node steps: its stall clock starts now (if not started already)."""
+        with self._lock:
+            if self._began is None:
+                self._began = time.time()
+
+    def step_done(self, step: int, seconds: float) -> None:
+        """Optimizer step `step` completed, having taken `seconds`."""
+        with self._lock:
+            if self._began is None:
+                self._began = time.time()
+            self._step, self._step_time = step, time.time()
+            self._seconds.append(seconds)
+
+    def allowance(self) -> float:
+        """The stall allowance now (see the class docstring)."""
+        with self._lock:
+            seconds = sorted(self._seconds)
+        dog = self.watchdog
+        if not seconds:
+            return dog.first_step_s
+        if dog.stall_after_s is not None:
+            return dog.stall_after_s
+        return max(dog.min_stall_s, dog.stall_factor * seconds[len(seconds) // 2])
+
+    def snapshot(self) -> tuple[int | None, float | None, float | None]:
+        """(last step, when it completed or when the steps began, allowance); all None if the node does not step."""
+        with self._lock:
+            began, step, step_time = self._began, self._step, self._step_time
+        if began is None:
+            return None, None, None
+        return step, step_time if step_time is not None else began, self.allowance()
+
+
+class Heartbeat:
+    """Rewrites lease.json every `period_s` from a daemon thread while the node runs, with the steps of
+    `progress` (if given) for the stall rule (`lease_stall`)."""
+
+    def __init__(
+        self,
+        node_dir: NodeDir,
+        attempt: int,
+        period_s: float,
+        scheduler: ProcessRef | None = None,
+        progress: StepProgress | None = None,
+    ) -> None:
         self.node_dir, self.attempt, self.period_s, self.scheduler = node_dir, attempt, period_s, scheduler
+        self.progress = progress
         self._me = own_process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trinity-heartbeat", daemon=True)
 
     def _beat(self) -> None:
+        step, step_time, stall_after_s = self.progress.snapshot() if self.progress else (None, None, None)
         lease = Lease(
             pid=self._me.pid,
             start=self._me.start,
@@ -185,6 +279,9 @@ class Heartbeat:
             time=time.time(),
             period_s=self.period_s,
             scheduler=self.scheduler,
+            step=step,
+            step_time=step_time,
+            stall_after_s=stall_after_s,
         )
         atomic_write_json(self.node_dir.lease, lease.model_dump(mode="json"))
 

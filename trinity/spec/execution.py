@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -96,6 +97,62 @@ class PrepareSpec(SpecModel):
     """Text per piece, in MB (the unit of work and of resume)."""
 
 
+Seconds = Annotated[float, Field(gt=0, le=30 * 86_400.0)]  # a month
+ALLOW_INJECT_ENV = "TRINITY_ALLOW_INJECT"
+"""`execution.inject` is refused unless this environment variable is 1 (fault injection is for tests)."""
+
+
+class WatchdogSpec(SpecModel):
+    """When a training node counts as stalled (its optimizer steps stopped advancing) and what then happens.
+
+    The allowance is `first_step_s` until the attempt's first optimizer step completes (its warm-up), then
+    `stall_after_s` when given, else max(`min_stall_s`, `stall_factor` x the median step time of the attempt
+    so far). It runs from the last completed step, so it must also cover a checkpoint save. A stall is seen
+    from outside the node (the local scheduler, or the Slurm job's supervisor), since a hung process cannot
+    be trusted to act: it is an `events` row of kind `stall`, `trinity status` shows the node RUNNING
+    (STALLED: why), and with `on_stall: restart` the attempt is killed and a new one resumes from the last
+    committed checkpoint (on Slurm: the job is requeued)."""
+
+    stall_after_s: Seconds | None = None
+    """Seconds without a completed step, after the first, after which the node is stalled (None: from the
+    measured step time)."""
+    min_stall_s: Seconds = 60.0
+    """The least allowance derived from the step time (when `stall_after_s` is None)."""
+    stall_factor: float = Field(10.0, ge=1.0, le=10_000.0)
+    """The allowance as a multiple of the median step time (when `stall_after_s` is None)."""
+    first_step_s: Seconds = 1800.0
+    """The allowance from the start of the attempt's steps until its first step completes (its warm-up)."""
+    on_stall: Literal["warn", "restart"] = "restart"
+    """warn: an event and the status only; restart: also kill the attempt and start one that resumes."""
+    max_restarts: Count = 3
+    """Stall restarts of a node per scheduler run (per Slurm job: requeues); beyond that the node fails."""
+
+
+class InjectSpec(SpecModel):
+    """Faults injected on purpose, for tests of the watchdog and of loss-spike handling. Refused unless the
+    environment has TRINITY_ALLOW_INJECT=1, so that no real run carries one by mistake."""
+
+    spike_at_step: Steps | None = None
+    """Multiply the loss of this optimizer step by `spike_factor` (None: no spike)."""
+    spike_factor: float = Field(100.0, gt=0, le=1e12)
+    """How much larger the injected spike's loss is."""
+    hang_at_step: Steps | None = None
+    """In the node's attempt 1 only, rank `hang_rank` sleeps `hang_s` right before this optimizer step."""
+    hang_rank: Count = 0
+    """The rank that hangs."""
+    hang_s: Seconds = 3600.0
+    """How long it sleeps."""
+
+    @model_validator(mode="after")
+    def _allowed(self) -> InjectSpec:
+        if os.environ.get(ALLOW_INJECT_ENV) != "1":
+            raise ValueError(
+                f"execution.inject injects faults and is for tests only; set {ALLOW_INJECT_ENV}=1 in the "
+                "environment to allow it, or remove execution.inject from the spec"
+            )
+        return self
+
+
 # The older spelling of `execution.checkpoint`'s fields, still read (see CheckpointSpec).
 _RENAMED = {"checkpoint_every": "every", "keep_last": "keep_last"}
 
@@ -129,6 +186,10 @@ class ExecutionSpec(SpecModel):
     """Slurm settings."""
     local: LocalSpec = LocalSpec()
     """Local executor settings."""
+    watchdog: WatchdogSpec = WatchdogSpec()
+    """Stall detection of training nodes (steps that stop advancing) and what to do about it."""
+    inject: InjectSpec | None = None
+    """Fault injection for tests (loss spike, hung rank); refused unless TRINITY_ALLOW_INJECT=1."""
 
     @model_validator(mode="before")
     @classmethod

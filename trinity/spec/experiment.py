@@ -16,7 +16,7 @@ from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import ParallelSpec
 from trinity.spec.rules import Rules
 from trinity.spec.stability import StabilitySpec
-from trinity.spec.stages import StagesSpec
+from trinity.spec.stages import StagesSpec, check_eval_every
 from trinity.spec.tokenizer import TokenizerSpec
 
 MAX_BRANCHES = 1024
@@ -173,6 +173,7 @@ class ExperimentSpec(SpecModel):
         names: dict[str, str] = {}
         for i, ev in enumerate(self.stages.evals):
             check_unique(rules, ("stages", "evals", i, "name"), ev.name, names)
+            check_eval_every(rules, i, ev, self.execution.checkpoint.every)
             for ref in ev.after:
                 rules.check(
                     ref in allowed,

@@ -11,12 +11,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from trinity.spec.base import SpecModel, execution_only
+from trinity.spec.base import SpecModel, added_field, execution_only
 from trinity.spec.data import MAX_COUNT, MAX_SEQ_LEN, MAX_TOKENS, ContinueLR, MixSpec
 from trinity.spec.init import InitSpec
 from trinity.spec.names import Name
 from trinity.spec.optim import MAX_BATCH_SEQUENCES, MAX_STEPS, whole_steps
 from trinity.spec.parallel import MAX_RANKS
+from trinity.spec.rules import Rules
 
 
 class RewarmLR(SpecModel):
@@ -119,6 +120,11 @@ class RLSpec(SpecModel):
     (trinity.spec.init)."""
 
 
+EvalEvery = Annotated[PositiveInt, Field(le=MAX_STEPS)] | Literal["checkpoint"]
+"""How often an eval also scores a stage's intermediate checkpoints while it trains: every N optimizer
+steps, or `checkpoint` (every committed checkpoint: every `execution.checkpoint.every` steps)."""
+
+
 class HeldoutLossEval(SpecModel):
     """Loss on documents held out of training, per source."""
 
@@ -127,6 +133,10 @@ class HeldoutLossEval(SpecModel):
     """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("pretrain",)
     """Stages whose final checkpoints are evaluated: 'pretrain', 'pretrain:PHASE', 'extend', 'sft', 'rl'."""
+    every: EvalEvery | None = added_field(None)
+    """Also evaluate the stage's intermediate checkpoints while it trains (trinity.graph.during): every this many
+    optimizer steps (a multiple of execution.checkpoint.every), or `checkpoint` for every committed one; each is
+    its own node `eval/NAME@STAGE@stepS`. None: the final checkpoint only."""
     seq_len: PositiveInt = Field(4096, le=MAX_SEQ_LEN)
     """Sequence length of the evaluated windows."""
 
@@ -139,6 +149,10 @@ class NiahEval(SpecModel):
     """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("extend",)
     """Stages whose final checkpoints are evaluated."""
+    every: EvalEvery | None = added_field(None)
+    """Also evaluate the stage's intermediate checkpoints while it trains (trinity.graph.during): every this many
+    optimizer steps (a multiple of execution.checkpoint.every), or `checkpoint` for every committed one; each is
+    its own node `eval/NAME@STAGE@stepS`. None: the final checkpoint only."""
     lengths: tuple[Annotated[PositiveInt, Field(le=MAX_SEQ_LEN)], ...] = Field((131_072,), max_length=1024)
     """Haystack lengths, in tokens."""
     n_keys: PositiveInt = Field(4, le=2**16)
@@ -155,11 +169,28 @@ class ArithmeticEval(SpecModel):
     """Eval name (letters, digits, '.', '-', '_'); becomes part of node ids and folders."""
     after: tuple[str, ...] = ("sft", "rl")
     """Stages whose final checkpoints are evaluated."""
+    every: EvalEvery | None = added_field(None)
+    """Also evaluate the stage's intermediate checkpoints while it trains (trinity.graph.during): every this many
+    optimizer steps (a multiple of execution.checkpoint.every), or `checkpoint` for every committed one; each is
+    its own node `eval/NAME@STAGE@stepS`. None: the final checkpoint only."""
     problems: PositiveInt = Field(200, le=MAX_COUNT)
     """Problems to answer (greedy decoding)."""
 
 
 Eval = Annotated[HeldoutLossEval | NiahEval | ArithmeticEval, Field(discriminator="kind")]
+
+
+def check_eval_every(rules: Rules, index: int, ev: Eval, checkpoint_every: int) -> None:
+    """`stages.evals[index].every` must fall on committed checkpoints: a multiple of `execution.checkpoint.every`
+    (a checkpoint exists only at those steps, and at a stage's last one, which the final eval reads)."""
+    every = ev.every
+    rules.check(
+        not isinstance(every, int) or every % checkpoint_every == 0,
+        ("stages", "evals", index, "every"),
+        f"= {every} must be a multiple of execution.checkpoint.every ({checkpoint_every}): checkpoints are "
+        f"committed only every {checkpoint_every} steps; use a multiple, or `every: checkpoint` for each of them",
+    )
+
 
 MAX_SHARD_BYTES = 2**50
 """Largest safetensors shard an export may ask for (1 PiB: no real limit, but a bounded field)."""

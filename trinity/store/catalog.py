@@ -31,7 +31,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 from trinity.errors import CatalogError
 from trinity.run.graph import RunGraph
 from trinity.run.layout import NodeDir, RunDir, read_json
-from trinity.store.telemetry import PART_RE, SCHEMAS, TABLES
+from trinity.store.compaction import current_parts
+from trinity.store.telemetry import SCHEMAS, TABLES
 
 MAX_DEPTH = 3
 """How deep below a folder `find_runs` looks for run directories (folders holding graph.json)."""
@@ -219,8 +220,20 @@ ATTEMPTS_SCHEMA = pa.schema(
         ("identity", pa.string()),
         ("message", pa.string()),
         ("has_record", pa.bool_()),
+        # provenance (trinity.execute.provenance): NULL for an attempt that never reached its body
+        ("trinity_version", pa.string()),
+        ("git_commit", pa.string()),
+        ("git_dirty", pa.string()),
+        ("git_note", pa.string()),
+        ("python", pa.string()),
+        ("torch", pa.string()),
+        ("cuda", pa.string()),
+        ("hosts", pa.list_(pa.string())),
+        ("packages_sha256", pa.string()),
     ]
 )
+PROVENANCE_COLUMNS = ("trinity_version", "git_commit", "git_dirty", "git_note", "python", "torch", "cuda")
+"""The text columns of `attempts` copied from an attempt record's provenance (hosts and packages_sha256 besides)."""
 
 
 def _runs_table(runs: Sequence[Run]) -> pa.Table:
@@ -268,6 +281,8 @@ def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
             for a in numbers:
                 rec = _read_optional(node.attempt_record(a))
                 start, end = _time(rec.get("start")), _time(rec.get("end"))
+                prov: dict[str, Any] = rec["provenance"] if isinstance(rec.get("provenance"), dict) else {}
+                hosts = prov.get("hosts")
                 attempts.append(
                     {
                         "run_id": run.run_id,
@@ -290,6 +305,9 @@ def _nodes_and_attempts(runs: Sequence[Run]) -> tuple[pa.Table, pa.Table]:
                         "identity": _str(rec.get("identity")),
                         "message": _str(rec.get("message")),
                         "has_record": bool(rec),
+                        **{k: _str(prov.get(k)) for k in PROVENANCE_COLUMNS},
+                        "hosts": [str(h) for h in hosts] if isinstance(hosts, list) else None,
+                        "packages_sha256": _str(prov.get("packages_sha256")),
                     }
                 )
     return pa.Table.from_pylist(nodes, NODES_SCHEMA), pa.Table.from_pylist(attempts, ATTEMPTS_SCHEMA)
@@ -363,10 +381,16 @@ class Part:
     node: str
     attempt: int
     path: Path
+    footer: Any = field(default=None, compare=False, repr=False)
+    """Its Parquet footer (pyarrow FileMetaData) once `usable_parts` has read it, so it is read once."""
 
 
 def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
-    """Committed Parquet parts of every table, over every node attempt of every run."""
+    """Committed Parquet parts in use of every table, over every node attempt of every run.
+
+    A part that a merged part covers (trinity.store.compaction: left by a crash during compaction) is
+    not in use: its rows are in the merged part.
+    """
     parts: dict[str, list[Part]] = {t: [] for t in TABLES}
     for run in runs:
         for node_id in _node_ids(run):
@@ -374,24 +398,29 @@ def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
             if not telemetry.is_dir():
                 continue
             for attempt_dir in sorted(telemetry.glob("attempt-*")):
-                if not attempt_dir.name[8:].isdigit():
+                if not attempt_dir.name[8:].isdigit() or not attempt_dir.is_dir():
                     continue
-                for p in sorted(attempt_dir.iterdir()):
-                    m = PART_RE.match(p.name)
-                    if m and m["table"] in parts:
-                        parts[m["table"]].append(Part(run.run_id, node_id, int(attempt_dir.name[8:]), p.resolve()))
+                current, _ = current_parts(attempt_dir)
+                for p, name in current.items():
+                    parts[name.table].append(Part(run.run_id, node_id, int(attempt_dir.name[8:]), p.resolve()))
     return parts
 
 
-def part_problem(path: Path) -> str | None:
-    """Why the Parquet part at `path` cannot be read (its footer: magic, metadata, columns), or None."""
+def _read_footer(path: Path) -> Any:
+    """The Parquet footer of `path` (FileMetaData), or why it cannot be read (str)."""
     try:
         meta = pq.read_metadata(path)
     except (OSError, pa.ArrowException) as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "step" not in meta.schema.names:
         return "it has no step column"
-    return None
+    return meta
+
+
+def part_problem(path: Path) -> str | None:
+    """Why the Parquet part at `path` cannot be read (its footer: magic, metadata, columns), or None."""
+    footer = _read_footer(path)
+    return footer if isinstance(footer, str) else None
 
 
 def warn_damaged(part: Part, problem: str) -> None:
@@ -412,9 +441,10 @@ def usable_parts(
     for table, table_parts in parts.items():
         out[table] = []
         for part in table_parts:
-            problem = part_problem(part.path)
+            footer = _read_footer(part.path)
+            problem = footer if isinstance(footer, str) else None
             if problem is None:
-                out[table].append(part)
+                out[table].append(replace(part, footer=footer))
             elif strict:
                 raise CatalogError(f"damaged telemetry part {part.path}: {problem} (without --strict it is skipped)")
             else:
@@ -422,9 +452,11 @@ def usable_parts(
     return out
 
 
-def _step_range(path: Path) -> tuple[int, int] | None:
-    """(min, max) of the step column from the Parquet footer's statistics (the data if they lack them)."""
-    meta = pq.read_metadata(path)
+def _step_range(path: Path, footer: Any = None) -> tuple[int, int] | None:
+    """(min, max) of the step column from the Parquet footer's statistics (the data if they lack them).
+
+    footer: the part's footer if already read (Part.footer)."""
+    meta = pq.read_metadata(path) if footer is None else footer
     if meta.num_rows == 0:
         return None
     col = meta.schema.names.index("step")
@@ -462,7 +494,7 @@ def _spans(attempts: pa.Table, step_parts: Sequence[Part]) -> pa.Table:
     """
     ranges: dict[tuple[str, str, int], tuple[int, int]] = {}
     for part in step_parts:
-        r = _step_range(part.path)
+        r = _step_range(part.path, part.footer)
         if r is None:
             continue
         key = (part.run_id, part.node, part.attempt)

@@ -8,7 +8,8 @@ process ever writes a shared database. A node attempt owns one folder,
 and appends whole Parquet files to it: each part is written under a hidden temporary name in the
 same folder and renamed into place, so a reader (or a crash) only ever sees complete parts. Every
 page carries a CRC (Parquet page checksums), so `trinity verify` finds changed bits, not only
-truncated files.
+truncated files. Once the attempt has finished, `trinity.store.compaction` merges its parts into
+one `<table>-<first:06d>-<last:06d>.parquet` per table, which stands for the parts it merged.
 `trinity.store.catalog` exposes every part of every attempt as DuckDB views; the schemas below
 are the contract it reads (docs/telemetry.md lists every column with its unit).
 
@@ -29,6 +30,7 @@ import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +130,50 @@ SCHEMAS: dict[str, pa.Schema] = {
 """Arrow schema of every telemetry table; the Parquet parts hold exactly these columns."""
 
 TABLES = tuple(SCHEMAS)
-PART_RE = re.compile(r"^(?P<table>[a-z_]+)-(?:(?P<writer>[a-z]+)-)?(?P<seq>\d{6})\.parquet$")
+PART_RE = re.compile(r"^(?P<table>[a-z_]+)-(?:(?P<writer>[a-z]+)-)?(?P<seq>\d{6})(?:-(?P<last>\d{6}))?\.parquet$")
 """Committed part names, `<table>-<seq>.parquet` from the node's own writer and `<table>-<writer>-<seq>.parquet`
 from another writer of the same attempt (e.g. "watchdog": the executor records a stall of a node that
-cannot log it itself); each writer numbers its own parts. Temporary parts start with '.' and never match."""
+cannot log it itself); each writer numbers its own parts. A merged part (trinity.store.compaction) is
+`<table>[-<writer>]-<seq>-<last>.parquet`: it holds the rows of that writer's parts of `table` numbered
+`seq` to `last`. Temporary parts start with '.' and never match."""
 WRITER_RE = re.compile(r"^[a-z]+$")
+
+
+@dataclass(frozen=True)
+class PartName:
+    """What a committed part's name says: its table, its writer (None: the node's own) and the part
+    numbers it holds, first to last (equal for a part as the writer wrote it, a range for a merged one)."""
+
+    table: str
+    writer: str | None
+    first: int
+    last: int
+
+    @property
+    def merged(self) -> bool:
+        return self.last != self.first
+
+    def covers(self, other: PartName) -> bool:
+        """True when this part holds `other`'s rows: same table and writer, its numbers within ours, not itself."""
+        same = (self.table, self.writer) == (other.table, other.writer)
+        inside = self.first <= other.first and other.last <= self.last
+        return same and inside and (self.first, self.last) != (other.first, other.last)
+
+    def filename(self) -> str:
+        tag = "" if self.writer is None else f"{self.writer}-"
+        rng = f"{self.first:06d}" + (f"-{self.last:06d}" if self.merged else "")
+        return f"{self.table}-{tag}{rng}.parquet"
+
+
+def parse_part(name: str) -> PartName | None:
+    """The PartName of a committed part's file name; None for anything else (temporary files, other files)."""
+    m = PART_RE.match(name)
+    if m is None:
+        return None
+    first = int(m["seq"])
+    last = first if m["last"] is None else int(m["last"])
+    return PartName(m["table"], m["writer"], first, last) if last >= first else None
+
 
 ArrayLike = npt.ArrayLike | Any  # numpy, sequences, or a torch tensor (anything with .detach())
 
@@ -206,8 +247,9 @@ class TelemetryWriter:
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.expert_load_every = expert_load_every
         # A writer re-created within the same attempt continues the part numbering, never overwrites.
-        seqs = [int(m["seq"]) for p in self.folder.iterdir() if (m := PART_RE.match(p.name)) and m["writer"] == writer]
-        self._seq = max(seqs, default=-1) + 1
+        # A merged part (trinity.store.compaction) counts as every number it holds: none is used again.
+        names = [n for p in self.folder.iterdir() if (n := parse_part(p.name)) is not None and n.writer == writer]
+        self._seq = max((n.last for n in names), default=-1) + 1
         self._cols: dict[str, dict[str, list[Any]]] = {t: {f.name: [] for f in SCHEMAS[t]} for t in TABLES}
         self._last_step: dict[str, int] = {}
         self._pending = 0

@@ -11,6 +11,10 @@ Checked, for every node of the run (or the one asked for):
   and its columns those of its table; and the part numbers of each
   attempt, which count up from 0 across tables, have no gap (a deleted part: its rows are lost).
   A part deleted from the end of an attempt leaves no gap and cannot be told from one never written.
+  A merged part (trinity.store.compaction) is checked like any part and stands for the numbers it
+  covers; how many parts it holds (its footer says) must make up the numbers no part names, so a
+  deleted merged part is found too. A part a merged part covers (a crash during compaction left
+  it) is not in use: noted, not checked.
 
 The result is a VerifyReport; each problem is one line that names the file (or the checkpoint and
 its array). Nothing is changed or repaired.
@@ -18,6 +22,7 @@ its array). Nothing is changed or repaired.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +34,8 @@ from trinity.run.graph import RunGraph
 from trinity.run.layout import NodeDir, RunDir
 from trinity.store.checkpoint_commit import list_checkpoints, list_set_aside
 from trinity.store.checkpoint_integrity import check_checkpoint
-from trinity.store.telemetry import ADDED_COLUMNS, PART_RE, SCHEMAS
+from trinity.store.compaction import current_parts, parts_held
+from trinity.store.telemetry import ADDED_COLUMNS, SCHEMAS, PartName
 
 
 @dataclass(frozen=True)
@@ -61,30 +67,54 @@ def check_part(path: Path, table: str) -> str | None:
     return f"lacks the columns {missing} of table {table}" if missing else None
 
 
-def check_attempt_telemetry(folder: Path) -> tuple[int, list[str]]:
-    """(parts checked, problems) of one attempt's telemetry folder: each part, and gaps in their numbers."""
+def check_attempt_telemetry(folder: Path) -> tuple[int, list[str], list[str]]:
+    """(parts checked, problems, notes) of one attempt's telemetry folder: each part in use, and gaps in
+    their numbers. Parts a merged part covers are notes (trinity.store.compaction.current_parts)."""
     problems: list[str] = []
-    by_writer: dict[str | None, dict[int, Path]] = {}  # each writer numbers its own parts (PART_RE)
-    for p in sorted(folder.iterdir()):
-        m = PART_RE.match(p.name)
-        if m is None or m["table"] not in SCHEMAS:
-            continue
-        by_writer.setdefault(m["writer"], {})[int(m["seq"])] = p
-        problem = check_part(p, m["table"])
+    current, superseded = current_parts(folder)
+    notes = [
+        f"{p}: its rows are in a merged part (a compaction stopped before deleting it); `trinity compact` removes it"
+        for p in superseded
+    ]
+    by_writer: dict[str | None, dict[int, tuple[Path, PartName]]] = {}  # each writer numbers its own parts
+    for p, name in current.items():
+        by_writer.setdefault(name.writer, {})[name.first] = (p, name)
+        problem = check_part(p, name.table)
         if problem is not None:
             problems.append(f"{p}: {problem}")
-    for seqs in by_writer.values():
-        have = sorted(seqs)
-        for seq in range(have[-1] + 1):
-            if seq not in seqs:
-                after = max((s for s in have if s < seq), default=None)
-                before = min(s for s in have if s > seq)
-                around = f"after {seqs[after].name} and " if after is not None else ""
+    for parts in by_writer.values():
+        last = max(n.last for _, n in parts.values())
+        named = {s for _, n in parts.values() for s in (n.first, n.last)}
+        spans = [(n.first, n.last, p) for p, n in parts.values() if n.merged]
+        unnamed = [s for s in range(last + 1) if s not in named]  # no part has this number in its name
+        lost = [s for s in unnamed if not any(lo < s < hi for lo, hi, _ in spans)]
+        for seq in lost:
+            after = max((s for s in named if s < seq), default=None)
+            before = min(s for s in named if s > seq)
+            around = f"after {_holder(parts, after).name} and " if after is not None else ""
+            problems.append(
+                f"{folder}: telemetry part {seq:06d} is missing ({around}before {_holder(parts, before).name}): "
+                f"its rows are lost"
+            )
+        if spans:  # the numbers inside merged ranges that no part names: held by the merged parts?
+            inside = len(unnamed) - len(lost)
+            held = 0
+            for p, n in parts.values():
+                if n.merged:
+                    with contextlib.suppress(OSError, ValueError, pa.ArrowException):  # unreadable: a problem above
+                        held += parts_held(p, n) - 2  # its first and last are named
+            if held < inside:
+                gone = inside - held
                 problems.append(
-                    f"{folder}: telemetry part {seq:06d} is missing ({around}before {seqs[before].name}): "
-                    f"its rows are lost"
+                    f"{folder}: {gone} telemetry part{'s are' if gone != 1 else ' is'} missing from the ranges of "
+                    f"its merged parts ({', '.join(p.name for _, _, p in spans)}): their rows are lost"
                 )
-    return sum(len(seqs) for seqs in by_writer.values()), problems
+    return len(current), problems, notes
+
+
+def _holder(parts: dict[int, tuple[Path, PartName]], seq: int) -> Path:
+    """The part whose name has number `seq` (its first or last)."""
+    return next(p for p, n in parts.values() if seq in (n.first, n.last))
 
 
 def verify_node(node_dir: NodeDir) -> tuple[int, int, list[str], list[str]]:
@@ -103,9 +133,10 @@ def verify_node(node_dir: NodeDir) -> tuple[int, int, list[str], list[str]]:
     if telemetry.is_dir():
         for attempt in sorted(telemetry.glob("attempt-*")):
             if attempt.is_dir() and attempt.name[8:].isdigit():
-                n, found = check_attempt_telemetry(attempt)
+                n, found, said = check_attempt_telemetry(attempt)
                 parts += n
                 problems += found
+                notes += said
     return len(committed), parts, problems, notes
 
 
