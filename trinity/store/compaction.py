@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from trinity.errors import RunError
 from trinity.run.graph import RunGraph
-from trinity.run.layout import NodeDir, RunDir, read_json
+from trinity.run.layout import NodeDir, RunDir, fsync_path, read_json
 from trinity.run.status import lease_liveness
 from trinity.store.telemetry import ADDED_COLUMNS, SCHEMAS, PartName, parse_part
 
@@ -147,14 +147,6 @@ def _conform(data: pa.Table, table: str, path: Path) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _merge(folder: Path, parts: Sequence[tuple[Path, PartName]]) -> tuple[Path, int]:
     """Write the merged part of `parts` (one table and writer, in number order) atomically; (its path, rows).
 
@@ -197,7 +189,7 @@ def _merge(folder: Path, parts: Sequence[tuple[Path, PartName]]) -> tuple[Path, 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(folder)  # the name is on disk before any original goes
+    fsync_path(folder)  # the name is on disk before any original goes
     return target, rows
 
 
@@ -232,7 +224,7 @@ def compact_attempt(folder: Path) -> AttemptCompaction:
     for tmp in _stale_temps(folder):
         tmp.unlink(missing_ok=True)
     if doomed:
-        _fsync_folder(folder)
+        fsync_path(folder)
     after, _ = current_parts(folder)
     result.parts_after = len(after)
     result.bytes_after = sum(p.stat().st_size for p in after)
