@@ -21,7 +21,7 @@ from trinity.nodes.trainer import Trainer, TrainPlan, build_training, resume_int
 from trinity.optim.balancing import update_expert_biases
 from trinity.run.layout import NodeDir
 from trinity.run.status import AttemptRecord
-from trinity.spec.execution import CheckpointSpec
+from trinity.spec.execution import CheckpointSpec, ExecutionSpec
 from trinity.store.checkpoint import load_checkpoint
 from trinity.store.checkpoint_commit import list_checkpoints, read_marker
 
@@ -32,7 +32,7 @@ IDENTITY = "test-identity"
 
 def _context(world: int, fsdp_group: int, ep: int, node_root: str) -> Any:
     spec = _spec(world, fsdp_group, ep)
-    spec.execution = SimpleNamespace(checkpoint=CheckpointSpec(keep_last=2), activations=(), activation_steps=())
+    spec.execution = ExecutionSpec(checkpoint=CheckpointSpec(keep_last=2))
     return SimpleNamespace(
         spec=spec,
         dir=NodeDir(Path(node_root)),

@@ -24,6 +24,7 @@ from trinity.distributed.data import StreamSet
 from trinity.distributed.testing import run_workers
 from trinity.nodes.trainer import Trainer, TrainPlan, build_training
 from trinity.optim.balancing import update_expert_biases
+from trinity.spec.execution import ExecutionSpec
 from trinity.spec.model import ModelSpec
 from trinity.spec.optim import OptimSpec
 from trinity.spec.parallel import ParallelSpec
@@ -101,6 +102,7 @@ def _spec(world: int, fsdp_group: int, ep: int) -> Any:
             }
         ),
         optim=OptimSpec.model_validate({"muon": {"lr": MUON_LR, "ns_dtype": "fp32"}, "adamw": {"lr": 3e-3}}),
+        execution=ExecutionSpec(),
     )
 
 
