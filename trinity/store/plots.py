@@ -28,7 +28,8 @@ import numpy.typing as npt
 from matplotlib.colors import TwoSlopeNorm
 
 from trinity.errors import CatalogError
-from trinity.store.catalog import find_runs, open_catalog
+from trinity.store.catalog import open_catalog
+from trinity.store.run_tables import find_runs
 
 LINESTYLES = ("-", "--", ":", "-.")
 
