@@ -127,6 +127,9 @@ class StepResult:
     """warn, skip or rollback when `spike` is set."""
     alarms: list[Alarm] | None = None
     """MoE alarms this step fired (set by `optimizer_step`)."""
+    bias_LE: torch.Tensor | None = None
+    """The expert biases after this step, on the host (set by `optimizer_step`; None without MoE layers): read
+    once per step for the alarms and the telemetry alike."""
 
 
 class Trainer(TrainingLoop[StepResult]):
@@ -360,9 +363,9 @@ class Trainer(TrainingLoop[StepResult]):
         else:
             result.max_vio_L = update_expert_biases(self.model, result.counts_LE, self.stability.balancing)
         layers = moe_modules(self.model)
-        bias_LE = torch.stack([m.expert_bias.detach().float().cpu() for m in layers]) if layers else None
         if layers:
-            result.alarms = self.alarms.observe(self.step + 1, result.counts_LE, result.max_vio_L, bias_LE)
+            result.bias_LE = torch.stack([m.expert_bias.detach().float().cpu() for m in layers])
+            result.alarms = self.alarms.observe(self.step + 1, result.counts_LE, result.max_vio_L, result.bias_LE)
         synchronize(self.device)  # the step's time (measured around this call) includes its queued kernels
         result.peak_memory = peak_memory(self.device)
         return result
@@ -394,10 +397,8 @@ class Trainer(TrainingLoop[StepResult]):
             peak_mem_reserved_bytes=r.peak_memory.reserved if r.peak_memory else None,
             phase=self.phase,
         )
-        layers = moe_modules(self.model)
-        if layers:
-            bias_LE = torch.stack([m.expert_bias for m in layers]).float()
-            self.telemetry.log_moe(self.step, r.counts_LE, bias_LE, max_vio_L=r.max_vio_L)
+        if r.bias_LE is not None:
+            self.telemetry.log_moe(self.step, r.counts_LE, r.bias_LE, max_vio_L=r.max_vio_L)
         if r.spike is not None:
             s = r.spike
             message = f"loss {s.loss:.4g} is a spike ({s.kind} {s.score:.3g} > {s.threshold}): {r.action}"
