@@ -94,9 +94,31 @@ def test_groups(router: str) -> None:
     names = param_group_names(small_model(), OptimSpec(router_optimizer=router))
     assert "tok_embeddings.weight" in names["adamw_decay"] and "output.weight" in names["adamw_decay"]
     assert "layers.1.mlp.experts.w1_EFD" in names["muon"] and "layers.0.attn.wq.weight" in names["muon"]
-    assert all(n.endswith("weight") and "norm" in n for n in names["adamw_no_decay"])
-    assert "layers.1.mlp.router.weight" in names[router if router == "muon" else "adamw_decay"]
+    router_group = "muon_no_decay" if router == "muon" else "adamw_no_decay"
+    assert "layers.1.mlp.router.weight" in names[router_group]
+    assert not any("router" in n for n in names["muon"] + names["adamw_decay"])
+    assert all("norm" in n or n.endswith("router.weight") for n in names["adamw_no_decay"])
     assert not any("expert_bias" in n for ns in names.values() for n in ns)
+
+
+@pytest.mark.parametrize("router", ["adamw", "muon"])
+def test_router_weights_get_no_weight_decay_in_either_optimizer(router: str) -> None:
+    """With every gradient zero, a step changes a weight only through decoupled decay: the embedding
+    and a hidden matrix shrink by exactly (1 - lr wd), the router stays as it was."""
+    torch.manual_seed(0)
+    model = small_model()
+    spec = OptimSpec(router_optimizer=router, muon={"weight_decay": 0.1, "lr": 0.01}, adamw={"weight_decay": 0.1})
+    opt = build_optimizer(model, spec)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    router_w = "layers.1.mlp.router.weight"
+    torch.testing.assert_close(params[router_w].detach(), before[router_w], atol=0, rtol=0)
+    emb, hidden = "tok_embeddings.weight", "layers.0.attn.wq.weight"
+    torch.testing.assert_close(params[emb].detach(), before[emb] * (1 - spec.adamw.lr * 0.1))
+    torch.testing.assert_close(params[hidden].detach(), before[hidden] * (1 - spec.muon.lr * 0.1))
 
 
 def test_adamw_group_matches_torch_adamw_and_lr_factor() -> None:

@@ -1,9 +1,15 @@
 """Parameter groups and the combined Muon + AdamW optimizer (PAPER.md 4).
 
 Muon: every hidden matrix (attention q/k/v/gate/o, dense and shared SwiGLU, each stacked expert
-tensor [E, out, in]) and the router when OptimSpec.router_optimizer == 'muon'.
-AdamW: the embedding and the LM head (with weight decay), the router when
-router_optimizer == 'adamw' (with weight decay), and every 1-D parameter (norm gains; no decay).
+tensor [E, out, in]) and the router when OptimSpec.router_optimizer == 'muon' (in a group of its own,
+`muon_no_decay`).
+AdamW: the embedding and the LM head (with weight decay), the router when router_optimizer == 'adamw',
+and every 1-D parameter (norm gains), these two without decay.
+
+The router never gets weight decay, whichever optimizer holds it: decay pulls its rows toward zero,
+so every expert's score toward sigmoid(0) = 0.5, i.e. toward uniform routing, a pull against
+specialisation that the bias update then has to fight (the expert bias, a buffer, is never decayed
+either).
 Buffers (expert bias, SMEBU momentum, RoPE tables) are not parameters and never reach an optimizer.
 
 Learning-rate schedule contract: every group carries `base_lr` (its peak lr) and a `name`;
@@ -26,17 +32,17 @@ ROUTER_SUFFIX = "router.weight"
 
 
 def classify(name: str, p: torch.Tensor, router_optimizer: str) -> str:
-    """'muon', 'adamw_decay' or 'adamw_no_decay' for a named parameter."""
+    """'muon', 'muon_no_decay', 'adamw_decay' or 'adamw_no_decay' for a named parameter."""
     if name.endswith((EMBEDDING_SUFFIX, HEAD_SUFFIX)):
         return "adamw_decay"
     if name.endswith(ROUTER_SUFFIX):
-        return "muon" if router_optimizer == "muon" else "adamw_decay"
+        return "muon_no_decay" if router_optimizer == "muon" else "adamw_no_decay"
     return "muon" if p.ndim >= 2 else "adamw_no_decay"
 
 
 def param_group_names(model: nn.Module, spec: OptimSpec) -> dict[str, list[str]]:
     """Parameter names per group (shared/tied parameters appear once)."""
-    out: dict[str, list[str]] = {"muon": [], "adamw_decay": [], "adamw_no_decay": []}
+    out: dict[str, list[str]] = {"muon": [], "muon_no_decay": [], "adamw_decay": [], "adamw_no_decay": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             out[classify(name, p, spec.router_optimizer)].append(name)
@@ -86,9 +92,14 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> TrinityOptimizer:
     names = param_group_names(model, spec)
     m, a = spec.muon, spec.adamw
     muon = None
-    if names["muon"]:
+    muon_groups = [
+        {"params": [params[n] for n in names[g]], "name": g, "weight_decay": wd}
+        for g, wd in (("muon", m.weight_decay), ("muon_no_decay", 0.0))
+        if names[g]
+    ]
+    if muon_groups:
         muon = Muon(
-            [{"params": [params[n] for n in names["muon"]], "name": "muon"}],
+            muon_groups,
             lr=m.lr,
             weight_decay=m.weight_decay,
             momentum=m.momentum,
