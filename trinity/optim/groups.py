@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trinity.optim.muon import Muon
+from trinity.optim.ns_schedule import ns_schedule
 from trinity.spec.optim import OptimSpec
 
 EMBEDDING_SUFFIX = "tok_embeddings.weight"
@@ -98,6 +99,7 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> TrinityOptimizer:
         if names[g]
     ]
     if muon_groups:
+        schedule = ns_schedule(m.ns_schedule, m.ns_steps, m.ns_coefficients)
         muon = Muon(
             muon_groups,
             lr=m.lr,
@@ -109,6 +111,8 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> TrinityOptimizer:
             eps=m.eps,
             lr_scaling=m.lr_scaling,
             ns_dtype=m.ns_dtype,
+            ns_schedule=schedule.coefficients,
+            ns_norm_scale=schedule.norm_scale,
         )
     adam_groups = [
         {"params": [params[n] for n in names[g]], "name": g, "weight_decay": wd, "base_lr": a.lr}
