@@ -1,9 +1,10 @@
 """Learning-rate multipliers of the peak: pretraining's warmup-stable-decay, and the later stages' rules.
 
 Pretraining (PAPER.md 4): linear warmup over `warmup_steps` optimizer steps, then constant, then a
-decay over the last `decay_fraction` of all pretraining tokens (across phases) to `final_fraction`
-of the peak, linear or cosine. Steps drive the warmup, tokens the decay, because the batch size
-changes during training while the decay is planned in tokens.
+decay to `final_fraction` of the peak at the end of pretraining, linear or cosine. The decay starts
+after `decay_start_tokens` pretraining tokens (across phases) or, when that is not set, over the last
+`decay_fraction` of them (`ScheduleSpec.decay_start`). Steps drive the warmup, tokens the decay,
+because the batch size changes during training while the decay is planned in tokens.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def decay_shape(progress: float, final: float, kind: str) -> float:
 
 
 def pretrain_lr_factor(step: int, tokens_seen: int, schedule: ScheduleSpec, total_tokens: int) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based) after `tokens_seen` tokens."""
+    """Multiplier of the peak lr for optimizer step `step` (0-based) after `tokens_seen` tokens: 1 after the
+    warmup while `tokens_seen` <= the decay start, then decaying with the tokens seen past it."""
     warmup = min(1.0, (step + 1) / schedule.warmup_steps) if schedule.warmup_steps > 0 else 1.0
-    decay_start = (1.0 - schedule.decay_fraction) * total_tokens
+    decay_start = schedule.decay_start(total_tokens)
     if tokens_seen <= decay_start:
         return warmup
     progress = (tokens_seen - decay_start) / max(total_tokens - decay_start, 1.0)

@@ -77,8 +77,18 @@ class ExperimentSpec(SpecModel):
         self._check_lengths(rules)
         self._check_batches(rules)
         self._check_references(rules)
+        self._check_schedule(rules)
         rules.raise_if_any()
         return self
+
+    def _check_schedule(self, rules: Rules) -> None:
+        start, total = self.optim.schedule.decay_start_tokens, self.data.pretrain_tokens
+        rules.check(
+            start is None or start < total,
+            ("optim", "schedule", "decay_start_tokens"),
+            f"= {start} must be below the total pretraining tokens ({total}, the sum of data.phases[*].tokens): "
+            f"the decay runs from there to the end of pretraining; allowed: 0 to {total - 1}",
+        )
 
     def _check_lengths(self, rules: Rules) -> None:
         rules.check(
