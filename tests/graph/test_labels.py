@@ -116,3 +116,25 @@ def test_the_number_of_branches_is_bounded() -> None:
     with pytest.raises(SpecError) as info:
         load_experiment(TINY, [f"sweep={{grid: {{optim.muon.lr: [{values}], seed: [{values}]}}}}"])
     assert any(f"sweep.grid makes 1521 branches (39 x 39); at most {MAX_BRANCHES}" in line for line in info.value.lines)
+
+
+def test_a_node_is_labelled_by_the_keys_its_identity_depends_on() -> None:
+    """In a `muon.lr x seed` sweep the tokenizer and prepare nodes depend on the seed only: one per seed,
+    labelled `[seed=N]` and shared by that seed's learning rates; training nodes keep the whole label.
+    Each node is the one the branch compiled alone (no sweep) holds: same identity, same dependencies."""
+    loaded = load_experiment(TINY, ["sweep={grid: {optim.muon.lr: [0.01, 0.02], seed: [1, 2]}}"])
+    graph = compile_graph(loaded)
+    assert sorted(n for n in graph if n.startswith("tokenizer")) == ["tokenizer[seed=1]", "tokenizer[seed=2]"]
+    prepares = sorted(n for n in graph if n.startswith("prepare/phase1"))
+    assert prepares == ["prepare/phase1[seed=1]", "prepare/phase1[seed=2]"]
+    assert len([n for n in graph if n.startswith("pretrain/phase1")]) == 4
+    assert graph.nodes["pretrain/phase1[muon.lr=0.02,seed=2]"]["node"].deps == ("prepare/phase1[seed=2]",)
+    for lr in (0.01, 0.02):
+        for seed in (1, 2):
+            alone = compile_graph(load_experiment(TINY, [f"optim.muon.lr={lr}", f"seed={seed}"]))
+            for base, node in alone.nodes(data="node"):
+                label = f"seed={seed}" if node.kind in ("tokenizer", "prepare") else f"muon.lr={lr},seed={seed}"
+                swept = graph.nodes[f"{base}[{label}]"]
+                assert swept["node"].identity == node.identity, base
+                assert swept["node"].branch == label
+                assert swept["spec"].seed == seed

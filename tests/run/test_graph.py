@@ -93,10 +93,12 @@ def test_a_sweep_node_runs_with_its_branch_spec(tmp_path: Path) -> None:
         if node.kind == "pretrain":
             assert node.branch and node.spec_file.startswith("branches/")
             kinds[node.id] = graph.spec(node).stability.balancing.kind
-    assert sorted(kinds.values()) == ["none", "sign", "smebu"]
+    assert sorted(kinds.values()) == ["none"] * 3 + ["sign"] * 3 + ["smebu"] * 3
     assert all(f"balancing.kind={kind}" in node_id for node_id, kind in kinds.items())
-    shared = graph["tokenizer"]
-    assert shared.branch == "" and graph.spec(shared).name == "ablation-smebu-vs-sign"
+    # The tokenizer depends on the seed, not on the balancing: one per seed, shared by that seed's branches.
+    shared = graph["tokenizer[seed=1]"]
+    assert shared.branch == "seed=1" and graph.spec(shared).name == "ablation-smebu-vs-sign"
+    assert graph.spec(shared).seed == 1
 
 
 def test_load_refuses_a_folder_that_is_not_a_run_and_an_unknown_kind(tmp_path: Path) -> None:

@@ -104,8 +104,8 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
     nodes = []
     for node in nodes_in_order(graph):
         spec: ExperimentSpec = graph.nodes[node.id]["spec"]
-        # A node shared by all sweep branches has the same identity in each: it runs with the first one's spec.
-        label = node.branch or first_label
+        # A node shared by several sweep branches has the same identity in each: it runs with the first one's spec.
+        label = graph.nodes[node.id]["branch_label"] or first_label
         flat = {k: v for k, (v, _) in flatten(spec).items()}
         nodes.append(
             GraphNode(

@@ -9,7 +9,9 @@
 Each node carries its identity: a hash of the spec fields that change its result plus its
 upstream identities (`trinity.graph.identity`). A sweep compiles one branch per grid point;
 nodes whose identity is the same in every branch (the tokenizer, prepare nodes) are shared,
-the others get the branch label in their id: `pretrain/phase1[muon.lr=0.002]`.
+the others get in their id the part of the branch label their identity depends on:
+`pretrain/phase1[muon.lr=0.002]`, or `tokenizer[seed=1]` in a `seed x muon.lr` sweep (shared by the
+branches of seed 1).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Branch:
     spec: ExperimentSpec
     source: Located | None = field(default=None, compare=False, repr=False)
     """The located data it was validated from (where its errors point)."""
+    parts: tuple[str, ...] = field(default=(), compare=False)
+    """The label's `key=value` part of each grid key, in grid order (empty when there is no sweep)."""
 
 
 @dataclass
@@ -74,9 +78,10 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
         return [Branch("", loaded.spec, loaded.source)]
     keys = list(sweep.grid)
     points = list(itertools.product(*(sweep.grid[k] for k in keys)))
-    labels = _labels(keys, points)
+    labels = _label_parts(keys, points)
     out: list[Branch] = []
-    for values, label in zip(points, labels, strict=True):
+    for values, parts in zip(points, labels, strict=True):
+        label = _joined(parts)
         data = copy.deepcopy(loaded.source.data)
         data.pop("sweep", None)
         located = Located(data, dict(loaded.source.locations))
@@ -89,7 +94,7 @@ def branches(loaded: LoadedSpec) -> list[Branch]:
             spec = validate(located)
         except SpecError as exc:
             raise SpecError([f"{line} (in sweep branch {label})" for line in exc.lines]) from None
-        out.append(Branch(label, spec, located))
+        out.append(Branch(label, spec, located, parts))
     return out
 
 
@@ -112,6 +117,17 @@ def _digest(value: Any) -> str:
 
 
 def _labels(keys: list[str], points: list[tuple[Any, ...]]) -> list[str]:
+    """The whole label of each grid point (`_label_parts` joined)."""
+    return [_joined(parts) for parts in _label_parts(keys, points)]
+
+
+def _joined(parts: tuple[str, ...]) -> str:
+    """A label from its `key=value` parts (the digest of all of it when longer than LABEL_MAX)."""
+    label = ",".join(parts)
+    return label if len(label) <= LABEL_MAX else _digest(label)
+
+
+def _label_parts(keys: list[str], points: list[tuple[Any, ...]]) -> list[tuple[str, ...]]:
     """One label per grid point: `key=value,...` with each key's last two parts (`muon.lr=0.002,loader=rsdb`).
 
     Labels become part of node ids, so of folder names and Mermaid/DOT labels: a key or value
@@ -135,8 +151,7 @@ def _labels(keys: list[str], points: list[tuple[Any, ...]]) -> list[str]:
             if precise and not text.startswith("~"):
                 text += _digest(value)
             parts.append(f"{_key_text(key)}={text}")
-        label = ",".join(parts)
-        labels.append(label if len(label) <= LABEL_MAX else _digest(label))
+        labels.append(tuple(parts))
     return labels
 
 
@@ -315,12 +330,11 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
     if problems:
         raise SpecError(list(dict.fromkeys(problems)))
 
+    axes = _deciding_axes(per_branch)
     graph = nx.DiGraph(name=loaded.spec.name)
     for branch, drafts in per_branch:
-        final = {
-            d.base_id: d.base_id if len(identities_of[d.base_id]) == 1 else f"{d.base_id}[{branch.label}]"
-            for d in drafts
-        }
+        labels = {d.base_id: _joined(tuple(branch.parts[k] for k in axes[d.base_id])) for d in drafts}
+        final = {d.base_id: f"{d.base_id}[{labels[d.base_id]}]" if labels[d.base_id] else d.base_id for d in drafts}
         for d in drafts:
             node_id = final[d.base_id]
             if node_id in graph:
@@ -332,16 +346,44 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
                 deps=tuple(final[x] for x in d.deps),
                 payload=d.payload,
                 target=d.target,
-                branch=branch.label if node_id != d.base_id else "",
+                branch=labels[d.base_id],
                 after_checkpoint=None if d.after is None else AfterCheckpoint(final[d.after[0]], d.after[1]),
             )
-            graph.add_node(node_id, node=node, spec=branch.spec)
+            # `branch_label`: the (first) whole branch whose spec the node runs with.
+            graph.add_node(node_id, node=node, spec=branch.spec, branch_label=branch.label)
             for dep in node.deps:
                 graph.add_edge(dep, node_id)
     assert nx.is_directed_acyclic_graph(graph)
     # Names are `Name`s and labels are made safe, so every id is a relative path under RUN/nodes.
     assert all(node_id_problem(n) is None for n in graph), [(n, node_id_problem(n)) for n in graph]
     return graph
+
+
+def _deciding_axes(per_branch: list[tuple[Branch, list[_Draft]]]) -> dict[str, tuple[int, ...]]:
+    """Per node base id, the grid keys (indices) its identity depends on: its id's label shows only those.
+
+    A node the same in every branch depends on none (it is shared by all); one that differs with the
+    seed but not with the loader of a `seed x loader` sweep gets `[seed=0]` and is shared by the
+    branches of one seed. Keys are dropped one at a time while the identity stays a function of the
+    remaining keys' values, so branches with equal labels always hold the same node.
+    """
+    if not per_branch or not per_branch[0][0].parts:
+        return {d.base_id: () for _, drafts in per_branch for d in drafts}
+    n_axes = len(per_branch[0][0].parts)
+    identity_of: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+    for branch, drafts in per_branch:
+        for d in drafts:
+            identity_of.setdefault(d.base_id, []).append((branch.parts, d.identity))
+    axes: dict[str, tuple[int, ...]] = {}
+    for base_id, rows in identity_of.items():
+        kept = list(range(n_axes))
+        for k in range(n_axes):
+            trial = [a for a in kept if a != k]
+            seen: dict[tuple[str, ...], str] = {}
+            if all(seen.setdefault(tuple(parts[a] for a in trial), ident) == ident for parts, ident in rows):
+                kept = trial
+        axes[base_id] = tuple(kept)
+    return axes
 
 
 def nodes_in_order(graph: nx.DiGraph) -> list[Node]:
