@@ -52,8 +52,9 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
     est = plan["estimates"]
     title = f"{plan['name']}: {len(plan['nodes'])} nodes"
     nodes = Table(title=plain(title), title_justify="left")
-    for col in ("node", "kind", "identity", "depends on", "tokens", "steps", "GPU-hours"):
-        nodes.add_column(col, justify="right" if col in ("tokens", "steps", "GPU-hours") else "left")
+    numeric = ("tokens", "steps", "GPU-hours", "days")
+    for col in ("node", "kind", "identity", "depends on", *numeric):
+        nodes.add_column(col, justify="right" if col in numeric else "left")
     for n in plan["nodes"]:
         nodes.add_row(
             plain(n["id"]),
@@ -63,6 +64,7 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
             human_count(n["tokens"]) if "tokens" in n else "",
             f"{n['steps']:,}" if "steps" in n else "",
             f"{n['gpu_hours']:,.1f}" if "gpu_hours" in n else "",
+            f"{n['days']:,.2f}" if "days" in n else "",
         )
     console.print(nodes)
     for n in plan["nodes"]:  # the shared store (execution.store): what a run takes instead of running
@@ -70,6 +72,8 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
             console.print(plain(f"{n['id']}: reused from {n['reused_from']}"), soft_wrap=True)
         elif "store_problem" in n:
             console.print(plain(f"{n['id']}: will run; the store's entry {n['store_problem']}"), soft_wrap=True)
+    if "schedule" in plan:
+        print_schedule(console, plan["schedule"])
     if plan.get("data_streams"):
         print_data_streams(console, plan["data_streams"])
     summary = Table(title="estimates", title_justify="left", show_header=False)
@@ -96,11 +100,54 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
         ("checkpoint size", human_bytes(est["checkpoint_bytes"])),
         ("GPU-hours (whole graph)", f"{est['graph_gpu_hours']:,.0f}"),
     ]
+    if "graph_days" in est:
+        gpus = f"{est['world_size']:,} GPUs"
+        rows.append(("days of wall time (whole graph)", f"{est['graph_days']:,.1f} on {gpus}"))
+        rows.append(("GPU-hours (pretraining)", f"{est['pretrain_gpu_hours']:,.0f}"))
+        rows.append(("days of wall time (pretraining)", f"{est['pretrain_days']:,.1f} on {gpus}"))
     for row in rows:
         summary.add_row(*row)
     console.print(summary)
     if "trace" in plan:
         print_trace(console, plan["trace"])
+
+
+def print_schedule(console: Console, schedule: dict[str, Any]) -> None:
+    """Per pretraining phase: its steps, loader and lr rule; then the warmup and where the lr decay starts."""
+    table = Table(title="pretraining schedule", title_justify="left")
+    for col in ("phase", "tokens", "steps", "loader", "lr"):
+        table.add_column(col, justify="right" if col in ("tokens", "steps") else "left")
+    for p in schedule["phases"]:
+        loader = p["loader"]
+        parts = [str(loader["kind"])]
+        if "buffer_size" in loader:
+            parts.append(f"buffer {loader['buffer_size']:,}")
+        parts.append(f"{loader['workers']} worker{'s' if loader['workers'] != 1 else ''}")
+        lr = p["lr"] if isinstance(p["lr"], str) else ", ".join(f"{k} {v}" for k, v in p["lr"].items())
+        last = p["first_step"] + p["steps"] - 1
+        table.add_row(
+            plain(p["name"]),
+            human_count(p["tokens"]),
+            f"{p['first_step']:,}-{last:,}",
+            plain(", ".join(parts)),
+            plain(lr),
+        )
+    console.print(table)
+    step, phase = schedule["decay_start_step"], schedule["decay_start_phase"]
+    where = "no step (the decay starts after the last step begins)" if step is None else f"step {step:,} ({phase})"
+    lines = [
+        f"warmup: {schedule['warmup_steps']:,} steps, linear from 0 to the peak",
+        f"decay: {schedule['decay']} to {_fraction_of_peak(schedule['final_fraction'])}, after "
+        f"{human_count(schedule['decay_start_tokens'])} of {human_count(schedule['total_tokens'])} tokens "
+        f"(the last {schedule['decay_fraction']:.1%}; from {schedule['decay_start_field']}); "
+        f"first decayed step: {where}",
+    ]
+    for line in lines:
+        console.print(plain(line), soft_wrap=True)
+
+
+def _fraction_of_peak(fraction: float) -> str:
+    return "0" if fraction == 0 else f"{fraction:g} x peak"
 
 
 def print_data_streams(console: Console, streams: dict[str, dict[str, dict[str, Any]]]) -> None:

@@ -1,5 +1,8 @@
 """Length-biased document sampling for context extension (PAPER.md 6: long documents are sampled with a bias).
 
+The rule of `stages.extend` when `sampling` is unset (trinity's rule before the paper's; the paper's, each
+document once per pass with a probability that grows with its length, is `trinity.data.inclusion`).
+
 Document i is drawn with probability p_i = len_i**bias / sum_j len_j**bias (bias 0: uniform over
 documents; bias 1: proportional to length, i.e. a token picked uniformly lies in document i with
 probability p_i). Draws are independent and with replacement: a long document may come back many

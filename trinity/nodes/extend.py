@@ -2,9 +2,11 @@
 
 Starts from the last pretraining phase's final checkpoint (model, optimizer state, expert bias and
 momentum), or from `stages.extend.init` (trinity.nodes.init_source), and trains `stages.extend.tokens`
-tokens at `stages.extend.seq_len` on the prepare/extend store, whose documents are drawn with a length
-bias (`trinity.data.length_biased`) from the seed stream `loader/extend`, by `data.streams` streams of
-which this rank builds only its own (trinity.distributed.data).
+tokens at `stages.extend.seq_len` on the prepare/extend store, from the seed stream `loader/extend`, by
+`data.streams` streams of which this rank builds only its own (trinity.distributed.data). Documents are
+sampled as `stages.extend.sampling` says: the paper's rule (`inclusion`: each document once per pass with a
+probability that grows with its length, `trinity.data.inclusion`), or, unset, drawn with replacement with a
+length bias (`long_doc_bias`, `trinity.data.length_biased`).
 
 "Only the global layers are treated as changed": global layers use no positional encoding, so a
 longer context needs no change to them beyond training; local layers keep their RoPE theta and
@@ -22,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from trinity.data.inclusion import InclusionLoader
 from trinity.data.length_biased import LengthBiasedLoader
+from trinity.data.packing import PackedLoader
 from trinity.data.store import open_store
 from trinity.distributed.data import StreamSet
 from trinity.errors import NodeFailure
@@ -52,11 +56,23 @@ def extend_lr_factor(ext: ExtendSpec, total_steps: int) -> Callable[[int, int], 
 
 def build_extend_loader(
     ext: ExtendSpec, store: Any, micro_batch: int, seed: int, stream: int = 0, n_streams: int = 1
-) -> LengthBiasedLoader:
-    """Stream `stream` of `n_streams`: length-biased draws packed as the stage's loader spec says
-    (RSDB buffer or sequential)."""
+) -> PackedLoader:
+    """Stream `stream` of `n_streams`, packed as the stage's loader spec says (RSDB buffer or sequential):
+    the paper's inclusion passes when `sampling` is set, else length-biased draws with replacement."""
     loader = ext.loader
     buffer = loader.buffer_size if isinstance(loader, data_spec.RsdbLoader) else 0
+    if ext.sampling is not None:
+        return InclusionLoader(
+            store,
+            ext.seq_len,
+            micro_batch,
+            ext.sampling,
+            rank=stream,
+            world=n_streams,
+            workers=loader.workers,
+            seed=seed,
+            buffer_size=buffer,
+        )
     return LengthBiasedLoader(
         store,
         ext.seq_len,

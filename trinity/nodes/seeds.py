@@ -11,7 +11,7 @@ the seed and the name, so it is the same in every process, on every platform and
 Streams in use (STREAMS lists them; a node never invents a name elsewhere):
     model/init                 the weights of a model trained from scratch (pretraining phase 1)
     loader/pretrain/<phase>    a pretraining phase's loader
-    loader/extend              context extension's length-biased draws
+    loader/extend              context extension's document sampling
     loader/sft                 the order SFT packs its conversations in
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from trinity.spec.base import SpecModel, added_field, execution_only
 from trinity.spec.data import MAX_COUNT, MAX_SEQ_LEN, MAX_TOKENS, ContinueLR, MixSpec
@@ -33,6 +33,50 @@ class RewarmLR(SpecModel):
 ExtendLR = Annotated[RewarmLR | ContinueLR, Field(discriminator="kind")]
 
 
+class InclusionSampling(SpecModel):
+    """The paper's extension sampling (PAPER.md 6, trinity.data.inclusion): in each pass over the extension
+    store, each document is included once, independently, with a probability p(length) that grows with its
+    length, and the included documents are read once each in a seeded random order (without replacement).
+
+    The curve: p = p_min up to `min_tokens`, p = p_max from `full_at_tokens` on, and in between p grows
+    linearly in log(length): p_min + (p_max - p_min) x ln(len / min_tokens) / ln(full_at_tokens / min_tokens).
+    The paper gives only the two end points (about 1% for short documents, up to 90% at 128K tokens); the
+    log-linear shape and `min_tokens` are [open].
+    """
+
+    kind: Literal["inclusion"] = "inclusion"
+    p_min: float = Field(0.01, gt=0.0, le=1.0)
+    """Inclusion probability of a document of `min_tokens` tokens or fewer (> 0: every document stays reachable)."""
+    p_max: float = Field(0.9, gt=0.0, le=1.0)
+    """Inclusion probability of a document of `full_at_tokens` tokens or more."""
+    min_tokens: PositiveInt = Field(4096, le=MAX_SEQ_LEN)
+    """Length (tokens, its `<|doc|>` boundary included) up to which p = p_min; [open]: the presets' pretraining
+    sequence length, the length a document that is not "long" fits in."""
+    full_at_tokens: PositiveInt = Field(131_072, le=MAX_SEQ_LEN)
+    """Length (tokens) from which p = p_max (the paper: 128K)."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> InclusionSampling:
+        rules = Rules()
+        rules.check(
+            self.p_min <= self.p_max,
+            "p_min",
+            f"= {self.p_min} must be <= p_max ({self.p_max}): the inclusion probability grows with length",
+        )
+        rules.check(
+            self.full_at_tokens > self.min_tokens,
+            "full_at_tokens",
+            f"= {self.full_at_tokens} must be greater than min_tokens ({self.min_tokens}): p grows from p_min at "
+            "min_tokens to p_max at full_at_tokens",
+        )
+        rules.raise_if_any()
+        return self
+
+
+DEFAULT_LONG_DOC_BIAS = 1.0
+"""`long_doc_bias` when a spec does not set it (proportional to length)."""
+
+
 class ExtendSpec(MixSpec):
     """Context extension: continue from the last pretraining checkpoint at a longer sequence length."""
 
@@ -40,8 +84,14 @@ class ExtendSpec(MixSpec):
     """Context length the model is meant to serve (training may use a longer `seq_len`)."""
     global_batch_sequences: PositiveInt = Field(64, le=MAX_BATCH_SEQUENCES)
     """Sequences per optimizer step."""
-    long_doc_bias: float = Field(1.0, ge=0.0)
-    """Documents are drawn with probability proportional to length**long_doc_bias (0: uniform)."""
+    long_doc_bias: float = Field(DEFAULT_LONG_DOC_BIAS, ge=0.0, le=16.0)
+    """Without `sampling`: documents are drawn, with replacement, with probability proportional to
+    length**long_doc_bias (0: uniform; trinity.data.length_biased). Not used with `sampling` (where it must stay
+    at its default)."""
+    sampling: InclusionSampling | None = added_field(None)
+    """How extension documents are sampled: `{kind: inclusion, ...}` is the paper's rule (each document once per
+    pass with a probability that grows with its length, trinity.data.inclusion); None: the length-biased draw
+    with replacement (`long_doc_bias`)."""
     lr: ExtendLR = RewarmLR()
     """Learning-rate rule of the stage."""
     cp: PositiveInt | None = execution_only(None, le=MAX_RANKS)
@@ -50,6 +100,18 @@ class ExtendSpec(MixSpec):
     """Only the global (NoPE) layers are treated as changed: local RoPE theta and window stay."""
     init: InitSpec | None = None
     """Start from this checkpoint instead of the last pretraining phase's final one (trinity.spec.init)."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> ExtendSpec:
+        rules = Rules()
+        rules.check(
+            self.sampling is None or self.long_doc_bias == DEFAULT_LONG_DOC_BIAS,
+            "long_doc_bias",
+            f"= {self.long_doc_bias} applies only to the length-biased draw, which `sampling` replaces: remove it "
+            f"(or set it to {DEFAULT_LONG_DOC_BIAS}), or remove `sampling`",
+        )
+        rules.raise_if_any()
+        return self
 
     @property
     def optimizer_steps(self) -> int:
@@ -91,7 +153,12 @@ class SFTSpec(SpecModel):
 
 
 class RLSpec(SpecModel):
-    """Reinforcement learning with verifiable rewards: GRPO-style group-relative advantages ([open])."""
+    """Reinforcement learning with verifiable rewards: GRPO-style group-relative advantages ([open]).
+
+    A substitute for the paper's stage (PAPER.md 7): that one is asynchronous (rollout workers beside a
+    trainer) and scores with a learned reward model where no answer can be checked; neither its
+    algorithm nor its reward model is public. This one alternates rollout and update in one process
+    and rewards only checkable answers (exact answer and format)."""
 
     algorithm: Literal["grpo"] = "grpo"
     """Policy-gradient algorithm."""
