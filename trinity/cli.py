@@ -487,7 +487,8 @@ def plot(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default: RUN/plots).")] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Write PNGs: loss per phase, MaxVio heatmap (layer x step), expert-load heatmap."""
+    """Write PNGs: loss against tokens and MaxVio against step (a panel per stage kind, a line per branch,
+    seeds as mean and min-max band), MaxVio and expert-load heatmaps per node; no telemetry is an error."""
     from trinity.store.plots import plot_run
 
     for path in plot_run(run_dir, out_dir):
