@@ -230,7 +230,11 @@ def diff(
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory.")]
 NodesOption = Annotated[
     list[str] | None,
-    typer.Option("--nodes", help="Run only nodes matching this glob (and what they depend on); repeatable."),
+    typer.Option(
+        "--nodes",
+        help="Run only this node id, or the nodes matching this glob (and what they depend on); repeatable. "
+        "A sweep branch's id is taken as written: --nodes 'pretrain/phase2[muon.lr=0.02]'.",
+    ),
 ]
 JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Nodes run at once (local executor).")]
 
@@ -393,8 +397,18 @@ def explain(
 @handles_errors
 def sql(
     path: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs (e.g. runs/).")],
-    query: Annotated[str, typer.Argument(help="One read-only SQL statement (tables: steps, moe_layers, ...).")],
+    query: Annotated[
+        str | None, typer.Argument(help="One read-only SQL statement (tables: steps, moe_layers, ...).")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    duckdb_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--duckdb",
+            help="Write the catalog's tables and views to this DuckDB file (replaced if it exists) for the "
+            "DuckDB CLI, Python or BI tools; a snapshot: export again to see newer parts.",
+        ),
+    ] = None,
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", min=0, help="Stop the query after SECONDS (default: 300; 0: no limit)."),
@@ -407,13 +421,22 @@ def sql(
     """Read-only SQL over the telemetry of one run or of every run under a folder (docs/telemetry.md).
 
     A telemetry part that cannot be read is left out with a warning naming it (`trinity verify` checks them all).
+    `--duckdb OUT.duckdb` writes the same tables and views to a database file (with a QUERY: then runs it).
     """
     from trinity.store.sql import DEFAULT_TIMEOUT_S, run_sql
 
     if fmt not in ("table", "csv", "json"):
         raise SpecError([f"--format {fmt!r}: allowed: table, csv, json"])
-    limit = DEFAULT_TIMEOUT_S if timeout is None else timeout
-    sys.stdout.write(run_sql(path, query, fmt, timeout_s=limit, strict=strict))  # type: ignore[arg-type]
+    if query is None and duckdb_file is None:
+        raise SpecError(["trinity sql: give a QUERY, or --duckdb OUT.duckdb to write the catalog to a file"])
+    if duckdb_file is not None:
+        from trinity.store.duckdb_file import write_duckdb
+
+        names = write_duckdb(path, duckdb_file, strict=strict)
+        err.print(f"wrote {shown(str(duckdb_file))}: {', '.join(names)}", highlight=False, soft_wrap=True)
+    if query is not None:
+        limit = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        sys.stdout.write(run_sql(path, query, fmt, timeout_s=limit, strict=strict))  # type: ignore[arg-type]
 
 
 @app.command()

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 import pytest
+from typer.testing import CliRunner
 
 from tests.cli_runs import trinity
 from tests.conftest import ROOT
+from trinity.cli import app
 from trinity.errors import CatalogError, ReadOnlyViolation
 from trinity.run.layout import RunDir
+from trinity.store.duckdb_file import write_duckdb
 from trinity.store.sql import query, run_sql
 
 
@@ -127,3 +132,81 @@ def test_a_query_past_its_time_limit_is_stopped(resumed_run: RunDir) -> None:
     cli = trinity("sql", str(resumed_run.root), runaway, "--timeout", "1")
     assert cli.returncode == 2 and "stopped at its time limit of 1 s" in cli.stderr, cli.stderr
     assert query(resumed_run.root, "SELECT 42", timeout_s=0)[1] == [(42,)]  # 0: no limit
+
+
+# -- read-only statements DuckDB parses as several (PIVOT), and the catalog as a DuckDB file -------------------
+
+
+def test_a_pivot_is_a_read_and_matches_the_long_form(resumed_run: RunDir) -> None:
+    """`trinity sql RUN "PIVOT ..."` (MaxVio as step x layer) answers, with the values of the long form."""
+    pivot = "PIVOT moe_layers ON layer USING max(max_vio) GROUP BY step ORDER BY step"
+    cli = trinity("sql", str(resumed_run.root), pivot, "--format", "json")
+    assert cli.returncode == 0, cli.stderr
+    _, long_rows = query(resumed_run.root, "SELECT step, layer, max_vio FROM moe_layers")
+    expected: dict[int, dict[str, float]] = {}
+    for step, layer, max_vio in long_rows:
+        expected.setdefault(step, {"step": step})[str(layer)] = max_vio
+    assert json.loads(cli.stdout) == [expected[s] for s in sorted(expected)] and len(expected) == 12
+    for read in (
+        "EXPLAIN PIVOT steps ON attempt USING max(loss)",
+        "EXPLAIN ANALYZE PIVOT steps ON attempt USING max(loss)",
+        "WITH p AS (PIVOT steps ON attempt USING max(loss) GROUP BY step) SELECT count(*) FROM p",
+        "UNPIVOT (SELECT step, loss, grad_norm FROM steps) ON loss, grad_norm INTO NAME k VALUE v",
+    ):
+        assert query(resumed_run.root, read)[1], read
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE t AS PIVOT steps ON attempt USING max(loss)",
+        "CREATE TEMP TABLE t AS PIVOT steps ON attempt USING max(loss)",
+        "INSERT INTO spec_fields SELECT * FROM spec_fields WHERE EXISTS (PIVOT steps ON attempt USING max(loss))",
+        "DELETE FROM runs USING (PIVOT steps ON attempt USING max(loss)) p",
+        "COPY (PIVOT steps ON attempt USING max(loss)) TO '{part}' (FORMAT parquet, USE_TMP_FILE false)",
+        "EXPLAIN ANALYZE COPY (PIVOT steps ON attempt USING max(loss)) TO '{root}/out.csv'",
+    ],
+)
+def test_a_write_holding_a_pivot_is_refused(resumed_run: RunDir, sql: str) -> None:
+    """DuckDB parses these like a PIVOT read (one MULTI statement); each is refused and writes nothing."""
+    part = _steps_parts(resumed_run, 1)[0]
+    before = part.read_bytes()
+    with pytest.raises(ReadOnlyViolation, match=r"^trinity sql is read-only"):
+        query(resumed_run.root, sql.format(part=part, root=resumed_run.root))
+    assert part.read_bytes() == before and not list(resumed_run.root.glob("*.csv"))
+    assert query(resumed_run.root, "SELECT count(*) FROM runs")[1] == [(1,)]
+
+
+def test_duckdb_export_opens_in_plain_duckdb(
+    resumed_run: RunDir, write_attempt: Callable[..., None], tmp_path: Path
+) -> None:
+    """`trinity sql RUN --duckdb OUT.duckdb`: DuckDB alone (read-only) answers as `trinity sql` does."""
+    (tmp_path / "export").mkdir()
+    out = tmp_path / "export" / "telemetry.duckdb"
+    cli = trinity("sql", str(resumed_run.root), "--duckdb", str(out))
+    assert cli.returncode == 0 and f"wrote {out}" in cli.stderr, cli.stderr
+    checks = [
+        "SELECT node, attempt, step, loss FROM steps ORDER BY node, step",
+        "SELECT attempt, step FROM steps_history ORDER BY attempt, step",
+        "SELECT layer, expert, count(*) AS n FROM expert_load GROUP BY ALL ORDER BY ALL",
+        "SELECT node, attempt, state FROM attempts ORDER BY ALL",
+        "SELECT attempt, start_step, superseded_after FROM attempt_spans ORDER BY ALL",
+    ]
+    con = duckdb.connect(str(out), read_only=True)
+    try:
+        for sql in checks:
+            assert con.execute(sql).fetchall() == query(resumed_run.root, sql)[1], sql
+        assert con.execute("SELECT count(*) FROM steps_history").fetchall() == [(16,)]
+    finally:
+        con.close()
+    # Export again over the file after another attempt: replaced whole, and the new rows are in.
+    write_attempt(resumed_run, "r1", "pretrain/phase1", 3, range(13, 15), resumed_from_step=12)
+    assert "steps" in write_duckdb(resumed_run.root, out)
+    con = duckdb.connect(str(out), read_only=True)
+    try:
+        assert con.execute("SELECT max(step), count(*) FROM steps_history").fetchall() == [(14, 18)]
+    finally:
+        con.close()
+    assert [p.name for p in out.parent.iterdir()] == ["telemetry.duckdb"]  # no temporary left behind
+    neither = CliRunner().invoke(app, ["sql", str(resumed_run.root)])
+    assert neither.exit_code == 2 and "--duckdb OUT.duckdb" in neither.output

@@ -18,10 +18,12 @@ the catalog checks each part's Parquet footer first and leaves a damaged one out
 `on_damaged` hears of it (by default a warning on stderr naming the file), and `strict=True` makes
 it a CatalogError naming the file. `trinity verify` checks every part in full and finds gaps.
 
-The SQL entry point (`run_sql`) is read-only twice over: statements other than SELECT and EXPLAIN
-are refused before they run, and the connection itself may touch no file but the Parquet parts
+The SQL entry point (`run_sql`) is read-only twice over: statements that write are refused before
+they run (trinity.store.sql), and the connection itself may touch no file but the Parquet parts
 it was built from (DuckDB's external access is off, with those files allowed, and the
-configuration is locked), so even a statement the check missed cannot write anything on disk.
+configuration is locked), so even a statement the check missed cannot write any other file. The
+parts themselves are not safe from it: DuckDB's allowed_paths admits writes as well as reads (a
+`COPY ... TO '<part>' (USE_TMP_FILE false)` overwrites a part), so the check is what guards them.
 The column-by-column reference is docs/telemetry.md.
 """
 
@@ -55,7 +57,7 @@ _ROW_KEY: dict[str, tuple[str, ...]] = {
 }
 
 ALLOWED_STATEMENTS = {duckdb.StatementType.SELECT: "SELECT", duckdb.StatementType.EXPLAIN: "EXPLAIN"}
-ALLOWED_HELP = "SELECT, WITH ... SELECT, FROM ..., VALUES, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN"
+ALLOWED_HELP = "SELECT, WITH ... SELECT, FROM ..., VALUES, PIVOT, UNPIVOT, DESCRIBE, SHOW, SUMMARIZE and EXPLAIN"
 
 
 # -- telemetry views ---------------------------------------------------------------------------

@@ -1,8 +1,17 @@
 """Read-only SQL over the catalog: what `trinity sql` accepts, runs and prints.
 
-One read statement at a time (SELECT, WITH ... SELECT, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE,
-EXPLAIN); anything that writes is refused before it reaches DuckDB, and the connection itself
-can only read the telemetry files (`open_catalog(lock=True)`).
+One read statement at a time (SELECT, WITH ... SELECT, FROM, VALUES, PIVOT, UNPIVOT, DESCRIBE,
+SHOW, SUMMARIZE, EXPLAIN); anything that writes is refused, and the connection itself can open
+no file but the telemetry parts (`open_catalog(lock=True)`). DuckDB would let it write those parts
+(allowed_paths admits writes), so this check is what keeps `COPY ... TO '<part>'` out.
+
+The check asks DuckDB's own parser for the statement's type. One read is not a single statement
+there: a PIVOT that takes its column values from the data (`PIVOT moe_layers ON layer USING
+max(max_vio)`, no IN list) parses as a MULTI statement, since DuckDB first collects the values
+into an enum type (in the connection's temporary catalog) and then runs the query. The same MULTI
+type also hides `COPY (PIVOT ...) TO` or `CREATE TABLE AS PIVOT ...`, so the parser alone cannot
+tell; such a statement is judged by its physical plan on the catalog it would run on (EXPLAIN),
+which must hold no operator that writes (WRITE_OPERATORS).
 
 A query runs under a time limit (`timeout_s`, default DEFAULT_TIMEOUT_S; None or 0: none): a
 threading.Timer calls DuckDB's `interrupt()` on the connection when it expires, and the query ends
@@ -16,6 +25,7 @@ import csv
 import io
 import json
 import math
+import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -33,8 +43,52 @@ DEFAULT_TIMEOUT_S = 300.0
 join (a cross product of two large views) ends instead of running for hours. --timeout 0: none."""
 
 
-def check_read_only(query: str) -> None:
-    """Raise ReadOnlyViolation unless `query` is exactly one read statement."""
+WRITE_OPERATORS = frozenset(
+    {
+        "INSERT", "BATCH_INSERT", "DELETE", "UPDATE", "MERGE_INTO",
+        "COPY_TO_FILE", "BATCH_COPY_TO_FILE", "COPY_DATABASE", "EXPORT",
+        "CREATE_TABLE", "CREATE_TABLE_AS", "BATCH_CREATE_TABLE_AS", "CREATE_INDEX", "CREATE_SEQUENCE",
+        "CREATE_VIEW", "CREATE_SCHEMA", "CREATE_MACRO", "CREATE_TYPE", "CREATE_SECRET", "ALTER", "DROP",
+        "ATTACH", "DETACH", "SET", "SET_VARIABLE", "RESET", "LOAD", "PRAGMA", "VACUUM", "TRANSACTION",
+        "PREPARE", "EXECUTE", "EXTENSION", "UPDATE_EXTENSIONS",
+    }
+)  # fmt: skip
+"""DuckDB's physical operators (PhysicalOperatorType names) that change a database, a file or the
+session: a statement whose plan holds one of them is refused."""
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:ANALYZE\s+|\([^)]*\)\s*)?(.*)$", re.S | re.I)
+
+
+def _refuse(verb: str) -> ReadOnlyViolation:
+    return ReadOnlyViolation(f"trinity sql is read-only: {verb} statements are refused (allowed: {ALLOWED_HELP})")
+
+
+def _plan_operators(con: duckdb.DuckDBPyConnection, query: str) -> list[str]:
+    """The operator names of `query`'s physical plan on `con`, root first (EXPLAIN runs nothing)."""
+    try:
+        rows = con.execute(f"EXPLAIN (FORMAT json) {query}").fetchall()
+    except duckdb.PermissionException as exc:  # planning a COPY TO (or a read of another file) opens it
+        raise ReadOnlyViolation(
+            f"trinity sql is read-only and opens no file but the run's telemetry: {str(exc).splitlines()[0]}"
+        ) from None
+    except duckdb.Error as exc:
+        raise CatalogError(f"query failed: {exc}") from None
+    names: list[str] = []
+    todo: list[Any] = [node for row in rows for node in json.loads(row[1])]
+    while todo:
+        node = todo.pop(0)
+        names.append(str(node.get("name", "")))
+        todo.extend(node.get("children", []))
+    return names
+
+
+def check_read_only(query: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Raise ReadOnlyViolation unless `query` is exactly one read statement.
+
+    `con` is the catalog the query will run on: a MULTI statement (a PIVOT without an IN list) is
+    checked by its plan there. Without `con` such a statement passes, so `query()` checks twice:
+    before opening the catalog (a plain write is refused at once) and on the open catalog.
+    """
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -44,15 +98,21 @@ def check_read_only(query: str) -> None:
     if len(statements) > 1:
         raise CatalogError(f"give one statement at a time (got {len(statements)})")
     st = statements[0]
+    explained = _EXPLAIN.match(st.query)
+    if st.type == duckdb.StatementType.MULTI:
+        if explained is not None:  # EXPLAIN [ANALYZE] of a PIVOT: check what it explains
+            check_read_only(explained.group(1), con)
+        elif con is not None:
+            writes = [op for op in _plan_operators(con, st.query) if op in WRITE_OPERATORS]
+            if writes:
+                raise _refuse(writes[0].removeprefix("BATCH_").split("_")[0])
+        return
     if st.type not in ALLOWED_STATEMENTS:
         kind = str(st.type).rsplit(".", 1)[-1]
-        verb = st.query.strip().split(None, 1)[0].upper() if st.query.strip() else kind
-        raise ReadOnlyViolation(f"trinity sql is read-only: {verb} statements are refused (allowed: {ALLOWED_HELP})")
-    if st.type == duckdb.StatementType.EXPLAIN:
+        raise _refuse(st.query.strip().split(None, 1)[0].upper() if st.query.strip() else kind)
+    if st.type == duckdb.StatementType.EXPLAIN and explained is not None:
         # EXPLAIN ANALYZE runs its statement: check what it explains.
-        words = st.query.strip().split(None, 2)
-        rest = words[2] if len(words) > 2 and words[1].upper() == "ANALYZE" else st.query.strip()[len(words[0]) :]
-        check_read_only(rest)
+        check_read_only(explained.group(1), con)
 
 
 def query(
@@ -69,6 +129,7 @@ def query(
     con = open_catalog(path, strict=strict, on_damaged=on_damaged)
     timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
     try:
+        check_read_only(sql, con)
         if timer is not None:
             timer.daemon = True
             timer.start()
