@@ -81,7 +81,8 @@ def test_diff_reports_fields_and_invalidated_nodes() -> None:
     changes = {c["path"]: c for c in out["changes"]}
     assert changes["optim.adamw.lr"]["after"] == 0.001 and not changes["optim.adamw.lr"]["execution_only"]
     assert changes["execution.checkpoint.async"] == {
-        "path": "execution.checkpoint.async", "before": None, "after": True, "execution_only": True
+        "path": "execution.checkpoint.async", "before": None, "after": True, "execution_only": True,
+        "identity": False,
     }  # fmt: skip
     trained = {"pretrain/phase1", "pretrain/phase2", "extend", "sft", "rl"}
     evals = {f"eval/{task}@{stage}" for task, stage in EVALS}

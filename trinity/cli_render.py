@@ -202,7 +202,7 @@ def print_diff(console: Console, result: SpecDiff) -> None:
             plain(c.path),
             plain(repr(c.before)),
             plain(repr(c.after)),
-            "no (execution)" if c.execution_only else "yes",
+            "yes" if c.identity else "no (execution)" if c.execution_only else "no (in no identity)",
         )
     console.print(table)
     for label, ids in (("re-run", result.rerun), ("reused", result.reused), ("removed", result.removed)):

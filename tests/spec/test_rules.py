@@ -17,6 +17,7 @@ RULES = [
     ("heads divisible by KV heads", "n_heads: 4", "n_heads: 5", "model.n_heads"),
     ("top-k <= routed experts", "top_k: 2", "top_k: 9", "model.moe.top_k"),
     ("dense layers <= layers", "n_dense_layers: 1", "n_dense_layers: 5", "model.n_dense_layers"),
+    ("at least one MoE layer", "n_dense_layers: 1", "n_dense_layers: 4", "model.n_dense_layers"),
     (
         "sliding window <= longest sequence",
         "sliding_window: 64",

@@ -331,6 +331,7 @@ def compile_graph(loaded: LoadedSpec) -> nx.DiGraph:
         raise SpecError(list(dict.fromkeys(problems)))
 
     axes = _deciding_axes(per_branch)
+    _refuse_idle_keys(loaded, axes)
     graph = nx.DiGraph(name=loaded.spec.name)
     for branch, drafts in per_branch:
         labels = {d.base_id: _joined(tuple(branch.parts[k] for k in axes[d.base_id])) for d in drafts}
@@ -384,6 +385,36 @@ def _deciding_axes(per_branch: list[tuple[Branch, list[_Draft]]]) -> dict[str, t
                 kept = trial
         axes[base_id] = tuple(kept)
     return axes
+
+
+def _refuse_idle_keys(loaded: LoadedSpec, axes: dict[str, tuple[int, ...]]) -> None:
+    """A grid key no node's identity depends on is an error: its branches would all be the same nodes.
+
+    Such keys are the fields that never change a result (`execution.*`, `parallel.*`, `name`,
+    `description`): the sweep would silently collapse to fewer branches than the grid promises. Repeated
+    values of a key are allowed (identical points share their nodes). Comparing execution settings is a
+    question of separate runs, not of branches.
+    """
+    sweep = loaded.spec.sweep
+    if sweep is None or len(sweep.grid) == 0:
+        return
+    used = {k for kept in axes.values() for k in kept}
+    problems = []
+    for index, key in enumerate(sweep.grid):
+        values = sweep.grid[key]
+        if index in used or len({_canonical(v) for v in values}) < 2:
+            continue  # repeated values are identical points: they share their nodes by design
+        where = loaded.source.location_of(("sweep", "grid", key))
+        at = f"{where}: " if where is not None else ""
+        problems.append(
+            f"{at}sweep.grid.{key}: its {len(values)} values give the same nodes in every branch (no node's identity "
+            "depends on this field: execution.*, parallel.*, name and description never change a result), so "
+            "the sweep would collapse to fewer branches than the grid has; remove it from the "
+            "grid, or compare the settings as separate runs "
+            "(`trinity run GRAPH --run-dir DIR --set FIELD=VALUE`, one run directory per value)"
+        )
+    if problems:
+        raise SpecError(problems)
 
 
 def nodes_in_order(graph: nx.DiGraph) -> list[Node]:

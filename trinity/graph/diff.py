@@ -11,6 +11,11 @@ from trinity.graph.compile import compile_graph, nodes_in_order
 from trinity.spec.base import is_execution_only
 from trinity.spec.loading import LoadedSpec
 
+NEVER_IN_IDENTITY = ("name", "description", "parallel")
+"""Top-level fields no node identity holds (trinity.graph.compile builds the payloads without them) though
+they are not execution-only: the experiment's name and description, and the GPU layout (more GPUs re-run
+nothing). A change to them re-runs nothing, and `diff` says so."""
+
 
 @dataclass(frozen=True)
 class FieldChange:
@@ -18,6 +23,8 @@ class FieldChange:
     before: Any
     after: Any
     execution_only: bool
+    identity: bool = True
+    """Whether the field can enter a node's identity (a change to it may re-run nodes)."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,15 @@ def flatten(model: BaseModel, prefix: str = "", execution: bool = False) -> dict
 
 def diff_specs(a: LoadedSpec, b: LoadedSpec) -> SpecDiff:
     fa, fb = flatten(a.spec), flatten(b.spec)
-    changes = [
-        FieldChange(
-            path,
-            fa.get(path, (None, False))[0],
-            fb.get(path, (None, False))[0],
-            (fb.get(path) or fa.get(path) or (None, False))[1],
-        )
-        for path in sorted(set(fa) | set(fb))
-        if fa.get(path, (None,))[0] != fb.get(path, (None,))[0]
-    ]
+    changes = []
+    for path in sorted(set(fa) | set(fb)):
+        before, after = fa.get(path, (None, False))[0], fb.get(path, (None, False))[0]
+        if before == after:
+            continue
+        execution = (fb.get(path) or fa.get(path) or (None, False))[1]
+        injected = path.startswith("execution.inject")  # tests' faults: execution-only, yet in the identity
+        identity = (injected or not execution) and path.split(".", 1)[0] not in NEVER_IN_IDENTITY
+        changes.append(FieldChange(path, before, after, execution, identity))
     ga, gb = compile_graph(a), compile_graph(b)
     known = {ga.nodes[n]["node"].identity for n in ga.nodes}
     rerun = [n.id for n in nodes_in_order(gb) if n.identity not in known]

@@ -38,6 +38,7 @@ from trinity.errors import NodeFailure
 from trinity.evals.arithmetic import evaluate_arithmetic, heldout_problems, trained_prompts
 from trinity.model import TrinityModel
 from trinity.nodes.context import NodeContext, set_threads
+from trinity.nodes.divergence import NonFiniteLoss, divergence_advice
 from trinity.nodes.init_source import load_init
 from trinity.nodes.loop import TrainingLoop, verify_training_node
 from trinity.nodes.upstream import load_final_model, upstream_tokenizer
@@ -70,7 +71,7 @@ def grpo_update(
     logp_BT = token_logprobs(policy, batch.ids_BT, batch.targets_BT)
     loss, stats = grpo_loss(logp_BT, batch.old_logprobs_BT, adv_B, batch.mask_BT, rl.clip_eps, rl.kl_weight, ref_BT)
     if not torch.isfinite(loss):
-        raise NodeFailure(f"RL loss is {loss.item()}; lower stages.rl.lr, then `trinity resume`")
+        raise NonFiniteLoss(f"the RL loss is {loss.item()}")
     if not bool((adv_B != 0).any()):
         # No group has a reward spread: the policy gradient is zero and what remains is rounding
         # noise, which Muon's orthogonalisation (and Adam's normalisation) would blow up to a
@@ -128,9 +129,15 @@ class GrpoTrainer(TrainingLoop[RLStep]):
             rollout_generator(spec.seed, self.step),
         )
         self.policy.train()
-        stats, grad_norm = grpo_update(
-            self.policy, self.reference, self.optimizer, ro, rl, self.tok.pad_id, spec.stability.grad_clip
-        )
+        try:
+            stats, grad_norm = grpo_update(
+                self.policy, self.reference, self.optimizer, ro, rl, self.tok.pad_id, spec.stability.grad_clip
+            )
+        except NonFiniteLoss as exc:  # numbered as in telemetry: self.step steps are done
+            raise NodeFailure(
+                f"step {self.step + 1}: {exc}; nothing of this step was applied. "
+                + divergence_advice(spec, self.ctx.kind, self.ctx.run.root)
+            ) from None
         return RLStep(stats.loss, stats.tokens, float(ro.rewards_PG.mean()), grad_norm, stats, ro)
 
     def log_step(self, r: RLStep, seconds: float) -> None:

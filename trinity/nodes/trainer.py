@@ -70,6 +70,7 @@ from trinity.model.rope import positions_from_doc_ids
 from trinity.nodes.alarms import Alarm, MoEAlarms
 from trinity.nodes.checkpoints import final_state, last_committed_step
 from trinity.nodes.context import NodeContext
+from trinity.nodes.divergence import divergence_advice
 from trinity.nodes.loop import TrainingLoop, resume_latest
 from trinity.nodes.rollbacks import Rollback, append_rollback, read_rollbacks, windows_to_skip
 from trinity.nodes.seeds import restore_rng_state, stream_seed
@@ -184,7 +185,7 @@ class Trainer(TrainingLoop[StepResult]):
         world = collective.world_size()
         if n_global % world:
             raise NodeFailure(
-                f"step {self.step}: the global batch of {sequences} sequences is {n_global} micro-batches of "
+                f"step {self.step + 1}: the global batch of {sequences} sequences is {n_global} micro-batches of "
                 f"parallel.micro_batch = {plan.micro_batch}, which {world} ranks cannot share evenly"
             )
         n_micro = n_global // world
@@ -266,8 +267,7 @@ class Trainer(TrainingLoop[StepResult]):
                 f"step {spike.step}: the loss {spike.loss:.4g} is a spike ({spike.kind} {spike.score:.3g} > "
                 f"{spike.threshold}), and stability.spikes.max_actions = {spec.max_actions} actions were taken "
                 f"already (steps skipped: {skipped or 'none'}; rolled back at steps: {rolled or 'none'}); the run "
-                "is unstable, not unlucky. Lower the learning rate (optim.muon.lr, optim.adamw.lr) or tighten "
-                "stability.grad_clip (or raise stability.spikes.max_actions), then `trinity resume`."
+                "is unstable, not unlucky. " + divergence_advice(self.ctx.spec, self.ctx.kind, self.ctx.run.root)
             )
         if spec.action == "skip":
             self.spikes.record(spike.step, "skip")
@@ -341,12 +341,12 @@ class Trainer(TrainingLoop[StepResult]):
         )
 
     def _non_finite(self, what: str) -> NodeFailure:
+        """The failure of the step being computed (numbered as in telemetry: `self.step` steps are done)."""
         last = last_committed_step(self.ctx.dir)
         where = f"step {last}" if last is not None else "none yet"
         return NodeFailure(
-            f"step {self.step}: {what}; nothing of this step was committed (last committed checkpoint: {where}). "
-            "Lower the learning rate (optim.muon.lr, optim.adamw.lr) or tighten stability.grad_clip, then "
-            "`trinity resume`."
+            f"step {self.step + 1}: {what}; nothing of this step was committed (last committed checkpoint: "
+            f"{where}). " + divergence_advice(self.ctx.spec, self.ctx.kind, self.ctx.run.root)
         )
 
     # -- the pieces the skeleton runs ------------------------------------------------------------
