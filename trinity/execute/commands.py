@@ -9,13 +9,16 @@ such. A node left RUNNING by a scheduler that was killed is stopping at a checkp
 from __future__ import annotations
 
 import fnmatch
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 from rich.console import Console
+from rich.markup import escape
 
 from trinity.errors import RunError
 from trinity.execute.display import RunDisplay, node_table
@@ -38,15 +41,29 @@ from trinity.spec.loading import LoadedSpec, load_experiment
 
 
 def select(graph: nx.DiGraph, patterns: list[str] | None) -> nx.DiGraph:
-    """The nodes matching any glob in `patterns`, with everything they depend on (all if None)."""
+    """The nodes matching any pattern in `patterns` (`matches`), with everything they depend on (all if None)."""
     if not patterns:
         return graph
-    chosen = {n for n in graph.nodes if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    chosen = {n for p in patterns for n in matches(graph.nodes, p)}
     if not chosen:
         raise RunError(f"--nodes {' '.join(patterns)} matches no node (nodes: {', '.join(sorted(graph.nodes))})")
     for n in list(chosen):
         chosen |= nx.ancestors(graph, n)
     return graph.subgraph(chosen).copy()
+
+
+def matches(node_ids: Iterable[str], pattern: str) -> set[str]:
+    """The ids `pattern` selects: the id it equals, if there is one; else every id it matches as a glob
+    (`*`, `?`), where `[...]` matches either literally or as a character class.
+
+    Sweep branches carry their label in brackets (`pretrain/phase2[muon.lr=0.02]`): fnmatch alone reads
+    those as a character class, so the id as printed would select nothing, and `pretrain/*[muon.lr=0.02]`
+    no branch. Reading brackets both ways keeps classes (`pretrain/phase[12]`) working too."""
+    ids = list(node_ids)
+    if pattern in ids:
+        return {pattern}
+    literal = re.sub(r"[\[\]]", lambda m: f"[{m.group()}]", pattern)
+    return {n for n in ids if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, literal)}
 
 
 def run_loaded(
@@ -79,7 +96,7 @@ def run_loaded(
             console.print(line, highlight=False, markup=False)
         reused = {n for n, d in decisions.items() if d.action == "reuse"}
         to_run = [n for n, d in decisions.items() if d.action == "run"]
-        console.print(f"run directory: {run.root}", highlight=False)
+        console.print(f"run directory: {run.root}", highlight=False, markup=False)
         console.print(f"{len(to_run)} node(s) to run, {len(reused)} reused", highlight=False)
         for d in decisions.values():
             if d.entry is not None:
@@ -95,21 +112,22 @@ def run_loaded(
                 executor = LocalExecutor(run, detach=detach)
                 states = execute(run, graph, decisions, executor, jobs=jobs, on_tick=display.tick, detach=detach)
     if slurm and not wait:
-        console.print(f"submitted {len(to_run)} node(s) to Slurm; follow with `trinity status {run.root}`")
+        console.print(
+            f"submitted {len(to_run)} node(s) to Slurm; follow with `trinity status {run.root}`",
+            highlight=False,
+            markup=False,
+        )
         return 0
     if not console.is_terminal:
         console.print(node_table(run, order, reused))
     failed = [n for n, s in states.items() if s != "SUCCEEDED"]
     if failed:
-        console.print(
-            f"[red]{len(failed)} node(s) did not succeed[/]: {', '.join(failed)}. "
-            f"See `trinity status {run.root}`; continue with `trinity resume {run.root}`."
-        )
+        advice = f"See `trinity status {run.root}`; continue with `trinity resume {run.root}`."
+        what = escape(f"{', '.join(failed)}. {advice}")
+        console.print(f"[red]{len(failed)} node(s) did not succeed[/]: {what}", highlight=False, emoji=False)
         return 1
-    console.print(
-        f"[green]all {len(states)} node(s) SUCCEEDED[/]. Telemetry: "
-        f'trinity sql {run.root} "select node, step, loss from steps order by node, step"'
-    )
+    query = escape(f'trinity sql {run.root} "select node, step, loss from steps order by node, step"')
+    console.print(f"[green]all {len(states)} node(s) SUCCEEDED[/]. Telemetry: {query}", highlight=False)
     return 0
 
 

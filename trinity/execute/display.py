@@ -19,7 +19,7 @@ LINE_EVERY_S = 10.0
 
 
 def node_table(run: RunDir, node_ids: list[str], reused: set[str]) -> Table:
-    table = Table(title=str(run.root), title_justify="left")
+    table = Table(title=escape(str(run.root)), title_justify="left")
     for col in ("node", "state", "attempt", "step", "loss", "tokens/s", "note"):
         table.add_column(col, justify="right" if col in ("attempt", "step", "loss", "tokens/s") else "left")
     for node_id in node_ids:

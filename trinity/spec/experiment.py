@@ -23,6 +23,15 @@ MAX_BRANCHES = 1024
 """Branches (grid points) of one sweep: each is validated, compiled and estimated on its own."""
 
 
+LAYOUT = ("parallel.nodes", "parallel.gpus_per_node", "parallel.cp", "parallel.micro_batch")
+"""The layout fields a global batch is split by (data-parallel ranks x micro_batch): a broken batch rule
+names where each was set, and is blamed on the one the user wrote (trinity.spec.rules: Violation.related)."""
+LAYOUT_HINT = (
+    ": each rank takes whole micro-batches; fit the layout to the batch (parallel.* never changes an identity), "
+    "or change the batch (its nodes re-run)"
+)
+
+
 class SweepSpec(SpecModel):
     """A grid over field paths: one branch per combination; unchanged upstream nodes are shared."""
 
@@ -101,6 +110,13 @@ class ExperimentSpec(SpecModel):
             "model.moe.n_experts",
             f"= {self.model.moe.n_experts} must be divisible by parallel.ep ({self.parallel.ep})",
         )
+        # A graph trains a MoE (expert balancing, MaxVio, the `moe` section); a lone ModelSpec may be dense.
+        rules.check(
+            self.model.n_dense_layers < self.model.n_layers,
+            "model.n_dense_layers",
+            f"= {self.model.n_dense_layers} leaves no MoE layer (model.n_layers = {self.model.n_layers}), so "
+            "model.moe would be unused; set n_dense_layers below n_layers (Trinity: 2 of 56 in Nano)",
+        )
         longest = self.longest_seq_len
         rules.check(
             self.model.sliding_window <= longest,
@@ -129,7 +145,8 @@ class ExperimentSpec(SpecModel):
                 par.divides_batch(step.sequences),
                 ("optim", "batch", i, "sequences"),
                 f"= {step.sequences} must be divisible by data-parallel ranks x micro_batch "
-                f"({par.dp_ranks()} x {par.micro_batch} = {unit})",
+                f"({par.dp_ranks()} x {par.micro_batch} = {unit}){LAYOUT_HINT}",
+                LAYOUT,
             )
         streams, dp = self.data.streams, par.dp_ranks()
         rules.check(
@@ -137,6 +154,7 @@ class ExperimentSpec(SpecModel):
             ("data", "streams"),
             f"= {streams} must be a multiple of the data-parallel ranks (parallel.nodes x parallel.gpus_per_node / "
             f"parallel.cp = {par.nodes} x {par.gpus_per_node} / {par.cp} = {dp}): each rank reads its own streams",
+            LAYOUT[:3],
         )
         extend = self.stages.extend
         if extend is not None:
@@ -152,7 +170,9 @@ class ExperimentSpec(SpecModel):
                     par.divides_batch(extend.global_batch_sequences, cp),
                     "stages.extend.global_batch_sequences",
                     f"= {extend.global_batch_sequences} must be divisible by data-parallel ranks x micro_batch "
-                    f"({par.dp_ranks(cp)} x {par.micro_batch} = {unit_cp})",
+                    f"({par.dp_ranks(cp)} x {par.micro_batch} = {unit_cp}; world {par.total_ranks} / cp {cp})"
+                    f"{LAYOUT_HINT}",
+                    (*LAYOUT[:2], "stages.extend.cp" if extend.cp else "parallel.cp", LAYOUT[3]),
                 )
         sft = self.stages.sft
         if sft is not None:
@@ -160,7 +180,8 @@ class ExperimentSpec(SpecModel):
                 par.divides_batch(sft.global_batch_sequences),
                 "stages.sft.global_batch_sequences",
                 f"= {sft.global_batch_sequences} must be divisible by data-parallel ranks x micro_batch "
-                f"({par.dp_ranks()} x {par.micro_batch} = {unit})",
+                f"({par.dp_ranks()} x {par.micro_batch} = {unit}){LAYOUT_HINT}",
+                LAYOUT,
             )
 
     def _check_references(self, rules: Rules) -> None:

@@ -17,6 +17,10 @@ class Violation:
 
     path: tuple[str | int, ...]
     message: str
+    related: tuple[tuple[str | int, ...], ...] = ()
+    """Other fields whose values broke the rule with `path`'s (a layout that must divide a batch): the
+    loader names where each was set and blames the line the user wrote (a `--set`, the graph file) over
+    a preset's line."""
 
 
 class RuleViolations(ValueError):
@@ -33,11 +37,12 @@ class Rules:
 
     violations: list[Violation] = field(default_factory=list)
 
-    def check(self, ok: bool, path: str | tuple[str | int, ...], message: str) -> None:
-        """Record `message` against `path` unless `ok`."""
+    def check(self, ok: bool, path: str | tuple[str | int, ...], message: str, related: tuple[str, ...] = ()) -> None:
+        """Record `message` against `path` unless `ok`; `related`: the dotted paths of the other fields
+        the rule reads (see Violation.related)."""
         if not ok:
             parts: tuple[str | int, ...] = tuple(path.split(".")) if isinstance(path, str) else path
-            self.violations.append(Violation(parts, message))
+            self.violations.append(Violation(parts, message, tuple(tuple(r.split(".")) for r in related)))
 
     def raise_if_any(self) -> None:
         if self.violations:
