@@ -62,9 +62,9 @@ def handles_errors(fn: F) -> F:
                 shown = escape(printable(line, newlines=False))  # one problem, one line
                 err.print(f"[bold red]error[/]: {shown}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:  # trinity.errors.Interrupted too: nodes were stopped at a checkpoint
+        except KeyboardInterrupt:  # outside the scheduler (which says what it stopped): claim no node's fate
             err.print(
-                "[yellow]interrupted[/]: running nodes were stopped at a checkpoint; "
+                "[yellow]interrupted[/] (Ctrl-C); `trinity status RUN_DIR` shows what still runs; "
                 "continue with `trinity resume RUN_DIR`",
                 highlight=False,
             )
@@ -233,7 +233,7 @@ NodesOption = Annotated[
     typer.Option(
         "--nodes",
         help="Run only this node id, or the nodes matching this glob (and what they depend on); repeatable. "
-        "A sweep branch's id is taken as written: --nodes 'pretrain/phase2[muon.lr=0.02]'.",
+        "A sweep branch's id is taken as written: --nodes 'pretrain/phase2\\[muon.lr=0.02]'.",  # \\[ escapes rich markup
     ),
 ]
 JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Nodes run at once (local executor).")]
@@ -268,6 +268,14 @@ def run(
     ] = False,
     wait: WaitOption = True,
     detach: DetachOption = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Run even though another graph file than the run directory's, or a --set it was made with "
+            "and not given now, supersedes nodes (their folders move to RUN/superseded/, kept).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Run a graph: create (or continue) its run directory and execute the nodes that must run.
@@ -290,7 +298,7 @@ def run(
         print_jobs(out, plan_jobs(graph, sets, nodes))
         return
     try:
-        code = run_graph(graph, sets, run_dir, out, nodes, jobs, wait, detach)
+        code = run_graph(graph, sets, run_dir, out, nodes, jobs, wait, detach, force)
     except SchedulerStopped as stopped:
         err.print(f"[yellow]interrupted[/] ({stopped.signal_name}): {shown(stopped.message)}", highlight=False)
         raise typer.Exit(stopped.exit_code) from None
