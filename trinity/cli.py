@@ -233,7 +233,7 @@ NodesOption = Annotated[
     typer.Option(
         "--nodes",
         help="Run only this node id, or the nodes matching this glob (and what they depend on); repeatable. "
-        "A sweep branch's id is taken as written: --nodes 'pretrain/phase2\\[muon.lr=0.02]'.",  # \\[ escapes rich markup
+        "A sweep branch's id is taken as written: --nodes 'pretrain/phase2\\[muon.lr=0.02]'.",  # \\[: rich
     ),
 ]
 JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Nodes run at once (local executor).")]
