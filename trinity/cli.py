@@ -334,14 +334,47 @@ def resume(
 @handles_errors
 def cancel(
     run_dir: RunDirArg,
-    node: Annotated[str | None, typer.Argument(help="One node (default: all).")] = None,
+    node: Annotated[str | None, typer.Argument(help="A node id or glob (default: all).")] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Cancel a Slurm run's jobs (or one node's); dependants become DEP_FAILED."""
+    """Stop a run's running nodes (or one node's) at a committed checkpoint; dependants become DEP_FAILED.
+
+    A Slurm run: its jobs are cancelled (scancel). A local run: each running node gets SIGTERM, commits a
+    checkpoint and exits (its attempt ends STOPPED); one not stopped within 120 s is killed (KILLED).
+    `trinity resume` continues from the checkpoint."""
     from trinity.execute.commands import cancel_run
 
-    ids = cancel_run(run_dir, node)
-    out.print(f"cancelled {len(ids)} job(s): {shown(', '.join(ids) or 'none running')}", highlight=False, emoji=False)
+    for line in cancel_run(run_dir, node):
+        out.print(shown(line), highlight=False, soft_wrap=True, emoji=False)
+
+
+@app.command()
+@handles_errors
+def logs(
+    run_dir: RunDirArg,
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=1, help="Attempt number (default: the latest).")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing what is appended until the attempt ends.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Print a node attempt's log: its stdout and stderr (every rank's, prefixed `[rank r]` when several), from
+    nodes/<id>/logs/attempt-NNNN.log. --follow prints on while the attempt runs; Ctrl-C stops following only."""
+    from trinity.execute.logs import attempt_log, show
+
+    log = attempt_log(run_dir, node, attempt)
+
+    def write(chunk: bytes) -> None:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+    try:
+        show(log, write, follow)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -516,13 +549,25 @@ def compact(
 def plot(
     run_dir: RunDirArg,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default: RUN/plots).")] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Runs under RUN (a folder of runs) to draw on one axis: a glob over their paths ('lr-*'), "
+            "or SQL returning run_id (and optionally node).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Write PNGs: loss against tokens and MaxVio against step (a panel per stage kind, a line per branch,
-    seeds as mean and min-max band), MaxVio and expert-load heatmaps per node; no telemetry is an error."""
-    from trinity.store.plots import plot_run
+    seeds as mean and min-max band), MaxVio and expert-load heatmaps per node; no telemetry is an error.
 
-    for path in plot_run(run_dir, out_dir):
+    With --compare: compare-loss.png and compare-max_vio.png, a line per (run, training node) labelled
+    `RUN: NODE`, for the runs under RUN that the glob or SQL chooses."""
+    from trinity.store.plots import plot_compare, plot_run
+
+    paths = plot_run(run_dir, out_dir) if compare is None else plot_compare(run_dir, compare, out_dir)
+    for path in paths:
         out.print(shown(path), highlight=False, emoji=False)
 
 

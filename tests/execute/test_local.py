@@ -59,6 +59,12 @@ def test_local_executor_runs_a_two_rank_node_through_torchrun(two_rank_run: Path
     assert "rank 0 of 2" in log and "rank 1 of 2" in log
     assert f"rank 0 of 2 on {ends[0].host} (pid {ends[0].pid})" in log
     assert f"rank 1 of 2 on {ends[1].host} (pid {ends[1].pid})" in log
+    lines = [line for line in log.splitlines() if line.startswith("[rank ")]
+    assert (
+        f"[rank 0] trinity: {NODE}: step 59/59, loss " in log
+        and f"[rank 0] trinity: {NODE} attempt 1: SUCCEEDED" in log
+    )
+    assert {line[:8] for line in lines} == {"[rank 0]", "[rank 1]"}  # every rank's lines, each with its rank
 
 
 @pytest.mark.slow  # multi-rank: the node trained as 2 torchrun processes

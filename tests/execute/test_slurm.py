@@ -147,7 +147,8 @@ def test_sweep_of_three_learning_rates_is_one_array_job(prepared: tuple[Path, Pa
     shutil.copytree(prepared_run, run)  # the tokenizer is shared by the branches: reused
     # 12 steps (of 8 sequences of 64 tokens) instead of 59: prepare/phase1 runs again, once for the 3 branches.
     short = ["--set", "data.phases.phase1.tokens=6000"]
-    result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM, *short)
+    force = ["--force"]  # another graph into the copy of the prepared run: prepare/phase1 is superseded
+    result = trinity("run", str(swept), "--run-dir", str(run), "--nodes", "pretrain/phase1*", *SLURM, *short, *force)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 node(s) to run" in result.stdout  # prepare/phase1 and the 3 branches
     nodes = [f"pretrain/phase1[muon.lr={lr}]" for lr in ("0.005", "0.01", "0.02")]

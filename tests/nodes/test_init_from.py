@@ -87,7 +87,7 @@ def test_stages_start_from_the_source_weights(prepared: tuple[Path, Path], tmp_p
         "micro.yaml",
         data={"phases": [PHASE1, {**DECAY, "init": {"from": "pretrain/phase1@20"}, "lr": DECAY_LR}]},
     )
-    result = trinity("run", str(graph_a), "--run-dir", str(run_a))
+    result = trinity("run", str(graph_a), "--run-dir", str(run_a), "--force")  # another graph into the copy
     assert result.returncode == 0, result.stdout + result.stderr
     phase1 = RunDir(run_a).node("pretrain/phase1")
     at20 = phase1.checkpoints / "step-00000020"
@@ -115,7 +115,7 @@ def test_stages_start_from_the_source_weights(prepared: tuple[Path, Path], tmp_p
             ]
         },
     )
-    result = trinity("run", str(graph_b), "--run-dir", str(run_b))
+    result = trinity("run", str(graph_b), "--run-dir", str(run_b), "--force")  # another graph into the copy
     assert result.returncode == 0, result.stdout + result.stderr
     events = init_events(run_b)
     assert events["pretrain/phase1"]["model_sha256"] == digest(

@@ -26,6 +26,12 @@ is reused (linked, SUCCEEDED without running the body), another live run produci
 publishes its outputs there (rank 0, after verify); a failure to publish is a warning and an event,
 never a failed node. Known gap: a multi-rank attempt does not claim (torch.distributed would have to
 agree on it): two runs may both train one identity at once; the second publish is dropped.
+
+The attempt's log (nodes/<id>/logs/attempt-NNNN.log, the process's stdout and stderr as its executor
+opened them) is written for a person: a line when the attempt starts, its training progress (at most
+every LOG_PROGRESS_EVERY_S, and the last step), what the body prints, a traceback when it fails, and
+a line saying how it ended. Several ranks write one log: each line of rank r is prefixed `[rank r] `.
+A stop requested by `trinity cancel` (it leaves `cancel_marker` before its SIGTERM) says so.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import io
+import math
 import os
 import shutil
 import signal
@@ -45,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any, TextIO
 
 from trinity.distributed.env import destroy_distributed, dist_env, init_distributed
 from trinity.errors import NodeFailure, RestartRequested, StopRequested, TrinityError
@@ -53,10 +62,10 @@ from trinity.graph.kinds import node_world_size
 from trinity.nodes.context import NodeContext
 from trinity.nodes.registry import node_body
 from trinity.run.graph import RunGraph
-from trinity.run.layout import RunDir, read_json
+from trinity.run.layout import NodeDir, RunDir, read_json
 from trinity.run.ranks import RankEnd, deciding_end, read_rank_ends, write_rank_end
 from trinity.run.shared_store import Claim, LeaseOwner, SharedStore, StoreLease, claim, link_entry
-from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus, ProcessRef, process_alive
+from trinity.run.status import AttemptRecord, Heartbeat, NodeStatus, ProcessRef, now_iso, process_alive
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
@@ -67,6 +76,8 @@ SCHEDULER_START_ENV = "TRINITY_SCHEDULER_START"
 WATCH_PERIOD_S = 1.0
 """How often a node checks that its scheduler is still there (the parent-death signal is immediate)."""
 PR_SET_PDEATHSIG = 1
+LOG_PROGRESS_EVERY_S = 10.0
+"""A training node's progress goes to its log at most this often (the first report and the last step always)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,63 @@ class Outcome:
     message: str
     exit_code: int
     time: float = field(default_factory=time.time)
+
+
+def cancel_marker(node_dir: NodeDir, attempt: int) -> Path:
+    """The file `trinity cancel` writes before it signals the attempt, so that the attempt's stop says why."""
+    return node_dir.attempts / f"{attempt:04d}.cancel"
+
+
+class RankPrefixed(io.TextIOBase):
+    """A text stream that writes each whole line to `stream` with `prefix` in front, flushed at once.
+
+    Every rank of a node appends to the same log file; a line written whole in one write() is not
+    interleaved with another rank's (O_APPEND), and the prefix says whose it is."""
+
+    def __init__(self, stream: TextIO, prefix: str) -> None:
+        super().__init__()
+        self.stream, self.prefix, self._partial = stream, prefix, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            self.stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.stream.write(f"{self.prefix}{self._partial}")
+            self._partial = ""
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class ProgressLog:
+    """Writes a training node's progress reports (NodeContext.progress) to the log as lines a person reads:
+    the first at once, then at most every `every_s`, and the last step."""
+
+    def __init__(self, node_id: str, every_s: float = LOG_PROGRESS_EVERY_S) -> None:
+        self.node_id, self.every_s, self._last = node_id, every_s, -math.inf
+
+    def __call__(self, values: dict[str, Any]) -> None:
+        step, total = values.get("step"), values.get("total_steps")
+        now = time.monotonic()
+        if step is None or (now - self._last < self.every_s and step != total):
+            return
+        self._last = now
+        parts = [f"step {step}" + (f"/{total}" if total is not None else "")]
+        parts += [f"{key} {values[key]}" for key in ("loss", "tokens_per_s", "tokens") if values.get(key) is not None]
+        print(f"trinity: {self.node_id}: " + ", ".join(parts), flush=True)
 
 
 class SchedulerWatch:
@@ -141,12 +209,18 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
         rank=launched.rank,
         world_size=launched.world_size,
     )
-    if ctx.world_size > 1:
-        print(
-            f"trinity: {node_id} attempt {attempt}: rank {ctx.rank} of {ctx.world_size} "
-            f"on {socket.gethostname()} (pid {os.getpid()})",
-            flush=True,
-        )
+    if ctx.world_size > 1:  # one log for every rank: each line says whose it is
+        sys.stdout = RankPrefixed(sys.stdout, f"[rank {ctx.rank}] ")
+        sys.stderr = RankPrefixed(sys.stderr, f"[rank {ctx.rank}] ")
+        where = f"rank {ctx.rank} of {ctx.world_size} on {socket.gethostname()} (pid {os.getpid()})"
+    else:
+        where = f"on {socket.gethostname()} (pid {os.getpid()})"
+    print(
+        f"trinity: {node_id} attempt {attempt}: {node.kind} node, identity {node.identity[:12]}, "
+        f"{executor} executor, {where}, started {now_iso()}",
+        flush=True,
+    )
+    ctx.on_progress = ProgressLog(node_id)
     # Only a local scheduler is watched: a Slurm job's environment is the submitter's, from any host.
     watch = SchedulerWatch.from_env(lambda: os.kill(os.getpid(), signal.SIGTERM)) if executor == "local" else None
     if watch is not None and watch.gone():  # a `trinity resume` may own the node already: leave its files be
@@ -170,7 +244,13 @@ def run_attempt(run: RunDir, node_id: str, attempt: int, executor: str) -> int:
             ).write(ctx.dir)
 
         def on_term(signum: int, frame: FrameType | None) -> None:
-            ctx.stop_event.set(watch.reason if watch is not None and watch.gone() else "stopped on request")
+            if watch is not None and watch.gone():
+                reason = watch.reason
+            elif cancel_marker(ctx.dir, attempt).is_file():
+                reason = "cancelled with `trinity cancel`"
+            else:
+                reason = "stopped on request"
+            ctx.stop_event.set(reason)
             if not ctx.checks_stop:
                 raise StopRequested()
 
@@ -361,6 +441,7 @@ def _report(ctx: NodeContext, outcome: Outcome, store: SharedStore | None = None
             outcome = Outcome(cause.state, f"rank {cause.rank}: {cause.message}", cause.exit_code, cause.time)
     if outcome.state == "SUCCEEDED":
         AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, "SUCCEEDED", 0, None, "")
+        print(f"trinity: {ctx.node_id} attempt {ctx.attempt}: SUCCEEDED at {now_iso()}", flush=True)
         status = NodeStatus.read(ctx.dir)
         status.state, status.message = "SUCCEEDED", ""
         status.write(ctx.dir)
@@ -403,7 +484,7 @@ def _checkpoint_note(ctx: NodeContext) -> str:
 
 
 def _fail(ctx: NodeContext, message: str, state: str) -> None:
-    print(f"trinity: {ctx.node_id} attempt {ctx.attempt}: {message}", file=sys.stderr)
+    print(f"trinity: {ctx.node_id} attempt {ctx.attempt}: {state} at {now_iso()}: {message}", file=sys.stderr)
     # The body may have updated the record (resumed_from_step): finish what is on disk.
     AttemptRecord.read(ctx.dir, ctx.attempt).finish(ctx.dir, state, None, None, message)
     status = NodeStatus.read(ctx.dir)

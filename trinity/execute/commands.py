@@ -21,12 +21,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from trinity.errors import RunError
+from trinity.execute.closeout import close_dead_attempts
 from trinity.execute.display import RunDisplay, node_table
 from trinity.execute.local import STOP_GRACE_S, LocalExecutor
 from trinity.execute.provenance import code_changes
 from trinity.execute.run import (
     Decision,
+    Origin,
     RunLock,
+    check_origin,
     decide,
     default_run_dir,
     publish_held,
@@ -74,12 +77,24 @@ def run_loaded(
     jobs: int = 1,
     wait: bool = True,
     detach: bool = False,
+    origin: Origin | None = None,
+    force: bool = False,
 ) -> int:
     """Write/refresh the run directory, decide, execute; returns the exit status. Raises SchedulerStopped
-    (trinity.execute.scheduler) when a signal stopped the run."""
+    (trinity.execute.scheduler) when a signal stopped the run.
+
+    origin: what `trinity run` was given (None for a resume): judged against run.json's first
+    (`check_origin`: another graph file or a forgotten `--set` that would supersede nodes needs `force`),
+    then remembered there. Prints one line per node: why it runs or is reused (`explain`'s reason)."""
     run = RunDir(run_dir.resolve())
     with RunLock(run):
-        run, full = write_run(loaded, run.root)
+        from trinity.graph.compile import compile_graph
+
+        compiled = compile_graph(loaded)
+        if origin is not None:
+            for line in check_origin(run, origin, select(compiled, nodes), force):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+        run, full = write_run(loaded, run.root, origin, compiled)
         graph = select(full, nodes)
         decisions = wait_for_stopping(run, graph, decide(run, graph), console)
         busy = [d for d in decisions.values() if d.action == "busy"]
@@ -99,8 +114,7 @@ def run_loaded(
         console.print(f"run directory: {run.root}", highlight=False, markup=False)
         console.print(f"{len(to_run)} node(s) to run, {len(reused)} reused", highlight=False)
         for d in decisions.values():
-            if d.entry is not None:
-                console.print(f"{d.node}: reused from {d.entry}", highlight=False, markup=False)
+            console.print(f"  {d.node}: {why(d)}", highlight=False, markup=False, soft_wrap=True)
         order = [n for n in nx.lexicographical_topological_sort(graph)]
         slurm = loaded.spec.execution.executor == "slurm"
         with RunDisplay(run, order, reused, console) as display:
@@ -110,7 +124,11 @@ def run_loaded(
                 states = execute_slurm(run, graph, decisions, on_tick=display.tick, wait=wait)
             else:
                 executor = LocalExecutor(run, detach=detach)
-                states = execute(run, graph, decisions, executor, jobs=jobs, on_tick=display.tick, detach=detach)
+
+                def say(line: str) -> None:  # what a stop signal does, shown at once
+                    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+                states = execute(run, graph, decisions, executor, jobs, display.tick, detach, say)
     if slurm and not wait:
         console.print(
             f"submitted {len(to_run)} node(s) to Slurm; follow with `trinity status {run.root}`",
@@ -129,6 +147,13 @@ def run_loaded(
     query = escape(f'trinity sql {run.root} "select node, step, loss from steps order by node, step"')
     console.print(f"[green]all {len(states)} node(s) SUCCEEDED[/]. Telemetry: {query}", highlight=False)
     return 0
+
+
+def why(decision: Decision) -> str:
+    """One line: whether the node runs or is reused, and why (the reason `trinity explain` gives)."""
+    if decision.action == "reuse":
+        return decision.reason if decision.reason.startswith("reused") else f"reused: {decision.reason}"
+    return f"runs: {decision.reason}"
 
 
 def wait_for_stopping(
@@ -167,9 +192,13 @@ def run_graph(
     jobs: int = 1,
     wait: bool = True,
     detach: bool = False,
+    force: bool = False,
 ) -> int:
+    """`trinity run GRAPH [--set ...]`: run.json remembers the graph file and `sets` (`run_loaded`);
+    `force` lets another graph, or a remembered `--set` left out, supersede nodes."""
     loaded = load_experiment(graph_file, sets)
-    return run_loaded(loaded, run_dir or default_run_dir(loaded.spec), console, nodes, jobs, wait, detach)
+    root = run_dir or default_run_dir(loaded.spec)
+    return run_loaded(loaded, root, console, nodes, jobs, wait, detach, Origin.of(loaded, sets), force)
 
 
 def dry_run(graph_file: Path, sets: list[str], nodes: list[str] | None = None) -> list[dict[str, Any]]:
@@ -200,11 +229,29 @@ def resume_run(
 
 
 def cancel_run(run_dir: Path, node_id: str | None) -> list[str]:
-    """scancel the run's Slurm jobs (or one node's); the node files are updated from Slurm."""
+    """Cancel the run's running nodes (or those `node_id` selects: an id or a glob, as --nodes); lines to show.
+
+    A Slurm run: scancel their jobs, then update the node files from Slurm. A local run: stop each running
+    node at a checkpoint (trinity.execute.local: cancel_local), whoever launched it."""
+    run = RunDir(run_dir.resolve())
+    if not (run.root / "slurm_jobs.json").is_file():
+        from trinity.execute.local import cancel_local
+
+        graph_nodes = RunGraph.load(run).nodes
+        chosen = sorted(graph_nodes) if node_id is None else sorted(matches(graph_nodes, node_id))
+        if not chosen:
+            raise RunError(f"{run.root}: no node {node_id!r} (nodes: {', '.join(sorted(graph_nodes))})")
+        lines = cancel_local(run, chosen)
+        if not lines:
+            return [f"no node of {run.root} is running ({', '.join(chosen)} checked): nothing to cancel"]
+        return [*lines, f"continue with `trinity resume {run.root}`"]
+    return [f"cancelled {len(ids)} job(s): {', '.join(ids) or 'none running'}" for ids in [_cancel_slurm(run, node_id)]]
+
+
+def _cancel_slurm(run: RunDir, node_id: str | None) -> list[str]:
     from trinity.execute.slurm import cancel, reconcile
     from trinity.graph.compile import compile_graph
 
-    run = RunDir(run_dir.resolve())
     ids = cancel(run, node_id)
     graph = compile_graph(load_run_spec(run))
     with_jobs = [n for n in read_json(run.root / "slurm_jobs.json") if n in graph]
@@ -249,6 +296,7 @@ def status_report(run_dir: Path) -> dict[str, Any]:
     nodes, code_changed = [], []
     for node_id, entry in graph.nodes.items():
         node_dir = run.node(node_id)
+        close_dead_attempts(node_dir)  # a killed attempt nobody watched ends KILLED, not RUNNING forever
         status = NodeStatus.read(node_dir)
         attempts = list_attempts(node_dir)
         if (change := code_changes(node_id, attempts)) is not None:

@@ -12,6 +12,13 @@ alone, which then stops the nodes at a checkpoint. Each node process (each rank)
 scheduler through the pid and start time the launch passes it (trinity.execute.attempt:
 SchedulerWatch) and stops at a checkpoint by itself if the scheduler ends without stopping it
 (SIGKILL, a crash). `detach` (trinity run --detach) launches nodes that watch nothing.
+
+`trinity cancel RUN [NODE]` of a local run (`cancel_local`) stops the running nodes as a stop signal
+does, whoever launched them (a scheduler, a `--detach` run): SIGTERM to each node's process (rank 0 of
+a multi-rank node, which stops its peers at the same step), found by its live heartbeat lease; a
+training node commits a checkpoint and exits; its attempt ends STOPPED, "cancelled with `trinity
+cancel`", and the node FAILED (its dependants DEP_FAILED if a scheduler runs them; `resume` goes on).
+One that has not stopped within STOP_GRACE_S is killed (SIGKILL) and its attempt ends KILLED.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trinity.errors import RunError
-from trinity.execute.attempt import SCHEDULER_PID_ENV, SCHEDULER_START_ENV
+from trinity.execute.attempt import SCHEDULER_PID_ENV, SCHEDULER_START_ENV, cancel_marker
 from trinity.execute.executor import Finished
 from trinity.graph.kinds import node_world_size
 from trinity.run.graph import GraphNode, RunGraph
 from trinity.run.layout import NodeDir, RunDir
 from trinity.run.ranks import read_rank_ends
-from trinity.run.status import own_process
+from trinity.run.status import AttemptRecord, Lease, NodeStatus, lease_liveness, now_iso, own_process, process_alive
 from trinity.spec.experiment import ExperimentSpec
 
 STOP_GRACE_S = 120.0
@@ -216,3 +224,46 @@ class LocalExecutor:
                 env={**env, **self.env},
             )
         return LocalHandle(node_id, attempt, process, ranks=ranks, node_dir=node_dir, log_path=log_path)
+
+
+def cancel_local(run: RunDir, node_ids: list[str], grace_s: float = STOP_GRACE_S) -> list[str]:
+    """Stop the running nodes among `node_ids` at a checkpoint (see the module docstring); one line per node
+    that was running, saying how its attempt ended."""
+    lines: list[str] = []
+    targets: dict[str, tuple[int, Lease]] = {}
+    for node_id in node_ids:
+        node_dir = run.node(node_id)
+        status = NodeStatus.read(node_dir)
+        if status.state != "RUNNING":
+            continue
+        liveness = lease_liveness(node_dir, status.attempt)
+        if not liveness.live or liveness.lease is None:
+            continue
+        lease = liveness.lease
+        if lease.host != socket.gethostname():
+            lines.append(f"{node_id}: runs on {lease.host} (pid {lease.pid}); run `trinity cancel` there")
+            continue
+        cancel_marker(node_dir, status.attempt).write_text(f"trinity cancel, pid {os.getpid()}, {now_iso()}\n")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(lease.pid, signal.SIGTERM)
+        targets[node_id] = (status.attempt, lease)
+    deadline = time.monotonic() + grace_s
+    while any(_still_running(run, n, a, lease) for n, (a, lease) in targets.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for node_id, (attempt, lease) in targets.items():
+        node_dir = run.node(node_id)
+        if _still_running(run, node_id, attempt, lease) and process_alive(lease.pid, lease.start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(lease.pid, signal.SIGKILL)
+            record = AttemptRecord.read(node_dir, attempt)
+            message = f"killed by `trinity cancel`: it did not stop at a checkpoint within {grace_s:.0f} s"
+            record.finish(node_dir, "KILLED", None, int(signal.SIGKILL), message)
+        record = AttemptRecord.read(node_dir, attempt)
+        lines.append(f"{node_id}: attempt {attempt} {record.state}: {record.message}")
+    return lines
+
+
+def _still_running(run: RunDir, node_id: str, attempt: int, lease: Lease) -> bool:
+    """Whether the attempt has not yet recorded its end and its process lives."""
+    record = AttemptRecord.read(run.node(node_id), attempt)
+    return record.state == "RUNNING" and process_alive(lease.pid, lease.start)

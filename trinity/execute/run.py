@@ -10,7 +10,14 @@ why), identity changed (and which parts of its spec), or an upstream node runs. 
 lease is live is busy; one whose scheduler is gone is stopping (it commits a checkpoint and exits by
 itself: `trinity resume` waits for it). A node whose identity changed
 has its old folder moved to RUN/superseded/ first: its checkpoints belong to another result
-and must not be resumed, but nothing trained is ever deleted.
+and must not be resumed, but nothing trained is ever deleted (the catalog's `*_history` views keep its
+rows, with the identity it had).
+
+run.json remembers how the run was made (`Origin`: the graph file, the `--set` list, the resolved spec's
+hash; earlier ones in `origins`). `check_origin` judges a new `trinity run` against it before anything is
+written: another graph file that would supersede nodes is refused without `--force` (naming them), and a
+remembered `--set` left out this time is refused the same way when it would supersede nodes (a warning
+otherwise). It is not re-applied: the command line a user types stays the whole description of the run.
 """
 
 from __future__ import annotations
@@ -45,6 +52,87 @@ Action = Literal["reuse", "run", "busy", "stopping"]
 
 
 @dataclass(frozen=True)
+class Origin:
+    """How a run directory was made: what `trinity run` was given (run.json's graph_file, sets, spec_sha256)."""
+
+    graph_file: str
+    sets: tuple[str, ...]
+    spec_sha256: str
+
+    @staticmethod
+    def of(loaded: LoadedSpec, sets: list[str] | tuple[str, ...]) -> Origin:
+        return Origin(str(loaded.path.resolve()), tuple(sets), spec_sha256(loaded.spec))
+
+    def to_json(self) -> dict[str, object]:
+        return {"graph_file": self.graph_file, "sets": list(self.sets), "spec_sha256": self.spec_sha256}
+
+
+def spec_sha256(spec: ExperimentSpec) -> str:
+    """The hash of a resolved spec (every field, defaults included): equal hashes, equal specs."""
+    return hashlib.sha256(canonical_json(spec.model_dump(mode="json", by_alias=True)).encode()).hexdigest()
+
+
+def _set_key(assignment: str) -> str:
+    return assignment.split("=", 1)[0].strip()
+
+
+def would_supersede(run: RunDir, graph: nx.DiGraph) -> list[str]:
+    """The nodes of `graph` whose folder holds another identity (not merely PENDING): running them moves
+    that folder to RUN/superseded/ (`supersede`)."""
+    out = []
+    for node in nodes_in_order(graph):
+        status = NodeStatus.read(run.node(node.id))
+        if status.identity and status.identity != node.identity and status.state != "PENDING":
+            out.append(node.id)
+    return out
+
+
+def check_origin(run: RunDir, origin: Origin, graph: nx.DiGraph, force: bool) -> list[str]:
+    """Judge a `trinity run` of `origin` into an existing run directory before anything is written; returns
+    the lines to print. Raises RunError (without `force`) when another graph file, or a remembered `--set`
+    left out, would supersede nodes of `graph` (the selected nodes): those are named, with what to do."""
+    if not run.run_json.is_file():
+        return []
+    meta = read_json(run.run_json)
+    said: list[str] = []
+    doomed = would_supersede(run, graph)
+    moved = f"{len(doomed)} node(s) ({', '.join(doomed)}) to {run.root / 'superseded'}/"
+    old_file = meta.get("graph_file")
+    if isinstance(old_file, str) and old_file != origin.graph_file:
+        if doomed and not force:
+            raise RunError(
+                f"{run.root} was made from {old_file}; running {origin.graph_file} into it would supersede {moved} "
+                "(kept there, and in SQL's *_history views). Pass --force to do so, or give another --run-dir"
+            )
+        said.append(f"note: {run.root} was made from {old_file}; now from {origin.graph_file}")
+    remembered = meta.get("sets")
+    if isinstance(remembered, list):
+        keys = {_set_key(s) for s in origin.sets}
+        dropped = [str(s) for s in remembered if _set_key(str(s)) not in keys]
+        if dropped:
+            again = " ".join(f"--set {s}" for s in dropped)
+            if doomed and not force:
+                raise RunError(
+                    f"{run.root} was made with {again}, not given this time: running without it would supersede "
+                    f"{moved}. Add {again} to run as before, or pass --force to run without it"
+                )
+            said.append(f"warning: {run.root} was made with {again}, not given this time (not re-applied)")
+    if doomed and force:
+        said.append(f"--force: superseding {moved}")
+    return said
+
+
+def record_origin(meta: dict[str, object], origin: Origin) -> None:
+    """Set run.json's graph_file, sets and spec_sha256 to `origin`; the earlier ones stay in `origins`."""
+    entry = origin.to_json()
+    history = meta.get("origins")
+    origins = list(history) if isinstance(history, list) else []
+    if not origins or {k: v for k, v in origins[-1].items() if k != "at"} != entry:
+        origins.append(entry | {"at": now_iso()})
+    meta.update(entry, origins=origins)
+
+
+@dataclass(frozen=True)
 class Decision:
     node: str
     action: Action
@@ -63,11 +151,16 @@ def payload_digests(node: Node) -> dict[str, str]:
     return {k: hashlib.sha256(canonical_json(v).encode()).hexdigest()[:12] for k, v in node.payload.items()}
 
 
-def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
-    """Create `root` (or update it) with run.json, spec.yaml, branch specs and graph.json."""
+def write_run(
+    loaded: LoadedSpec, root: Path, origin: Origin | None = None, graph: nx.DiGraph | None = None
+) -> tuple[RunDir, nx.DiGraph]:
+    """Create `root` (or update it) with run.json, spec.yaml, branch specs and graph.json.
+
+    origin: how `trinity run` made it (None: a resume, or a caller that does not say; run.json's is kept).
+    graph: `compile_graph(loaded)` when the caller has it already."""
     run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
-    graph = compile_graph(loaded)
+    graph = compile_graph(loaded) if graph is None else graph
     from trinity.nodes.init_source import check_init_architectures  # here: it loads torch
 
     check_init_architectures(loaded, graph)  # `init:` sources of another shape (trinity.nodes.init_source)
@@ -82,7 +175,9 @@ def write_run(loaded: LoadedSpec, root: Path) -> tuple[RunDir, nx.DiGraph]:
             },
         )
     meta = read_json(run.run_json)
-    if loaded.path.resolve() != run.spec_yaml.resolve():  # a resume re-reads spec.yaml: keep the origin
+    if origin is not None:
+        record_origin(meta, origin)
+    elif loaded.path.resolve() != run.spec_yaml.resolve():  # a resume re-reads spec.yaml: keep the origin
         meta["graph_file"] = str(loaded.path.resolve())
     meta.update(base_dir=str(loaded.base_dir), updated=now_iso())
     store = SharedStore.of(loaded.spec.execution.store)  # relative to the working directory, like run_root

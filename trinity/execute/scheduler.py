@@ -5,10 +5,11 @@ is DEP_FAILED (and re-runs on resume). SIGINT (Ctrl-C), SIGTERM (a batch system,
 (a closed terminal) all ask running nodes to stop: a training node commits a checkpoint at its next
 step and exits; the run can be resumed from there. The scheduler then raises `SchedulerStopped`,
 whose exit status is 128 + the signal's number, the shell's convention for "ended by that signal"
-(130, 143, 129). A second Ctrl-C leaves at once (the nodes still stop by themselves, as they do when
-the scheduler is killed). A signal ignored when the scheduler starts stays ignored: `nohup trinity
-run ...` survives a hangup. With `detach` (trinity run --detach) a signal ends the scheduler alone
-and the running nodes carry on.
+(130, 143, 129). The first Ctrl-C says at once which nodes are stopping and what a second one does;
+a second Ctrl-C kills the nodes still stopping (SIGKILL: they lose the steps since their last committed
+checkpoint, where resume continues), ends their attempts as KILLED and names them. A signal ignored
+when the scheduler starts stays ignored: `nohup trinity run ...` survives a hangup. With `detach`
+(trinity run --detach) a signal ends the scheduler alone and the running nodes carry on.
 
 `jobs` counts processes: a training node of N ranks occupies N of them. A node larger than
 `jobs` still runs, alone, once nothing else does.
@@ -28,10 +29,12 @@ import networkx as nx
 from trinity.errors import Interrupted
 from trinity.execute import during
 from trinity.execute.attempt import EXIT_RESTART
+from trinity.execute.closeout import close_dead_attempts
 from trinity.execute.executor import Executor, Finished, Handle
 from trinity.execute.run import Decision, mark_pending, supersede
 from trinity.execute.watchdog import Stall, Watchdog, end_stalled
 from trinity.graph.compile import nodes_in_order
+from trinity.nodes.checkpoints import last_committed_step
 from trinity.run.layout import RunDir
 from trinity.run.status import AttemptRecord, NodeStatus, next_attempt
 
@@ -57,18 +60,21 @@ class SchedulerStopped(Interrupted):
 
 
 class _StopSignals:
-    """While the scheduler runs, records the first of STOP_SIGNALS for the loop to act on (a handler that
-    raised could leave a launch or a status write half done). Main thread only, as Python signals are."""
+    """While the scheduler runs, records the first of STOP_SIGNALS, and a later Ctrl-C as `forced`, for the
+    loop to act on (a handler that raised could leave a launch, a kill or a status write half done, and
+    claim nodes stopped that still train). Main thread only, as Python signals are."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.forced = False
+        """A Ctrl-C after the first stop signal: kill the nodes still stopping."""
         self._previous: dict[int, object] = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
         elif signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: leave now; the nodes stop by themselves
+            self.forced = True
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -92,12 +98,15 @@ def execute(
     jobs: int = 1,
     on_tick: Callable[[], None] = lambda: None,
     detach: bool = False,
+    say: Callable[[str], None] = lambda line: None,
 ) -> dict[str, str]:
     """Run every node whose decision is 'run'; returns the final state of each node. Raises SchedulerStopped
-    on SIGINT, SIGTERM or SIGHUP once the running nodes stopped (with `detach`: at once, leaving them)."""
+    on SIGINT, SIGTERM or SIGHUP once the running nodes stopped (with `detach`: at once, leaving them).
+    `say` shows the person at the terminal a line at once (what a stop signal does while it waits)."""
     order = [n for n in nodes_in_order(graph) if decisions[n.id].action == "run"]
     executor.check([n.id for n in order])
     for node in order:
+        close_dead_attempts(run.node(node.id))  # an attempt killed while nobody watched: KILLED, not RUNNING
         supersede(run, node)
         mark_pending(run, node)
     pending = [n.id for n in order]
@@ -105,7 +114,7 @@ def execute(
     with _StopSignals() as signals:
         _loop(run, graph, executor, jobs, on_tick, pending, running, signals)
         if signals.received is not None:
-            raise _stopped(run, graph, running, on_tick, signals.received, detach)
+            raise _stopped(run, graph, running, on_tick, signals, detach, say)
     on_tick()
     return {n: NodeStatus.read(run.node(n)).state for n in graph.nodes}
 
@@ -169,10 +178,14 @@ def _stopped(
     graph: nx.DiGraph,
     running: dict[str, Handle],
     on_tick: Callable[[], None],
-    signum: int,
+    signals: _StopSignals,
     detach: bool,
+    say: Callable[[str], None],
 ) -> SchedulerStopped:
-    """Act on a stop signal: stop the running nodes at a checkpoint (detached: leave them running)."""
+    """Act on a stop signal: stop the running nodes at a checkpoint (detached: leave them running); a Ctrl-C
+    meanwhile kills those still stopping. The message names what happened to each node."""
+    signum = signals.received
+    assert signum is not None
     name = signal.Signals(signum).name
     if detach and running:
         left = sorted(running)
@@ -181,10 +194,30 @@ def _stopped(
             f"`trinity status {run.root}`; once they end, `trinity resume {run.root}` runs what remains"
         )
         return SchedulerStopped(signum, left, message)
-    what = "running nodes were stopped at a checkpoint" if running else "no node was running"
+    if not running:
+        return SchedulerStopped(signum, [], f"no node was running; continue with `trinity resume {run.root}`")
+    stopping = sorted(running)
     why = "interrupted by the user (Ctrl-C)" if signum == signal.SIGINT else f"the scheduler received {name}"
-    _stop_all(run, graph, running, on_tick, why)
-    return SchedulerStopped(signum, [], f"{what}; continue with `trinity resume {run.root}`")
+    who = "Ctrl-C" if signum == signal.SIGINT else name
+    _say(
+        say,
+        f"{who}: stopping {len(stopping)} node(s) at their next checkpoint ({', '.join(stopping)}); "
+        "Ctrl-C again to kill them at once (they lose the steps since their last committed checkpoint)",
+    )
+    killed = _stop_all(run, graph, running, on_tick, why, signals, say)
+    stopped = [n for n in stopping if n not in killed]
+    parts = []
+    if stopped:
+        parts.append(f"running nodes were stopped at a checkpoint ({', '.join(stopped)})")
+    if killed:
+        at = ", ".join(f"{n} from step {s}" if s is not None else f"{n} from its start" for n, s in killed.items())
+        parts.append(f"{len(killed)} node(s) were killed by a second Ctrl-C before their checkpoint (resume: {at})")
+    return SchedulerStopped(signum, [], f"{'; '.join(parts)}; continue with `trinity resume {run.root}`")
+
+
+def _say(say: Callable[[str], None], line: str) -> None:
+    with contextlib.suppress(OSError):  # after a hangup the terminal is gone; the stop goes on
+        say(line)
 
 
 def _launch(run: RunDir, graph: nx.DiGraph, executor: Executor, node_id: str) -> Handle:
@@ -272,22 +305,56 @@ def _set_state(run: RunDir, node_id: str, state: str, message: str) -> None:
 
 
 def _stop_all(
-    run: RunDir, graph: nx.DiGraph, running: dict[str, Handle], on_tick: Callable[[], None], why: str
-) -> None:
+    run: RunDir,
+    graph: nx.DiGraph,
+    running: dict[str, Handle],
+    on_tick: Callable[[], None],
+    why: str,
+    signals: _StopSignals,
+    say: Callable[[str], None],
+) -> dict[str, int | None]:
+    """Ask every running node to stop at a checkpoint and wait for each to end; once `signals.forced` (a
+    second Ctrl-C), kill those still running. Returns the killed nodes, each with the step its resume
+    continues from (its last committed checkpoint; None: none, it starts over)."""
     for handle in running.values():
         handle.stop()
+    sent_kill: set[str] = set()
+    killed: dict[str, int | None] = {}
     while running:
+        if signals.forced and not sent_kill:
+            sent_kill = set(running)
+            _say(say, f"Ctrl-C again: killing {len(sent_kill)} node(s) now ({', '.join(sorted(sent_kill))})")
+            for handle in running.values():
+                handle.kill()
         for node_id, handle in list(running.items()):
             finished = handle.poll()
-            if finished is not None:
-                del running[node_id]
-                _settle(
-                    run,
-                    graph,
-                    node_id,
-                    handle.attempt,
-                    Finished(finished.exit_code, finished.signal, why),
-                )
+            if finished is None:
+                continue
+            del running[node_id]
+            if node_id in sent_kill and _end_killed(run, node_id, handle.attempt, finished):
+                killed[node_id] = last_committed_step(run.node(node_id))
+            else:
+                _settle(run, graph, node_id, handle.attempt, Finished(finished.exit_code, finished.signal, why))
         with contextlib.suppress(OSError):  # after a hangup the terminal is gone; the stop goes on
             on_tick()
-        time.sleep(POLL_S)
+        if running:
+            time.sleep(POLL_S)
+    return killed
+
+
+def _end_killed(run: RunDir, node_id: str, attempt: int, finished: Finished) -> bool:
+    """An attempt killed by a second Ctrl-C: its record ends KILLED with the signal, the node FAILED (resume
+    continues from its last committed checkpoint). False, leaving it to `_settle`, if the attempt had
+    stopped at its checkpoint (and written its end) before the kill reached it."""
+    node_dir = run.node(node_id)
+    record = AttemptRecord.read(node_dir, attempt)
+    if record.end is not None and record.state != "RUNNING":
+        return False
+    step = last_committed_step(node_dir)
+    resume = f"resume continues from its checkpoint at step {step}" if step is not None else "resume starts it over"
+    message = f"killed by a second Ctrl-C before it reached a checkpoint; {resume}"
+    record.finish(node_dir, "KILLED", finished.exit_code, finished.signal, message)
+    status = NodeStatus.read(node_dir)
+    status.state, status.message = "FAILED", message
+    status.write(node_dir)
+    return True

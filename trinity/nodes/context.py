@@ -8,6 +8,7 @@ primary) writes the node's status, attempt record, heartbeat and progress.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class NodeContext:
     """This process's rank in the node's torch.distributed job (0 for a single process)."""
     world_size: int = 1
     """Processes running this attempt together (parallel.nodes x parallel.gpus_per_node for training)."""
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    """Called with each progress report after it is written (the attempt writes it to the node's log)."""
     steps: StepProgress = field(init=False)
     """The optimizer steps this attempt completed, which rank 0's heartbeat lease carries (the stall rule)."""
 
@@ -124,6 +127,8 @@ class NodeContext:
         status = NodeStatus.read(self.dir)
         status.progress = {**status.progress, **values}
         status.write(self.dir)
+        if self.on_progress is not None:
+            self.on_progress(values)
 
 
 def set_threads(ctx: NodeContext) -> None:

@@ -13,6 +13,12 @@ of the same node started before s: its start is `resumed_from_step` from its att
 one before the first step it logged, whichever is earlier (table `attempt_spans`). The writer
 refuses a step that does not increase within an attempt, so this leaves one row per step.
 
+A node whose identity changed had its folder moved to RUN/superseded/<node>@<tag>/ (trinity.execute.run:
+supersede). Its rows stay in `<table>_history`, never in `<table>`: every history row carries `identity`
+(the node identity it was written under, from its attempt record, else the folder's status) and
+`superseded_folder` (the superseded folder it lies in; NULL for the node's current folder), so the old and the
+new variant of a node can be compared in SQL.
+
 A part that cannot be read (a truncated file, a damaged footer) would make every query fail, so
 the catalog checks each part's Parquet footer first and leaves a damaged one out of every view:
 `on_damaged` hears of it (by default a warning on stderr naming the file), and `strict=True` makes
@@ -29,6 +35,7 @@ The column-by-column reference is docs/telemetry.md.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trinity.errors import CatalogError
-from trinity.run.layout import RunDir
+from trinity.run.layout import NodeDir, RunDir
 from trinity.store.compaction import current_parts
 from trinity.store.run_tables import Run, find_runs, load_run, node_ids, nodes_and_attempts, runs_table, spec_tables
 from trinity.store.telemetry import SCHEMAS, TABLES
@@ -73,6 +80,10 @@ class Part:
     path: Path
     footer: Any = field(default=None, compare=False, repr=False)
     """Its Parquet footer (pyarrow FileMetaData) once `usable_parts` has read it, so it is read once."""
+    identity: str | None = None
+    """The node identity the attempt ran with (its attempt record's, else its folder's status)."""
+    superseded: str | None = None
+    """The RUN/superseded/ folder holding the part; None for the node's current folder."""
 
 
 def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
@@ -83,17 +94,45 @@ def telemetry_parts(runs: Sequence[Run]) -> dict[str, list[Part]]:
     """
     parts: dict[str, list[Part]] = {t: [] for t in TABLES}
     for run in runs:
-        for node_id in node_ids(run):
-            telemetry = RunDir(run.root).node(node_id).root / "telemetry"
+        folders = [(node_id, RunDir(run.root).node(node_id), None) for node_id in node_ids(run)]
+        for node_id, node_dir, moved in folders + superseded_folders(run.root):
+            telemetry = node_dir.root / "telemetry"
             if not telemetry.is_dir():
                 continue
+            status_identity = _identity(node_dir.status)
             for attempt_dir in sorted(telemetry.glob("attempt-*")):
                 if not attempt_dir.name[8:].isdigit() or not attempt_dir.is_dir():
                     continue
+                attempt = int(attempt_dir.name[8:])
+                identity = _identity(node_dir.attempt_record(attempt)) or status_identity
                 current, _ = current_parts(attempt_dir)
                 for p, name in current.items():
-                    parts[name.table].append(Part(run.run_id, node_id, int(attempt_dir.name[8:]), p.resolve()))
+                    part = Part(run.run_id, node_id, attempt, p.resolve(), identity=identity, superseded=moved)
+                    parts[name.table].append(part)
     return parts
+
+
+def superseded_folders(root: Path) -> list[tuple[str, NodeDir, str]]:
+    """(node id, folder, folder path) of every node folder moved to RUN/superseded/<node id>@<tag>/."""
+    base = root / "superseded"
+    if not base.is_dir():
+        return []
+    found = []
+    for status in sorted(base.glob("**/status.json")):
+        rel = status.parent.relative_to(base).as_posix()
+        if "@" in rel:
+            found.append((rel.rsplit("@", 1)[0], NodeDir(status.parent), str(status.parent.resolve())))
+    return found
+
+
+def _identity(record: Path) -> str | None:
+    """The `identity` of a JSON record (status.json, an attempt record), or None."""
+    try:
+        value = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    identity = value.get("identity") if isinstance(value, dict) else None
+    return identity if isinstance(identity, str) and identity else None
 
 
 def _read_footer(path: Path) -> Any:
@@ -218,6 +257,10 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def _sql_value(s: str | None) -> str:
+    return "CAST(NULL AS VARCHAR)" if s is None else _sql_str(s)
+
+
 def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
@@ -228,22 +271,34 @@ def _scan(files: Sequence[Path]) -> str:
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, table: str, parts: Sequence[Part], spans: pa.Table) -> None:
-    """`<table>_history` (every row) and `<table>` (superseded rows left out, each step once).
+    """`<table>_history` (every row, with `identity` and `superseded_folder`) and `<table>` (rows of the node's
+    current folder only, those a later attempt replaced left out: each step once).
 
     Every part belongs to one attempt, so the superseded rows are cut per part with a plain
     `step <= superseded_after` filter that DuckDB pushes into the Parquet scan (no join).
     """
+    extra = [pa.field("identity", pa.string()), pa.field("superseded_folder", pa.string())]
+    history_schema = pa.schema([*SCHEMAS[table], *extra])
     if not parts:
-        con.from_arrow(SCHEMAS[table].empty_table()).create(f"{table}_history")
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
+        con.from_arrow(history_schema.empty_table()).create(f"{table}_history")
+        con.execute(f"CREATE VIEW {table} AS SELECT * EXCLUDE (identity, superseded_folder) FROM {table}_history")
         return
     # Every column of SCHEMAS even when no part has it yet (parts older than ADDED_COLUMNS): NULL there.
+    con.from_arrow(history_schema.empty_table()).create(f"_{table}_history_columns")
     con.from_arrow(SCHEMAS[table].empty_table()).create(f"_{table}_columns")
-    columns = f"SELECT * FROM _{table}_columns UNION ALL BY NAME "
-    con.execute(f"CREATE VIEW {table}_history AS {columns}SELECT * FROM {_scan([p.path for p in parts])}")
+    by_folder: dict[tuple[str | None, str | None], list[Path]] = {}
+    for p in parts:
+        by_folder.setdefault((p.identity, p.superseded), []).append(p.path)
+    history = [f"SELECT * FROM _{table}_history_columns"] + [
+        f"SELECT *, {_sql_value(identity)} AS identity, {_sql_value(moved)} AS superseded_folder FROM {_scan(files)}"
+        for (identity, moved), files in by_folder.items()
+    ]
+    con.execute(f"CREATE VIEW {table}_history AS " + "\nUNION ALL BY NAME\n".join(history))
     if table not in _ROW_KEY:
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_history")
+        view = f"SELECT * EXCLUDE (identity, superseded_folder) FROM {table}_history WHERE superseded_folder IS NULL"
+        con.execute(f"CREATE VIEW {table} AS {view}")
         return
+    parts = [p for p in parts if p.superseded is None]
     cutoff = {(r["run_id"], r["node"], r["attempt"]): r["superseded_after"] for r in spans.to_pylist()}
     groups: dict[int | None, list[Path]] = {}
     for p in parts:
@@ -297,7 +352,7 @@ def open_catalog(
     con.execute(f"CREATE TABLE spec AS SELECT *{''.join(', ' + e for e in extra)} FROM spec_dotted")
     con.execute("DROP TABLE spec_dotted")
     parts = usable_parts(telemetry_parts(runs), strict=strict, on_damaged=on_damaged)
-    spans = _spans(attempts_t, parts["steps"])
+    spans = _spans(attempts_t, [p for p in parts["steps"] if p.superseded is None])
     con.from_arrow(spans).create("attempt_spans")
     for table in TABLES:
         _create_views(con, table, parts[table], spans)

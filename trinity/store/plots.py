@@ -20,16 +20,27 @@ The figures are built by functions that return them (`loss_figure`, `max_vio_fig
 heatmaps) so that tests read the drawn data back; each line's `gid` is its series (node id without
 the seed). Long runs are binned to at most `max_columns` step columns in the heatmaps (mean per
 bin) so a heatmap stays readable and the query stays cheap.
+
+`plot_compare` (trinity plot FOLDER --compare "GLOB or SQL") draws several runs on one axis per stage
+kind: compare-loss.png (loss against `steps.tokens`) and compare-max_vio.png (MaxVio, mean over the MoE
+layers, against step), one line per (run, training node), labelled `RUN: NODE` (RUN: the run directory's
+path under FOLDER, NODE: the node id with its branch label), one colour per run, a line style per node.
+The runs are chosen by a glob over those paths, or by a read-only SQL query over the folder's catalog that
+returns a `run_id` column (and, to narrow to some nodes, a `node` column). Seeds are not averaged here:
+each node is its own line, as `trinity sql` would list it.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, safe in a node process or over ssh
@@ -44,6 +55,7 @@ from matplotlib.ticker import MaxNLocator
 from trinity.errors import CatalogError
 from trinity.store.catalog import open_catalog
 from trinity.store.run_tables import find_runs
+from trinity.store.sql import check_read_only
 
 SEED_KEY = "seed"
 """The sweep axis whose branches are drawn as one line with a band (the experiment's `seed`)."""
@@ -51,6 +63,10 @@ PANEL_ORDER = ("pretrain", "extend", "sft", "rl")
 """Stage kinds in the order their panels are stacked; any other training kind follows."""
 EXPERT_TICKS_MAX = 32
 """A heatmap with at most this many (layer, expert) rows labels every expert; more: one tick per layer."""
+STYLES = ("-", "--", ":", "-.")
+"""Line styles of a run's nodes in a comparison (its colour is the run's)."""
+SQL_START = re.compile(r"^\s*(select|with|from|pivot|unpivot|\()", re.IGNORECASE)
+"""A --compare argument that starts like this is SQL; anything else is a glob over run paths."""
 SHARED = "shared by the branches"
 """Legend text of nodes the branches share (whose label holds no swept value but the seed), in a plot of branches."""
 
@@ -340,6 +356,132 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, max_columns
             written.append(_save(max_vio_heatmap(con, node, max_columns), out / f"max_vio-{slug(node)}.png"))
         for (node,) in con.execute(order.format(t="expert_load")).fetchall():
             written.append(_save(expert_load_heatmap(con, node, max_columns), out / f"expert_load-{slug(node)}.png"))
+    finally:
+        con.close()
+    return written
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One line of a comparison: a training node of one run."""
+
+    run_id: str
+    run: str
+    """The run as a reader names it: its directory's path under the folder compared (`lr-high`)."""
+    node: str
+    kind: str
+
+    @property
+    def label(self) -> str:
+        """Legend text and the line's `gid`: `RUN: NODE`."""
+        return f"{self.run}: {self.node}"
+
+
+def _run_names(con: Any, root: Path) -> dict[str, str]:
+    """run_id -> the run directory's path under `root` (its folder name when `root` is the run itself)."""
+    names = {}
+    for run_id, path in con.execute("SELECT run_id, path FROM runs ORDER BY path").fetchall():
+        rel = os.path.relpath(path, root)
+        names[run_id] = Path(path).name if rel == "." else rel
+    return names
+
+
+def compared(con: Any, root: Path, select: str) -> list[Compared]:
+    """The (run, training node) pairs `select` chooses: a glob over the runs' paths under `root`, or a
+    read-only SQL query returning `run_id` (and optionally `node`). Training nodes: those with `steps` rows.
+    Raises CatalogError naming the runs when nothing matches."""
+    names = _run_names(con, root)
+    wanted: set[tuple[str, str | None]]
+    if SQL_START.match(select):
+        check_read_only(select, con)
+        try:
+            cursor = con.execute(select)
+        except duckdb.Error as exc:  # a query that does not run is the user's to fix
+            raise CatalogError(f"--compare query failed: {exc}") from None
+        columns = [d[0] for d in cursor.description or []]
+        if "run_id" not in columns:
+            raise CatalogError(
+                f"--compare query returns columns {', '.join(columns)}: it must return run_id (and, to choose "
+                'nodes, node), e.g. SELECT run_id FROM spec WHERE "optim.muon.lr" > 0.01'
+            )
+        r, n = columns.index("run_id"), columns.index("node") if "node" in columns else None
+        wanted = {(str(row[r]), None if n is None else str(row[n])) for row in cursor.fetchall()}
+    else:
+        wanted = {(run_id, None) for run_id, name in names.items() if fnmatch.fnmatchcase(name, select)}
+    rows = con.execute(
+        "SELECT run_id, node, kind FROM nodes WHERE node IN (SELECT DISTINCT node FROM steps s "
+        "WHERE s.run_id = nodes.run_id) ORDER BY run_id, position"
+    ).fetchall()
+    chosen = [
+        Compared(run_id, names[run_id], node, kind)
+        for run_id, node, kind in rows
+        if (run_id, None) in wanted or (run_id, node) in wanted
+    ]
+    if not chosen:
+        shown = ", ".join(names.values())
+        raise CatalogError(
+            f"--compare {select!r} chooses no training node with telemetry under {root} (runs: {shown}); a glob "
+            "matches these run paths, SQL must return their run_id"
+        )
+    return sorted(chosen, key=lambda c: (c.run, c.run_id))
+
+
+def _compare_figure(con: Any, lines: Sequence[Compared], query: str, x_label: str, y_label: str) -> Figure | None:
+    """One panel per stage kind, one line per (run, node); `query` (parameters run_id, node) gives x, v rows."""
+    drawn = [(c, con.execute(query, [c.run_id, c.node]).fetchnumpy()) for c in lines]
+    drawn = [(c, d) for c, d in drawn if len(d["x"])]
+    if not drawn:
+        return None
+    kinds = _panels([Series(c.kind, c.node, "", ()) for c, _ in drawn])
+    colours = {run: f"C{i % 10}" for i, run in enumerate(dict.fromkeys(c.run_id for c, _ in drawn))}
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 1.0 + 3.6 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds, strict=True):
+        styles: dict[str, dict[str, str]] = {}
+        for c, d in ((c, d) for c, d in drawn if c.kind == kind):
+            style = styles.setdefault(c.run_id, {}).setdefault(c.node, STYLES[len(styles[c.run_id]) % len(STYLES)])
+            x = np.asarray(d["x"], dtype=np.float64)
+            (line,) = ax.plot(x, np.asarray(d["v"], dtype=np.float64), color=colours[c.run_id], ls=style, lw=1.2)
+            line.set_label(c.label)
+            line.set_gid(c.label)
+        ax.set_title(f"{kind}: {y_label} by run", fontsize=10)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def compare_loss_figure(con: Any, lines: Sequence[Compared]) -> Figure | None:
+    """Loss against `steps.tokens` (step where a row has no tokens) of each line."""
+    query = (
+        "SELECT coalesce(tokens, step) AS x, loss AS v FROM steps "
+        "WHERE run_id = ? AND node = ? AND loss IS NOT NULL ORDER BY step"
+    )
+    return _compare_figure(con, lines, query, "tokens (steps.tokens)", "training loss")
+
+
+def compare_max_vio_figure(con: Any, lines: Sequence[Compared]) -> Figure | None:
+    """MaxVio, the mean over MoE layers, against step of each line (None: no MoE telemetry)."""
+    query = (
+        "SELECT step AS x, avg(max_vio) AS v FROM moe_layers WHERE run_id = ? AND node = ? GROUP BY step ORDER BY step"
+    )
+    return _compare_figure(con, lines, query, "step", "MaxVio, mean over MoE layers")
+
+
+def plot_compare(folder: Path | str, select: str, out_dir: Path | str | None = None) -> list[Path]:
+    """compare-loss.png and compare-max_vio.png of the runs under `folder` that `select` chooses (see
+    `compared`), into `out_dir` (default FOLDER/plots); returns the files written."""
+    root = Path(folder).resolve()
+    con = open_catalog(root)
+    try:
+        lines = compared(con, root, select)
+        out = Path(out_dir) if out_dir is not None else root / "plots"
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, make in (("compare-loss.png", compare_loss_figure), ("compare-max_vio.png", compare_max_vio_figure)):
+            fig = make(con, lines)
+            if fig is not None:
+                written.append(_save(fig, out / name))
     finally:
         con.close()
     return written
