@@ -23,13 +23,12 @@ from typer.testing import CliRunner
 
 import trinity.optim.muon as muon_module
 from tests.conftest import ROOT
+from tests.optim.test_muon import small_model
 from trinity.cli import app
 from trinity.graph.identity import canonical_json, identity_payload
-from trinity.model import TrinityModel
 from trinity.optim import Muon, build_optimizer, lr_multiplier
 from trinity.optim.muon import newton_schulz, orthogonalised
 from trinity.optim.ns_schedule import ns_schedule
-from trinity.spec.model import ModelSpec
 from trinity.spec.optim import MuonSpec, OptimSpec
 
 Array = NDArray[np.float64]
@@ -139,24 +138,6 @@ def test_fixed_schedule_is_torch_muons_iteration(shape: tuple[int, int]) -> None
     schedule = ns_schedule("fixed", 3, coefficients)
     ours = newton_schulz(g, schedule.coefficients, 1e-7, torch.bfloat16, schedule.norm_scale)
     torch.testing.assert_close(ours, _zeropower_via_newtonschulz(g, coefficients, 3, 1e-7), atol=0, rtol=0)
-
-
-def small_model() -> TrinityModel:
-    spec = ModelSpec.model_validate(
-        dict(
-            vocab_size=64,
-            d_model=32,
-            n_layers=2,
-            n_dense_layers=1,
-            n_heads=2,
-            n_kv_heads=1,
-            head_dim=16,
-            dense_hidden=48,
-            sliding_window=8,
-            moe=dict(n_experts=4, top_k=2, expert_hidden=16),
-        )
-    )
-    return TrinityModel(spec)
 
 
 @pytest.mark.parametrize("schedule", ["fixed", "polar_express"])
