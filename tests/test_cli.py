@@ -99,7 +99,8 @@ def test_slurm_dry_run_prints_the_published_large_layout() -> None:
     """256 nodes x 8 GPUs for each pretraining phase of Large; nothing submitted (no cluster needed)."""
     result = run_cli("run", "graphs/trinity-large.yaml", "--executor", "slurm", "--dry-run")
     assert result.returncode == 0, result.stderr
-    line = next(line for line in result.stdout.splitlines() if "pretrain/phase1" in line)
+    sbatch = result.stdout[result.stdout.index("sbatch parameters") :]  # after the run/reuse table
+    line = next(line for line in sbatch.splitlines() if "pretrain/phase1" in line)
     cells = [c.strip() for c in line.split("│") if c.strip()]
     assert cells[:5] == ["pretrain/phase1", "256", "8", "8", "8"]  # nodes, tasks/node, GPUs/node, CPUs/task
     assert not (ROOT / "runs" / "trinity-large").exists()

@@ -264,7 +264,12 @@ def run(
     jobs: JobsOption = 1,
     executor: ExecutorOption = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print each node's sbatch parameters; run nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print whether each node would run or be reused and why (on Slurm: the sbatch parameters of "
+            "those that run); run, submit and write nothing.",
+        ),
     ] = False,
     wait: WaitOption = True,
     detach: DetachOption = False,
@@ -293,9 +298,9 @@ def run(
             raise SpecError([f"--executor {executor!r}: allowed: local, slurm"])
         sets.append(f"execution.executor={executor}")  # execution fields never change identities
     if dry_run:
-        from trinity.cli_render import print_jobs
+        from trinity.cli_render import print_dry_run
 
-        print_jobs(out, plan_jobs(graph, sets, nodes))
+        print_dry_run(out, *plan_jobs(graph, sets, nodes, run_dir))
         return
     try:
         code = run_graph(graph, sets, run_dir, out, nodes, jobs, wait, detach, force)

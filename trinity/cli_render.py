@@ -247,8 +247,24 @@ def print_status(console: Console, report: dict[str, Any]) -> None:
         console.print(Text(printable(f"code changed: {change['message']}"), style="yellow"), soft_wrap=True)
 
 
+def print_dry_run(console: Console, executor: str, rows: list[dict[str, Any]]) -> None:
+    """`trinity run --dry-run`: whether each node would run or be reused and why; on Slurm, then the sbatch
+    parameters of the nodes that would run."""
+    table = Table(
+        title=f"what `trinity run` would do ({executor} executor; nothing run or written)", title_justify="left"
+    )
+    for col in ("node", "would"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(plain(row["node"]), plain(row["why"]))
+    console.print(table)
+    to_run = [row for row in rows if row["action"] == "run"]
+    if executor == "slurm" and to_run:
+        print_jobs(console, to_run)
+
+
 def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
-    """The sbatch parameters of each node (trinity run --dry-run)."""
+    """The sbatch parameters of each node (trinity run --dry-run on Slurm)."""
     columns = [
         "node",
         "nodes",

@@ -177,7 +177,7 @@ def live_jobs(ids: list[str]) -> list[str]:
 def test_dry_run_of_the_readme_command_asks_for_what_the_partition_has(cluster: None, project: Path) -> None:
     code, out = finish(cli(project, "run", "graphs/tiny.yaml", "--executor", "slurm", "--dry-run"), 60)
     assert code == 0, out
-    rows = dry_run(project / "graphs" / "tiny.yaml", ["execution.executor=slurm"])
+    _, rows = dry_run(project / "graphs" / "tiny.yaml", ["execution.executor=slurm"])
     cpus = node_cpus()
     asks = {r["node"]: r["cpus_per_task"] * r["ntasks_per_node"] for r in rows}
     assert all(n <= cpus for n in asks.values()), (cpus, asks)

@@ -201,12 +201,30 @@ def run_graph(
     return run_loaded(loaded, root, console, nodes, jobs, wait, detach, Origin.of(loaded, sets), force)
 
 
-def dry_run(graph_file: Path, sets: list[str], nodes: list[str] | None = None) -> list[dict[str, Any]]:
-    """The sbatch parameters of every node, without submitting or writing anything."""
+def dry_run(
+    graph_file: Path, sets: list[str], nodes: list[str] | None = None, run_dir: Path | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """What `trinity run` would do, without running, submitting or writing anything: (the executor, one row per
+    node with `action` (run or reuse, as `decide` judges the run directory as it stands; every node runs when it
+    does not exist yet) and `why`, plus, on Slurm, the sbatch parameters it would be submitted with)."""
     from trinity.execute.slurm import dry_run as slurm_dry_run
-    from trinity.graph.compile import compile_graph
+    from trinity.graph.compile import compile_graph, nodes_in_order
 
-    return slurm_dry_run(select(compile_graph(load_experiment(graph_file, sets)), nodes))
+    loaded = load_experiment(graph_file, sets)
+    graph = select(compile_graph(loaded), nodes)
+    run = RunDir((run_dir or default_run_dir(loaded.spec)).resolve())
+    if run.run_json.is_file():
+        decisions = decide(run, graph)
+    else:
+        fresh = f"{run.root} does not exist yet"
+        decisions = {n.id: Decision(n.id, "run", fresh) for n in nodes_in_order(graph)}
+    executor = loaded.spec.execution.executor
+    params = {row["node"]: row for row in slurm_dry_run(graph)} if executor == "slurm" else {}
+    rows = [
+        {**params.get(node_id, {}), "node": node_id, "action": d.action, "why": why(d)}
+        for node_id, d in decisions.items()
+    ]
+    return executor, rows
 
 
 def load_run_spec(run: RunDir) -> LoadedSpec:
