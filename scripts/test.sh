@@ -2,8 +2,8 @@
 # The test suite as CI runs it: bring up the local Slurm cluster (scripts/slurm-local.sh), then pytest.
 # Without a usable cluster the Slurm tests skip, unless TRINITY_REQUIRE_SLURM=1 (CI), where they fail.
 # Extra arguments go to pytest (e.g. -k resume, -x). Two tiers, timed on a 2-core CPU:
-#   bash scripts/test.sh                   everything, as CI runs it: 966 tests, about 40-50 minutes
-#   bash scripts/test.sh -m 'not slow'     the quick tier: 882 tests, every subject's fast tests, about 9 minutes
+#   bash scripts/test.sh                   everything, as CI runs it: 1069 tests, about 48 minutes
+#   bash scripts/test.sh -m 'not slow'     the quick tier: 981 tests, every subject's fast tests, about 9 minutes
 # `slow` (pyproject.toml) marks the end-to-end runs, the multi-rank launches, bf16 training and the Slurm jobs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
