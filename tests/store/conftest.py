@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from tests.conftest import TEST_GRAPHS
@@ -112,6 +113,18 @@ def _write_attempt(
             counts[0, 0] = 0
             w.log_moe(s, counts, rng.normal(size=(L, E)))
     atomic_write_json(node.status, {"state": state, "identity": "x", "updated": "2025-01-02T03:05:05+00:00"})
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
+    """The figures the command saves, by file name (caught, not rendered: rendering is what costs time)."""
+    figures: dict[str, Figure] = {}
+
+    def record(self: Figure, fname: Any, *args: Any, **kwargs: Any) -> None:
+        figures[Path(fname).name] = self
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,18 +20,6 @@ from trinity.store.catalog import open_catalog
 
 P2 = "pretrain/phase2[muon.lr=0.02]"
 """A branch of a sweep: its label must survive into the legend."""
-
-
-@pytest.fixture
-def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
-    """The figures the command saves, by file name (caught, not rendered)."""
-    figures: dict[str, Figure] = {}
-
-    def record(self: Figure, fname: Any, *args: Any, **kwargs: Any) -> None:
-        figures[Path(fname).name] = self
-
-    monkeypatch.setattr(Figure, "savefig", record)
-    return figures
 
 
 @pytest.fixture

@@ -72,18 +72,6 @@ def test_plot_writes_pngs(straight_run: Path, tmp_path: Path) -> None:
 # -- what the figures draw -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
-    """The figures `plot_run` saves, by file name (caught, not rendered: rendering is what costs time)."""
-    figures: dict[str, Figure] = {}
-
-    def record(self: Figure, fname: Any, *args: Any, **kwargs: Any) -> None:
-        figures[Path(fname).name] = self
-
-    monkeypatch.setattr(Figure, "savefig", record)
-    return figures
-
-
 def _data_lines(fig: Figure) -> list[Line2D]:
     return [line for ax in fig.axes for line in ax.get_lines() if len(_xy(line)[0])]
 
