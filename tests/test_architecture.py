@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
     "nodes": 6,
     "execute": 7,
     "cli": 8,
+    "cli_errors": 8,
     "cli_render": 8,
     "cli_watch": 8,
 }
@@ -43,6 +44,8 @@ SIDEWAYS: frozenset[tuple[str, str]] = frozenset(
         ("distributed", "optim"),  # sharded Muon is the optimizer's distributed form
         ("evals", "rl"),  # the arithmetic eval scores with the RL rollout's sampler
         ("cli", "cli_render"),  # the command line and how it draws tables
+        ("cli", "cli_errors"),  # the commands and how each reports an error
+        ("cli_errors", "cli_render"),  # error lines are made printable as table cells are
         ("cli", "cli_watch"),  # the command line and its live view
         ("cli_watch", "cli_render"),  # the live view draws values as the tables do
     }
