@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,6 +201,16 @@ def test_duckdb_export_opens_in_plain_duckdb(
         assert con.execute("SELECT count(*) FROM steps_history").fetchall() == [(16,)]
     finally:
         con.close()
+    # The DuckDB CLI (the duckdb-cli package, often older than the Python package that wrote the file) opens
+    # it too: the file is in the v1.2 storage format, not the writer's newest.
+    cli_bin = shutil.which("duckdb")
+    assert cli_bin, "the DuckDB CLI (pip package duckdb-cli, a dev dependency) is not installed"
+    sql = "SELECT node, attempt, step, loss FROM steps ORDER BY node, step"
+    shell = subprocess.run([cli_bin, "-readonly", "-csv", str(out), sql], capture_output=True, text=True, timeout=60)
+    assert shell.returncode == 0, shell.stderr
+    rows = [line.split(",") for line in shell.stdout.splitlines()[1:]]
+    expected = query(resumed_run.root, sql)[1]
+    assert [(r[0], int(r[1]), int(r[2]), float(r[3])) for r in rows] == expected
     # Export again over the file after another attempt: replaced whole, and the new rows are in.
     write_attempt(resumed_run, "r1", "pretrain/phase1", 3, range(13, 15), resumed_from_step=12)
     assert "steps" in write_duckdb(resumed_run.root, out)

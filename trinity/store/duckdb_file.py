@@ -14,6 +14,11 @@ TIMESTAMP WITH TIME ZONE; a client shows them in its own time zone (`trinity sql
 
 The file is written next to OUT under a temporary name and renamed into place when complete, so a
 reader never opens half a database and an existing OUT is replaced whole.
+
+The file is written in DuckDB's storage format of v1.2 (`STORAGE_VERSION`), not the newest one the
+installed Python package writes: the DuckDB CLI and other clients are often older than it (the
+`duckdb-cli` package on PyPI reads formats up to its own version), and a file in a newer format is refused
+by them outright ("created with a newer version of DuckDB").
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import duckdb
 
 from trinity.errors import CatalogError
 from trinity.store.catalog import Part, open_catalog, warn_damaged
+
+STORAGE_VERSION = "v1.2.0"
+"""The oldest DuckDB release whose clients open the file (every type and view the catalog holds exists there)."""
 
 
 def _sql_str(s: str) -> str:
@@ -50,7 +58,7 @@ def write_duckdb(
     con = open_catalog(path, lock=False, strict=strict, on_damaged=on_damaged)
     try:
         (source,) = con.execute("SELECT current_database()").fetchone() or ("memory",)
-        con.execute(f"ATTACH {_sql_str(str(tmp))} AS trinity_export")
+        con.execute(f"ATTACH {_sql_str(str(tmp))} AS trinity_export (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute(f'COPY FROM DATABASE "{source}" TO trinity_export')
         rows = con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'trinity_export' "
