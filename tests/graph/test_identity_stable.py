@@ -2,8 +2,9 @@
 
 golden/identities-0.17.json holds the node identities of the shipped graphs as computed by the code of
 issue 17 (commit 77d72f8); the three presets' entries were recomputed in issue 19, whose recipe changes
-(loaders per phase, decay start, extension sampling, SFT budget) changed their specs on purpose. Fields
-added since are declared with `added_field` and enter an identity only when a spec sets them to
+(loaders per phase, decay start, extension sampling, SFT budget) changed their specs on purpose, and the
+tiny graph's training nodes in issue 20, when it set optim.muon.ns_dtype: fp32 (a CPU step 12x faster).
+Fields added since are declared with `added_field` and enter an identity only when a spec sets them to
 something else than their default; this pins that rule on real graphs.
 """
 
