@@ -356,17 +356,32 @@ def watch(
 @app.command()
 @handles_errors
 def explain(
-    run_dir: RunDirArg, node: Annotated[str, typer.Argument(help="Node id.")], debug: DebugOption = False
+    run_dir: RunDirArg,
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    graph: Annotated[
+        Path | None,
+        typer.Option(
+            "--graph",
+            help="Judge against this graph file (and --set), as `trinity run GRAPH --run-dir RUN_DIR` would; "
+            "default: the run's stored spec, as `trinity resume` would.",
+        ),
+    ] = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
 ) -> None:
-    """Say why a node will run or be reused on `trinity resume`, and which code its attempts ran (provenance)."""
+    """Say why a node will run or be reused on `trinity resume` (or on a run of --graph), and which code its
+    attempts ran (provenance)."""
     from trinity.execute.commands import explain as explain_node
     from trinity.execute.provenance import explain_lines
     from trinity.run.layout import RunDir
     from trinity.run.status import list_attempts
 
-    decision = explain_node(run_dir, node)
+    if set_ and graph is None:
+        raise SpecError(["--set needs --graph (a resume uses the run's stored spec)"])
+    decision = explain_node(run_dir, node, graph, set_ or [])
     verb = {"reuse": "will be reused", "run": "will run", "busy": "is busy", "stopping": "is stopping"}[decision.action]
-    out.print(f"{shown(node)} {verb}: {shown(decision.reason)}", highlight=False, soft_wrap=True, emoji=False)
+    on = "" if graph is None else f" by `trinity run {graph} --run-dir {run_dir}`"
+    out.print(f"{shown(node)} {verb}{on}: {shown(decision.reason)}", highlight=False, soft_wrap=True, emoji=False)
     for line in explain_lines(node, list_attempts(RunDir(run_dir.resolve()).node(node))):
         out.print(shown(line), highlight=False, soft_wrap=True, emoji=False)
 

@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.cli_runs import trinity
-from tests.conftest import compose
+from tests.cli_runs import NODE, trinity
+from tests.conftest import ROOT, compose
 from trinity.run.layout import RunDir, read_json
 from trinity.run.status import list_attempts
+from trinity.store.catalog import open_catalog
 
 PREPARE = "prepare/phase1"
 SHORT = "data.phases.phase1.tokens=6000"
@@ -54,3 +56,55 @@ def test_run_remembers_its_graph_and_sets_and_refuses_to_supersede_silently(
     assert "tokenizer" in said and "--force" in said
     assert read_json(RunDir(run).run_json)["graph_file"] == str(graph.resolve())
     assert len(list_attempts(RunDir(run).node("tokenizer"))) == 1
+
+
+@pytest.mark.slow
+def test_a_graph_that_drops_a_node_moves_it_aside_and_sql_keeps_its_rows(straight_run: Path, tmp_path: Path) -> None:
+    """pretrain/phase1 (59 steps trained) is not in a graph whose first phase is renamed: `explain --graph`
+    says so before anything moves; the run needs --force (another graph file), moves the folder to
+    RUN/superseded/, and its rows stay in steps_history (not in steps)."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    phases = yaml.safe_load((ROOT / "specs" / "data" / "micro.yaml").read_text())["phases"]
+    renamed = compose(tmp_path / "renamed.yaml", "micro.yaml", data={"phases": [{**phases[0], "name": "first"}]})
+
+    gone = trinity("explain", str(run), NODE, "--graph", str(renamed))
+    assert gone.returncode == 2 and "has no node 'pretrain/phase1'" in gone.stderr, gone.stdout + gone.stderr
+    assert "would move its folder to" in " ".join(gone.stderr.split())
+    new = trinity("explain", str(run), "pretrain/first", "--graph", str(renamed))
+    assert new.returncode == 0 and new.stdout.startswith(f"pretrain/first will run by `trinity run {renamed}"), (
+        new.stdout
+    )
+    kept = trinity("explain", str(run), "tokenizer", "--graph", str(renamed))
+    assert "tokenizer will be reused by" in kept.stdout, kept.stdout + kept.stderr
+
+    refused = trinity("run", str(renamed), "--run-dir", str(run), "--nodes", "tokenizer")
+    assert refused.returncode == 2 and "would supersede" in refused.stderr and NODE in refused.stderr, refused.stderr
+    assert RunDir(run).node(NODE).root.is_dir()  # nothing moved
+    forced = trinity("run", str(renamed), "--run-dir", str(run), "--nodes", "tokenizer", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert not RunDir(run).node(NODE).root.exists()
+    (aside,) = RunDir(run).root.glob("superseded/pretrain/phase1@dropped-*")
+    con = open_catalog(run)
+    history = con.sql(
+        f"select count(*), max(step), any_value(superseded_folder) from steps_history where node = '{NODE}'"
+    )
+    assert history.fetchall() == [(59, 59, str(aside.resolve()))]
+    assert con.sql(f"select count(*) from steps where node = '{NODE}'").fetchall() == [(0,)]
+
+
+@pytest.mark.slow
+def test_explain_judges_an_edited_graph_with_its_sets(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    graph, prepared_run = prepared
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    plain = trinity("explain", str(run), PREPARE, "--graph", str(graph))
+    assert plain.returncode == 0 and f"{PREPARE} will be reused by" in plain.stdout, plain.stdout + plain.stderr
+    edited = trinity("explain", str(run), PREPARE, "--graph", str(graph), "--set", SHORT)
+    assert edited.returncode == 0 and "will run by" in edited.stdout and "changed: tokens" in edited.stdout, (
+        edited.stdout
+    )
+    stored = trinity("explain", str(run), PREPARE)  # the stored spec, as `trinity resume` would
+    assert f"{PREPARE} will be reused: " in stored.stdout, stored.stdout
+    lone = trinity("explain", str(run), PREPARE, "--set", SHORT)
+    assert lone.returncode == 2 and "--set needs --graph" in lone.stderr, lone.stderr

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,12 @@ from trinity.execute.run import (
     check_origin,
     decide,
     default_run_dir,
+    dropped_nodes,
     publish_held,
     reuse_from_store,
     write_run,
 )
-from trinity.execute.scheduler import execute
+from trinity.execute.scheduler import SchedulerStopped, execute
 from trinity.run.graph import RunGraph
 from trinity.run.layout import RunDir, read_json
 from trinity.run.status import Liveness, NodeStatus, lease_liveness, lease_stall, list_attempts
@@ -92,7 +94,7 @@ def run_loaded(
 
         compiled = compile_graph(loaded)
         if origin is not None:
-            for line in check_origin(run, origin, select(compiled, nodes), force):
+            for line in check_origin(run, origin, select(compiled, nodes), force, compiled):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
         run, full = write_run(loaded, run.root, origin, compiled)
         graph = select(full, nodes)
@@ -121,7 +123,10 @@ def run_loaded(
             if slurm:
                 from trinity.execute.slurm import execute_slurm
 
-                states = execute_slurm(run, graph, decisions, on_tick=display.tick, wait=wait)
+                try:
+                    states = execute_slurm(run, graph, decisions, on_tick=display.tick, wait=wait)
+                except KeyboardInterrupt:  # the jobs are Slurm's: Ctrl-C stops the watching, never a job
+                    raise slurm_watch_stopped(run) from None
             else:
                 executor = LocalExecutor(run, detach=detach)
 
@@ -147,6 +152,21 @@ def run_loaded(
     query = escape(f'trinity sql {run.root} "select node, step, loss from steps order by node, step"')
     console.print(f"[green]all {len(states)} node(s) SUCCEEDED[/]. Telemetry: {query}", highlight=False)
     return 0
+
+
+def slurm_watch_stopped(run: RunDir) -> SchedulerStopped:
+    """What a Ctrl-C while `trinity run` watches its Slurm jobs did: the watching stopped at once (one Ctrl-C
+    is enough); every job stays queued or running, and the node files follow them (`status`, `watch`)."""
+    jobs_file = run.root / "slurm_jobs.json"
+    jobs: dict[str, str] = read_json(jobs_file) if jobs_file.is_file() else {}
+    live = sorted(n for n in jobs if NodeStatus.read(run.node(n)).state in ("PENDING", "RUNNING"))
+    listed = f"{len(live)} node(s) ({', '.join(live)})" if live else "no node"
+    message = (
+        f"stopped watching; the Slurm jobs were not touched: {listed} still queued or running. "
+        f"Follow them with `trinity watch {run.root}` or `trinity status {run.root}`; "
+        f"stop them with `trinity cancel {run.root}`"
+    )
+    return SchedulerStopped(signal.SIGINT, live, message)
 
 
 def why(decision: Decision) -> str:
@@ -281,13 +301,22 @@ def _cancel_slurm(run: RunDir, node_id: str | None) -> list[str]:
     return ids
 
 
-def explain(run_dir: Path, node_id: str) -> Decision:
+def explain(run_dir: Path, node_id: str, graph_file: Path | None = None, sets: Sequence[str] = ()) -> Decision:
+    """Why `node_id` will run or be reused: on `trinity resume` (the run's stored spec), or, given `graph_file`
+    (and `sets`), on `trinity run GRAPH_FILE --run-dir RUN_DIR [--set ...]` (an edited or another graph)."""
     run = RunDir(run_dir.resolve())
-    loaded = load_run_spec(run)
+    loaded = load_run_spec(run) if graph_file is None else load_experiment(graph_file, list(sets))
+    if graph_file is not None:
+        RunGraph.load(run)  # refuses a folder that is not a run
     from trinity.graph.compile import compile_graph
 
     graph = compile_graph(loaded)
     if node_id not in graph:
+        if graph_file is not None and node_id in dropped_nodes(run, graph):
+            raise RunError(
+                f"{graph_file} has no node {node_id!r}: `trinity run {graph_file} --run-dir {run_dir}` would move "
+                f"its folder to {run.root / 'superseded'}/ (kept there, and in SQL's *_history views)"
+            )
         raise RunError(f"{run.root}: no node {node_id!r} (nodes: {', '.join(sorted(graph.nodes))})")
     return decide(run, graph.subgraph(nx.ancestors(graph, node_id) | {node_id}))[node_id]
 

@@ -11,7 +11,8 @@ lease is live is busy; one whose scheduler is gone is stopping (it commits a che
 itself: `trinity resume` waits for it). A node whose identity changed
 has its old folder moved to RUN/superseded/ first: its checkpoints belong to another result
 and must not be resumed, but nothing trained is ever deleted (the catalog's `*_history` views keep its
-rows, with the identity it had).
+rows, with the identity it had). So has the folder of a node the new graph no longer has (`dropped`:
+another graph file, an edit that removed a stage, a sweep whose node ids changed).
 
 run.json remembers how the run was made (`Origin`: the graph file, the `--set` list, the resolved spec's
 hash; earlier ones in `origins`). `check_origin` judges a new `trinity run` against it before anything is
@@ -40,7 +41,7 @@ from trinity.errors import RunError
 from trinity.graph.compile import Node, branches, compile_graph, nodes_in_order
 from trinity.graph.diff import flatten
 from trinity.graph.identity import canonical_json
-from trinity.run.graph import GraphNode
+from trinity.run.graph import GraphNode, RunGraph
 from trinity.run.layout import NodeDir, RunDir, atomic_write_json, atomic_write_text, read_json
 from trinity.run.shared_store import Placed, SharedStore, link_entry
 from trinity.run.status import AttemptRecord, NodeStatus, lease_liveness, list_attempts, next_attempt, now_iso
@@ -87,15 +88,32 @@ def would_supersede(run: RunDir, graph: nx.DiGraph) -> list[str]:
     return out
 
 
-def check_origin(run: RunDir, origin: Origin, graph: nx.DiGraph, force: bool) -> list[str]:
+def dropped_nodes(run: RunDir, graph: nx.DiGraph) -> list[str]:
+    """The nodes of the run's graph.json that `graph` (the whole new graph) no longer has and whose folder
+    exists: `write_run` moves those folders to RUN/superseded/ (`set_aside`)."""
+    if not run.graph_json.is_file():
+        return []
+    old = RunGraph.load(run).nodes
+    kept = [str(m) for m in graph]
+    # A folder that holds a kept node's folder (`x` around `x/y`) stays where it is.
+    return [
+        n for n in old if n not in graph and run.node(n).root.exists() and not any(m.startswith(n + "/") for m in kept)
+    ]
+
+
+def check_origin(
+    run: RunDir, origin: Origin, graph: nx.DiGraph, force: bool, full: nx.DiGraph | None = None
+) -> list[str]:
     """Judge a `trinity run` of `origin` into an existing run directory before anything is written; returns
     the lines to print. Raises RunError (without `force`) when another graph file, or a remembered `--set`
-    left out, would supersede nodes of `graph` (the selected nodes): those are named, with what to do."""
+    left out, would supersede nodes of `graph` (the selected nodes), or another graph file drops nodes of
+    `full` (the whole new graph; default `graph`): those are named, with what to do."""
     if not run.run_json.is_file():
         return []
     meta = read_json(run.run_json)
     said: list[str] = []
-    doomed = would_supersede(run, graph)
+    gone = dropped_nodes(run, graph if full is None else full)
+    doomed = would_supersede(run, graph) + gone
     moved = f"{len(doomed)} node(s) ({', '.join(doomed)}) to {run.root / 'superseded'}/"
     old_file = meta.get("graph_file")
     if isinstance(old_file, str) and old_file != origin.graph_file:
@@ -105,6 +123,9 @@ def check_origin(run: RunDir, origin: Origin, graph: nx.DiGraph, force: bool) ->
                 "(kept there, and in SQL's *_history views). Pass --force to do so, or give another --run-dir"
             )
         said.append(f"note: {run.root} was made from {old_file}; now from {origin.graph_file}")
+    elif gone:
+        kept = f"{run.root / 'superseded'}/ (kept there, and in SQL's *_history views)"
+        said.append(f"note: {len(gone)} node(s) no longer in the graph ({', '.join(gone)}) move to {kept}")
     remembered = meta.get("sets")
     if isinstance(remembered, list):
         keys = {_set_key(s) for s in origin.sets}
@@ -216,6 +237,8 @@ def write_run(
                 after_checkpoint=node.after_checkpoint,
             ).to_json()
         )
+    for node_id in dropped_nodes(run, graph):
+        set_aside(run, node_id, "dropped")
     atomic_write_json(run.graph_json, {"name": loaded.spec.name, "nodes": nodes})
     return run, graph
 
@@ -320,9 +343,14 @@ def supersede(run: RunDir, node: Node) -> Path | None:
     status = NodeStatus.read(node_dir)
     if not node_dir.root.exists() or not status.identity or status.identity == node.identity:
         return None
-    target = run.superseded(node.id, f"{status.identity[:12]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return set_aside(run, node.id, status.identity[:12])
+
+
+def set_aside(run: RunDir, node_id: str, tag: str) -> Path:
+    """Move node `node_id`'s folder to RUN/superseded/<node id>@<tag>-<time> (the catalog reads it there)."""
+    target = run.superseded(node_id, f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(node_dir.root), str(target))
+    shutil.move(str(run.node(node_id).root), str(target))
     return target
 
 
