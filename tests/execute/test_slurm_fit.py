@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tests.cli_runs import sigint_as_ctrl_c
 from tests.conftest import ROOT
 from tests.execute.conftest import require_slurm_cluster
 from trinity.errors import RunError, SpecError
@@ -152,6 +153,7 @@ def cli(project: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_ctrl_c,
     )
 
 
