@@ -11,8 +11,12 @@ import yaml
 
 from tests.cli_runs import NODE, trinity
 from tests.conftest import ROOT, compose
-from trinity.run.layout import RunDir, read_json
-from trinity.run.status import list_attempts
+from tests.execute.test_liveness import gone_pid, lease, running  # noqa: F401 (a fixture)
+from trinity.errors import RunError
+from trinity.execute.run import write_run
+from trinity.run.layout import NodeDir, RunDir, atomic_write_json, read_json
+from trinity.run.status import AttemptRecord, NodeStatus, list_attempts
+from trinity.spec.loading import load_experiment
 from trinity.store.catalog import open_catalog
 
 PREPARE = "prepare/phase1"
@@ -108,3 +112,27 @@ def test_explain_judges_an_edited_graph_with_its_sets(prepared: tuple[Path, Path
     assert f"{PREPARE} will be reused: " in stored.stdout, stored.stdout
     lone = trinity("explain", str(run), PREPARE, "--set", SHORT)
     assert lone.returncode == 2 and "--set needs --graph" in lone.stderr, lone.stderr
+
+
+def test_a_dropped_node_that_still_runs_keeps_its_folder_until_it_stops(
+    running: tuple[RunDir, NodeDir],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A graph that renames phase 2 drops pretrain/phase2; while that node's heartbeat is live nothing is
+    written or moved (its process writes in its folder), once its process is gone the folder moves aside."""
+    run, _ = running
+    node_dir = run.node("pretrain/phase2")
+    AttemptRecord(attempt=1, executor="local", identity="a" * 64).write(node_dir)
+    NodeStatus(state="RUNNING", identity="a" * 64, attempt=1, message="running attempt 1").write(node_dir)
+    atomic_write_json(node_dir.lease, lease())  # this test's own process: live
+    phases = yaml.safe_load((ROOT / "specs" / "data" / "micro.yaml").read_text())["phases"]
+    renamed = compose(
+        tmp_path / "renamed.yaml", "micro.yaml", data={"phases": [phases[0], {**phases[1], "name": "two"}]}
+    )
+    before = run.run_json.read_bytes(), run.graph_json.read_bytes()
+    with pytest.raises(RunError, match=r"pretrain/phase2 is not in the new graph but still runs"):
+        write_run(load_experiment(renamed), run.root)
+    assert (run.run_json.read_bytes(), run.graph_json.read_bytes()) == before and node_dir.root.is_dir()
+    atomic_write_json(node_dir.lease, lease(pid=gone_pid()))  # its process is gone
+    write_run(load_experiment(renamed), run.root)
+    assert not node_dir.root.exists() and len(list(run.root.glob("superseded/pretrain/phase2@dropped-*"))) == 1

@@ -182,6 +182,14 @@ def write_run(
     run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
     graph = compile_graph(loaded) if graph is None else graph
+    gone = dropped_nodes(run, graph)
+    for node_id in gone:  # before anything is written: a live one keeps its folder (its process writes there)
+        status = NodeStatus.read(run.node(node_id))
+        if status.state == "RUNNING" and lease_liveness(run.node(node_id), status.attempt).live:
+            raise RunError(
+                f"{node_id} is not in the new graph but still runs (a live heartbeat): stop it first "
+                f"(`trinity cancel {run.root} {node_id}`), then run again; its folder then moves to superseded/"
+            )
     from trinity.nodes.init_source import check_init_architectures  # here: it loads torch
 
     check_init_architectures(loaded, graph)  # `init:` sources of another shape (trinity.nodes.init_source)
@@ -237,7 +245,7 @@ def write_run(
                 after_checkpoint=node.after_checkpoint,
             ).to_json()
         )
-    for node_id in dropped_nodes(run, graph):
+    for node_id in gone:
         set_aside(run, node_id, "dropped")
     atomic_write_json(run.graph_json, {"name": loaded.spec.name, "nodes": nodes})
     return run, graph
