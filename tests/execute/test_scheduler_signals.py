@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runs import NODE, losses, trinity
+from tests.conftest import compose
 from tests.execute.conftest import descendants
 from trinity.nodes.checkpoints import last_committed_step
 from trinity.run.layout import NodeDir, RunDir
 from trinity.run.ranks import read_rank_ends
 from trinity.run.status import AttemptRecord, NodeStatus, lease_liveness, list_attempts, process_alive
 
+HALF_BATCH = {"start_tokens": 0, "sequences": 4}
 STOPS_WITHIN_S = 60.0
 """A stopping node finishes its step and commits a checkpoint well within this (a step is ~0.1 s here)."""
 
@@ -222,8 +224,12 @@ def test_sighup_to_the_scheduler_stops_the_node_at_a_checkpoint(
 def test_a_detached_node_runs_on_after_its_scheduler_ends_and_resume_refuses_it_as_busy(
     scheduler: tuple[Path, Path, list[Scheduler]],
 ) -> None:
-    graph, run, started = scheduler
-    s = Scheduler(graph, run, "--detach")
+    _, run, started = scheduler
+    # The node must still train after the scheduler exited, two CLI calls and 3 more steps, however loaded
+    # the machine: 4x the micro model's layers and half its batch make its 118 steps last minutes, not
+    # 15 s (the test stops it itself; the prepare nodes keep their identities).
+    slow = compose(run.parent / "slow.yaml", "micro.yaml", model={"n_layers": 16}, optim={"batch": [HALF_BATCH]})
+    s = Scheduler(slow, run, "--detach")
     started.append(s)
     pid = s.until_step(3)
     s.proc.send_signal(signal.SIGTERM)
